@@ -1,0 +1,56 @@
+"""Prometheus metrics of DESIGN.md section 9.
+
+One ``Metrics`` object per proxy instance, each with its own registry, so several instances can
+live in one process (tests, ``--workers`` supervisors) without clashing on global names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "consoleproxy_"
+        self.sessions_active = Gauge(p + "sessions_active", "Consoles relaying now", registry=r)
+        self.sessions_total = Counter(
+            p + "sessions_total", "Consoles ended, by result", ["result"], registry=r
+        )
+        self.bytes_total = Counter(
+            p + "bytes_total",
+            "Bytes relayed; direction is 'up' (browser to VNC) or 'down'",
+            ["direction"],
+            registry=r,
+        )
+        self.token_rejections_total = Counter(
+            p + "token_rejections_total", "Tokens refused, by reason", ["reason"], registry=r
+        )
+        self.backend_connect_seconds = Histogram(
+            p + "backend_connect_seconds",
+            "Time to open the TCP connection to the hypervisor",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.session_duration_seconds = Histogram(
+            p + "session_duration_seconds",
+            "Console durations",
+            buckets=(1, 10, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400),
+            registry=r,
+        )
+        self.certificate_expiry_timestamp_seconds = Gauge(
+            p + "certificate_expiry_timestamp_seconds",
+            "notAfter of each live certificate, Unix time",
+            ["name"],
+            registry=r,
+        )
+        self.draining = Gauge(p + "draining", "1 while the instance drains", registry=r)
+        self.dns_queries_total = Counter(
+            p + "dns_queries_total", "DNS queries answered, by rcode", ["rcode"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))
