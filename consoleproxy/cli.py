@@ -1,0 +1,341 @@
+"""Command line (DESIGN.md section 3).
+
+Bad arguments exit 2 with one line that names the command and what is wrong; so does a bad
+configuration. Operational failures (a file that cannot be written, a server that cannot bind)
+exit 1 with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from . import __version__
+from .errors import ConfigError, ConsoleProxyError, HostnameError
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Raised by argument checks after parsing; printed as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line (no usage dump) and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is outside 1-65535")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
+def _ipv4(text: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
+
+
+def _existing_file(text: str) -> Path:
+    p = Path(text)
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a readable file")
+    return p
+
+
+# --- keys / token / url ---------------------------------------------------------------------
+
+
+def _add_token_args(p: argparse.ArgumentParser, *, port_flag: str = "--port", required: bool = True) -> None:
+    p.add_argument("--host", required=required, help="hypervisor address of the VM's VNC server")
+    p.add_argument(
+        port_flag, dest="port", required=required, type=_port, help="VNC port on the hypervisor"
+    )
+    p.add_argument("--password-file", type=_existing_file, help="file holding the VNC password")
+    p.add_argument("--vm", default="", help="VM id (used for per-VM limits and the audit log)")
+    p.add_argument("--name", help="VM name shown in the page title")
+    p.add_argument("--ttl", type=_positive_int, default=60, help="seconds the token is valid (60)")
+    p.add_argument("--client-ip", type=_ip, help="bind the token to this browser address")
+    p.add_argument("--view-only", action="store_true", help="drop keyboard and mouse input")
+    p.add_argument("--max-duration", type=_positive_int, help="session lifetime cap in seconds")
+    p.add_argument("--keys", default="keys.json", help="keyring file (keys.json)")
+
+
+def _load_keyring(path: str) -> object:
+    from .tokens import Keyring
+
+    try:
+        return Keyring.load(path)
+    except FileNotFoundError:
+        raise UsageError(
+            f"keyring {path!r} not found (create one with 'consoleproxy keys generate --out {path}')"
+        ) from None
+
+
+def _issue_from_args(args: argparse.Namespace) -> list[str]:
+    from .tokens import Keyring, issue
+
+    keyring = _load_keyring(args.keys)
+    assert isinstance(keyring, Keyring)
+    password = None
+    if args.password_file is not None:
+        password = args.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+    try:
+        return [
+            issue(
+                keyring,
+                host=args.host,
+                port=args.port,
+                vm=args.vm,
+                password=password,
+                name=args.name,
+                ttl=args.ttl,
+                client_ip=args.client_ip,
+                view_only=args.view_only,
+                max_duration=args.max_duration,
+            )
+            for _ in range(getattr(args, "count", 1))
+        ]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from .tokens import Keyring
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        if not args.rotate:
+            raise UsageError(f"{out} exists; use --rotate to add a new issuing key or --force")
+        ring = Keyring.load(out).rotate()
+    else:
+        ring = Keyring.generate(args.count)
+    ring.save(out)
+    print(f"wrote {out} ({len(ring.keys)} key(s); issuing kid {ring.keys[0][0]})")
+    return 0
+
+
+def cmd_token_issue(args: argparse.Namespace) -> int:
+    for token in _issue_from_args(args):
+        print(token)
+    return 0
+
+
+def cmd_token_inspect(args: argparse.Namespace) -> int:
+    from .tokens import Keyring, decode
+
+    keyring = _load_keyring(args.keys)
+    assert isinstance(keyring, Keyring)
+    token = args.token if args.token != "-" else sys.stdin.read().strip()  # noqa: S105 - "-" means stdin
+    claims = decode(keyring, token)
+    print(json.dumps(claims.masked_dict(), indent=2, sort_keys=True))
+    return 0
+
+
+def console_url(
+    token: str,
+    *,
+    public_ip: str | None = None,
+    fqdn: str | None = None,
+    domain_suffix: str | None = None,
+    port: int = 443,
+) -> str:
+    """The console URL a browser opens, in wildcard form or FQDN form (DESIGN.md 5)."""
+    from .hostnames import hostname_for_ip, normalize_suffix
+
+    if fqdn:
+        host = normalize_suffix(fqdn)
+    elif public_ip and domain_suffix:
+        host = hostname_for_ip(public_ip, domain_suffix)
+    elif public_ip:
+        host = public_ip
+    else:
+        raise UsageError("give --public-ip (with --domain-suffix for the a-b-c-d form) or --fqdn")
+    netloc = host if port == 443 else f"{host}:{port}"
+    return f"https://{netloc}/console?token={token}"
+
+
+def cmd_url(args: argparse.Namespace) -> int:
+    if not args.token and (args.host is None or args.port is None):
+        raise UsageError("give --token, or --host and --vnc-port to issue one")
+    tokens = [args.token] if args.token else _issue_from_args(args)
+    try:
+        for token in tokens:
+            print(
+                console_url(
+                    token,
+                    public_ip=args.public_ip,
+                    fqdn=args.fqdn,
+                    domain_suffix=args.domain_suffix,
+                    port=args.listen_port,
+                )
+            )
+    except HostnameError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+# --- servers -------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .server import run_forever
+
+    cfg = load_config(args.config)
+    return asyncio.run(run_forever(cfg))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo_app import run_demo
+
+    return asyncio.run(run_demo(state_dir=Path(args.state_dir), port=args.port, host=args.address))
+
+
+def cmd_dns_serve(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .dns import DnsSettings, parse_listen, serve_forever
+
+    cfg = load_config(args.config) if args.config else load_config()
+    zone = args.zone or cfg.dns.zone
+    listen = args.listen or cfg.dns.listen
+    try:
+        parse_listen(listen)
+        settings = DnsSettings(
+            zone=zone,
+            listen=listen,
+            ttl=cfg.dns.ttl,
+            nameservers=tuple(cfg.dns.nameservers),
+            apex_addresses=tuple(cfg.dns.apex_addresses),
+            public_ranges=tuple(cfg.dns.public_ranges),
+            rate_limit_qps=cfg.dns.rate_limit_qps,
+        )
+    except (ValueError, HostnameError) as exc:
+        raise UsageError(str(exc)) from None
+    asyncio.run(serve_forever(settings))
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="consoleproxy", description="Console proxy: noVNC in the browser, VNC behind.")
+    parser.add_argument("--version", action="version", version=f"consoleproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("serve", help="run the proxy")
+    p.add_argument("--config", help="configuration file (consoleproxy.toml)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="proxy + demo VNC server + development keyring; prints a URL")
+    p.add_argument("--port", type=_port, default=8443, help="public port (8443)")
+    p.add_argument("--address", default="127.0.0.1", help="public address (127.0.0.1)")
+    p.add_argument("--state-dir", default="demo-state", help="where the demo keeps its files")
+    p.set_defaults(func=cmd_demo)
+
+    keys = sub.add_parser("keys", help="token keyrings").add_subparsers(
+        dest="keys_command", required=True, parser_class=_Parser
+    )
+    p = keys.add_parser("generate", help="write a new keyring (kid -> 256-bit key)")
+    p.add_argument("--out", default="keys.json", help="keyring file to write (keys.json)")
+    p.add_argument("--count", type=_positive_int, default=1, help="number of keys (1)")
+    p.add_argument("--rotate", action="store_true", help="add a new issuing key to an existing ring")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_keys_generate)
+
+    token = sub.add_parser("token", help="console tokens").add_subparsers(
+        dest="token_command", required=True, parser_class=_Parser
+    )
+    p = token.add_parser("issue", help="print a token for one VM console")
+    _add_token_args(p)
+    p.add_argument("--count", type=_positive_int, default=1, help="print N tokens, one a line")
+    p.set_defaults(func=cmd_token_issue)
+    p = token.add_parser("inspect", help="decrypt a token and show its claims (password masked)")
+    p.add_argument("token", help="the token, or - to read it from standard input")
+    p.add_argument("--keys", default="keys.json", help="keyring file (keys.json)")
+    p.set_defaults(func=cmd_token_inspect)
+
+    # In `url`, --port is the public port of the URL (DESIGN 3), so the VNC port is --vnc-port.
+    p = sub.add_parser("url", help="print a full console URL (issues a token unless --token)")
+    _add_token_args(p, port_flag="--vnc-port", required=False)
+    p.add_argument("--token", help="use this token instead of issuing one")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--public-ip", type=_ipv4, help="the proxy's public IPv4 address")
+    where.add_argument("--fqdn", help="the proxies' common name (load-balanced mode)")
+    p.add_argument("--domain-suffix", help="wildcard suffix, e.g. '*.consoleproxy.company.com'")
+    p.add_argument("--port", dest="listen_port", type=_port, default=443, help="public port (443)")
+    p.set_defaults(func=cmd_url)
+
+    dns = sub.add_parser("dns", help="DNS responder for a-b-c-d names").add_subparsers(
+        dest="dns_command", required=True, parser_class=_Parser
+    )
+    p = dns.add_parser("serve", help="run only the DNS responder")
+    p.add_argument("--zone", help="zone (the domain suffix without '*.')")
+    p.add_argument("--listen", help="ADDRESS:PORT (0.0.0.0:53)")
+    p.add_argument("--config", help="configuration file for the [dns] section")
+    p.set_defaults(func=cmd_dns_serve)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    prog = "consoleproxy " + " ".join(
+        str(v) for k in ("command", "keys_command", "token_command", "dns_command")
+        if (v := getattr(args, k, None))
+    )
+    try:
+        return func(args)
+    except UsageError as exc:
+        sys.stderr.write(f"{prog}: error: {exc}\n")
+        return EXIT_USAGE
+    except ConfigError as exc:
+        sys.stderr.write(f"{prog}: configuration error: {exc}\n")
+        return EXIT_USAGE
+    except ConsoleProxyError as exc:
+        sys.stderr.write(f"{prog}: error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        sys.stderr.write(f"{prog}: {exc}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

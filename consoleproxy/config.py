@@ -1,0 +1,411 @@
+"""Configuration (DESIGN.md section 4): one TOML file, environment overrides, typed defaults.
+
+Every key is a field of a frozen dataclass below; the field's metadata holds its constraint, so
+one loop checks the file, the environment and the defaults alike. An unknown key, a wrong type or
+an out-of-range value raises ``ConfigError`` whose message names the source (file or environment
+variable), the key and what was expected: the CLI prints that line and exits 2.
+
+Environment: ``CONSOLEPROXY_<SECTION>_<KEY>`` (upper case), e.g. ``CONSOLEPROXY_LIMITS_MAX_SESSIONS=50``.
+Lists take a TOML array (``["10.0.0.0/8"]``) or comma-separated text (``10.0.0.0/8,192.168.0.0/16``).
+Relative paths are relative to the directory of the configuration file (or the working directory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_port_range"]
+
+Check = Callable[[Any], str | None]  # returns what was expected when the value is wrong
+
+
+def _range(lo: int | float | None = None, hi: int | float | None = None) -> Check:
+    def check(v: Any) -> str | None:
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            if hi is None:
+                return f"a number >= {lo}"
+            if lo is None:
+                return f"a number <= {hi}"
+            return f"a number from {lo} to {hi}"
+        return None
+
+    return check
+
+
+def _choice(*options: str) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in options else "one of " + ", ".join(repr(o) for o in options)
+
+    return check
+
+
+def _cidrs(v: Any) -> str | None:
+    for item in v:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return f"a list of CIDR networks (bad entry {item!r})"
+    return None
+
+
+def _ports(v: Any) -> str | None:
+    for p in v:
+        if not 0 <= p <= 65535:  # 0 = any free port (tests)
+            return f"a list of TCP ports 1-65535 (bad entry {p})"
+    return None
+
+
+def _port_range_check(v: Any) -> str | None:
+    try:
+        parse_port_range(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _hostport(v: Any) -> str | None:
+    host, sep, port = str(v).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return "ADDRESS:PORT, e.g. 0.0.0.0:53 or [::1]:53"
+    return None
+
+
+def _opt(check: Check | None = None, doc: str = "") -> dict[str, Any]:
+    return {"check": check, "doc": doc}
+
+
+def parse_port_range(text: str) -> tuple[range, ...]:
+    """``"5900-6999,443"`` -> (range(5900, 7000), range(443, 444)); ValueError when malformed."""
+    out: list[range] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        lo_s, dash, hi_s = part.partition("-")
+        if not lo_s.isdigit() or (dash and not hi_s.isdigit()):
+            raise ValueError(f"a port range like 5900-6999 (bad part {part!r})")
+        lo = int(lo_s)
+        hi = int(hi_s) if dash else lo
+        if not 1 <= lo <= hi <= 65535:
+            raise ValueError(f"a port range within 1-65535, low <= high (bad part {part!r})")
+        out.append(range(lo, hi + 1))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Listen:
+    address: str = field(default="0.0.0.0", metadata=_opt())
+    ports: list[int] = field(default_factory=lambda: [443], metadata=_opt(_ports))
+    tls: bool = field(default=True, metadata=_opt())
+
+
+@dataclass(frozen=True)
+class Admin:
+    address: str = field(default="127.0.0.1", metadata=_opt())
+    port: int = field(default=8001, metadata=_opt(_range(0, 65535)))
+    key_file: str = field(default="admin.key", metadata=_opt())
+
+
+@dataclass(frozen=True)
+class Tls:
+    store: str = field(default="certs", metadata=_opt())
+    domain_suffix: str = field(default="", metadata=_opt())
+    fqdn: str = field(default="", metadata=_opt())
+
+
+@dataclass(frozen=True)
+class Tokens:
+    format: str = field(default="native", metadata=_opt(_choice("native", "cloudstack")))
+    keyring: str = field(default="keys.json", metadata=_opt())
+    skew_seconds: int = field(default=30, metadata=_opt(_range(0, 3600)))
+    single_use: bool = field(default=True, metadata=_opt())
+    ttl_seconds: int = field(default=60, metadata=_opt(_range(1, 86400)))
+
+
+@dataclass(frozen=True)
+class CloudStack:
+    key_iv_file: str = field(default="keyiv.json", metadata=_opt())
+    auth_key: str = field(default="", metadata=_opt())
+    hash_key: str = field(default="", metadata=_opt())
+    check_source_ip: bool = field(default=False, metadata=_opt())
+    check_extra: bool = field(default=False, metadata=_opt())
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_sessions: int = field(default=10000, metadata=_opt(_range(1)))
+    max_sessions_per_vm: int = field(default=0, metadata=_opt(_range(0)))
+    per_vm_policy: str = field(default="share", metadata=_opt(_choice("share", "replace", "reject")))
+    max_sessions_per_client_ip: int = field(default=20, metadata=_opt(_range(0)))
+    max_client_message_bytes: int = field(default=1048576, metadata=_opt(_range(1024, 1 << 30)))
+    idle_timeout_seconds: float = field(default=1800, metadata=_opt(_range(0)))
+    max_lifetime_seconds: float = field(default=0, metadata=_opt(_range(0)))
+    handshake_timeout_seconds: float = field(default=10, metadata=_opt(_range(0.1, 600)))
+    connect_timeout_seconds: float = field(default=5, metadata=_opt(_range(0.1, 600)))
+    ping_interval_seconds: float = field(default=30, metadata=_opt(_range(0)))
+
+
+@dataclass(frozen=True)
+class Targets:
+    allowed_cidrs: list[str] = field(default_factory=lambda: ["10.0.0.0/8"], metadata=_opt(_cidrs))
+    ports: str = field(default="5900-6999", metadata=_opt(_port_range_check))
+    vnc_ca_file: str = field(default="", metadata=_opt())
+    insecure: bool = field(default=False, metadata=_opt())
+
+
+@dataclass(frozen=True)
+class Origin:
+    allowed: list[str] = field(default_factory=list, metadata=_opt())
+    allow_missing: bool = field(default=True, metadata=_opt())
+
+
+@dataclass(frozen=True)
+class Dns:
+    enabled: bool = field(default=False, metadata=_opt())
+    listen: str = field(default="0.0.0.0:53", metadata=_opt(_hostport))
+    zone: str = field(default="consoleproxy.company.com", metadata=_opt())
+    ttl: int = field(default=300, metadata=_opt(_range(0, 604800)))
+    nameservers: list[str] = field(default_factory=list, metadata=_opt())
+    apex_addresses: list[str] = field(default_factory=list, metadata=_opt())
+    public_ranges: list[str] = field(default_factory=list, metadata=_opt(_cidrs))
+    rate_limit_qps: float = field(default=0, metadata=_opt(_range(0)))
+
+
+@dataclass(frozen=True)
+class Cluster:
+    replay_store: str = field(default="memory", metadata=_opt())
+
+
+@dataclass(frozen=True)
+class Log:
+    level: str = field(default="info", metadata=_opt(_choice("debug", "info", "warning", "error")))
+    audit: bool = field(default=True, metadata=_opt())
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: Listen = field(default_factory=Listen)
+    admin: Admin = field(default_factory=Admin)
+    tls: Tls = field(default_factory=Tls)
+    tokens: Tokens = field(default_factory=Tokens)
+    cloudstack: CloudStack = field(default_factory=CloudStack)
+    limits: Limits = field(default_factory=Limits)
+    targets: Targets = field(default_factory=Targets)
+    origin: Origin = field(default_factory=Origin)
+    dns: Dns = field(default_factory=Dns)
+    cluster: Cluster = field(default_factory=Cluster)
+    log: Log = field(default_factory=Log)
+    # Where relative paths are anchored: the configuration file's directory.
+    base_dir: Path = field(default_factory=Path.cwd, compare=False)
+
+    def path(self, value: str) -> Path:
+        """Resolve a path-valued setting against the configuration file's directory."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+
+_SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(Config)[f.name]
+    for f in dataclasses.fields(Config)
+    if f.name != "base_dir"
+}
+
+
+def _type_name(tp: Any) -> str:
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if typing.get_origin(tp) is list:
+        return "a list of " + _type_name(typing.get_args(tp)[0]).removeprefix("a ").removeprefix(
+            "an "
+        ) + "s"
+    return str(tp)
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Check ``value`` (from TOML) against ``tp``; raise TypeError when it does not fit."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(tp) is list:
+        if isinstance(value, list):
+            (inner,) = typing.get_args(tp)
+            return [_coerce(v, inner) for v in value]
+    raise TypeError
+
+
+def _from_env_text(text: str, tp: Any) -> Any:
+    """Turn an environment variable's text into a TOML-like value of type ``tp``."""
+    t = text.strip()
+    if tp is bool:
+        low = t.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise TypeError
+    if tp is int:
+        try:
+            return int(t)
+        except ValueError:
+            raise TypeError from None
+    if tp is float:
+        try:
+            return float(t)
+        except ValueError:
+            raise TypeError from None
+    if tp is str:
+        return text
+    if typing.get_origin(tp) is list:
+        if t.startswith("["):
+            try:
+                return tomllib.loads("v = " + t)["v"]
+            except tomllib.TOMLDecodeError:
+                raise TypeError from None
+        (inner,) = typing.get_args(tp)
+        return [_from_env_text(p, inner) for p in t.split(",") if p.strip()]
+    raise TypeError
+
+
+def _build_section(
+    name: str, cls: type, values: Mapping[str, Any], sources: Mapping[str, str]
+) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        where = sources[f.name]
+        tp = hints[f.name]
+        try:
+            v = _coerce(values[f.name], tp)
+        except TypeError:
+            raise ConfigError(
+                f"{where}: [{name}] {f.name}: expected {_type_name(tp)}, "
+                f"got {values[f.name]!r}"
+            ) from None
+        check = f.metadata.get("check")
+        if check is not None:
+            problem = check(v)
+            if problem:
+                raise ConfigError(f"{where}: [{name}] {f.name}: expected {problem}, got {v!r}")
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Load defaults, then the TOML file (if any), then ``CONSOLEPROXY_*`` environment overrides."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    label = "defaults"
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        label = str(p)
+        try:
+            raw = p.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read configuration: {exc.strerror or exc}") from None
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not UTF-8 text") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+        base = p.resolve().parent
+
+    sections: dict[str, dict[str, Any]] = {}
+    sources: dict[str, dict[str, str]] = {}
+    for sec, body in data.items():
+        if sec not in _SECTIONS:
+            raise ConfigError(
+                f"{label}: unknown section [{sec}]; expected one of " + ", ".join(_SECTIONS)
+            )
+        if not isinstance(body, dict):
+            raise ConfigError(f"{label}: [{sec}] must be a table, got {body!r}")
+        known = {f.name for f in dataclasses.fields(_SECTIONS[sec])}
+        for key in body:
+            if key not in known:
+                raise ConfigError(
+                    f"{label}: [{sec}] unknown key {key!r}; expected one of " + ", ".join(sorted(known))
+                )
+        sections[sec] = dict(body)
+        sources[sec] = dict.fromkeys(body, label)
+
+    prefix = "CONSOLEPROXY_"
+    for var, text in env.items():
+        if not var.startswith(prefix) or var in ("CONSOLEPROXY_CONFIG",):
+            continue
+        rest = var[len(prefix) :].lower()
+        sec, _, key = rest.partition("_")
+        if sec not in _SECTIONS:
+            raise ConfigError(f"environment {var}: unknown section {sec!r}")
+        cls = _SECTIONS[sec]
+        hints = typing.get_type_hints(cls)
+        if key not in hints:
+            raise ConfigError(
+                f"environment {var}: [{sec}] unknown key {key!r}; expected one of "
+                + ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+            )
+        try:
+            value = _from_env_text(text, hints[key])
+        except TypeError:
+            raise ConfigError(
+                f"environment {var}: [{sec}] {key}: expected {_type_name(hints[key])}, got {text!r}"
+            ) from None
+        sections.setdefault(sec, {})[key] = value
+        sources.setdefault(sec, {})[key] = f"environment {var}"
+
+    built = {
+        sec: _build_section(sec, cls, sections.get(sec, {}), sources.get(sec, {}))
+        for sec, cls in _SECTIONS.items()
+    }
+    cfg = Config(base_dir=base, **built)
+    _cross_checks(cfg, label)
+    return cfg
+
+
+def _cross_checks(cfg: Config, label: str) -> None:
+    if cfg.tls.domain_suffix and cfg.tls.fqdn:
+        raise ConfigError(f"{label}: [tls] set domain_suffix or fqdn, not both")
+    if not cfg.listen.ports:
+        raise ConfigError(f"{label}: [listen] ports: expected at least one port")
+
+
+def replace(cfg: Config, **sections: Mapping[str, Any]) -> Config:
+    """A copy of ``cfg`` with some keys changed, e.g. ``replace(cfg, limits={"max_sessions": 5})``.
+
+    Values go through the same checks as a file's.
+    """
+    new: dict[str, Any] = {}
+    for sec, values in sections.items():
+        cls = _SECTIONS[sec]
+        merged = {**dataclasses.asdict(getattr(cfg, sec)), **values}
+        new[sec] = _build_section(sec, cls, merged, dict.fromkeys(merged, "override"))
+    return dataclasses.replace(cfg, **new)
+

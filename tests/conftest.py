@@ -1,0 +1,24 @@
+"""Shared test helpers.
+
+``require_tool`` is how a test asks for a real system program: missing under CI=true is a failure
+(CI must never silently skip); elsewhere the test is skipped with the command that installs it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def require_tool(cmd: str, package: str) -> str:
+    path = shutil.which(cmd)
+    if path:
+        return path
+    if IN_CI:
+        pytest.fail(f"{cmd} is missing under CI=true (apt-get install {package}; see scripts/setup-system.sh)")
+    pytest.skip(f"{cmd} not installed (not CI): apt-get install {package}")  # CI fails above
+    raise AssertionError("unreachable")
