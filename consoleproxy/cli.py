@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
-from .errors import ConfigError, ConsoleProxyError, HostnameError
+from .errors import ConfigError, ConsoleError, ConsoleProxyError, HostnameError
 
 EXIT_USAGE = 2
 
@@ -248,6 +248,26 @@ def cmd_dns_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadbalancer_haproxy(args: argparse.Namespace) -> int:
+    from .loadbalancer import haproxy_config, parse_backend
+
+    try:
+        backends = [parse_backend(b) for b in args.backend]
+        text = haproxy_config(
+            fqdn=args.fqdn,
+            backends=backends,
+            mode=args.mode,
+            bind=args.bind,
+            certificate=args.certificate,
+            check_interval_ms=args.check_interval_ms,
+            stats_bind=args.stats,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    sys.stdout.write(text)
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------------
 
 
@@ -308,6 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="configuration file for the [dns] section")
     p.set_defaults(func=cmd_dns_serve)
 
+    lb = sub.add_parser("loadbalancer", help="load-balancer configuration").add_subparsers(
+        dest="lb_command", required=True, parser_class=_Parser
+    )
+    p = lb.add_parser("haproxy", help="print an HAProxy configuration for several proxies")
+    p.add_argument("--fqdn", required=True, help="the one name browsers use")
+    p.add_argument("--backend", action="append", required=True, metavar="HOST:PORT",
+                   help="a proxy instance (repeat for each)")
+    p.add_argument("--mode", choices=("passthrough", "http"), default="passthrough",
+                   help="passthrough: proxies terminate TLS (PROXY v2); http: HAProxy does")
+    p.add_argument("--bind", default="*:443", help="HAProxy's listening address (*:443)")
+    p.add_argument("--certificate", default="/etc/haproxy/certs/consoleproxy.pem",
+                   help="PEM with key and chain, for --mode http")
+    p.add_argument("--check-interval-ms", type=_positive_int, default=2000,
+                   help="health-check interval (2000)")
+    p.add_argument("--stats", metavar="ADDR:PORT", help="also serve HAProxy's stats page here")
+    p.set_defaults(func=cmd_loadbalancer_haproxy)
+
     return parser
 
 
@@ -316,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     prog = "consoleproxy " + " ".join(
-        str(v) for k in ("command", "keys_command", "token_command", "dns_command")
+        str(v) for k in ("command", "keys_command", "token_command", "dns_command", "lb_command")
         if (v := getattr(args, k, None))
     )
     try:
@@ -326,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except ConfigError as exc:
         sys.stderr.write(f"{prog}: configuration error: {exc}\n")
+        return EXIT_USAGE
+    except ConsoleError as exc:
+        sys.stderr.write(f"{prog}: error: {exc.reason}: {exc}\n")
         return EXIT_USAGE
     except ConsoleProxyError as exc:
         sys.stderr.write(f"{prog}: error: {exc}\n")

@@ -10,6 +10,8 @@ declare -A need=(
   [dig]=dnsutils
   [Xvnc]=tigervnc-standalone-server
   [openssl]=openssl
+  [haproxy]=haproxy
+  [vncpasswd]=tigervnc-tools
 )
 
 missing_pkgs=()
