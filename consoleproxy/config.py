@@ -168,6 +168,22 @@ class Origin:
 
 
 @dataclass(frozen=True)
+class Drain:
+    # New consoles are still accepted this long after a drain starts, so the balancer's health
+    # check (two failed checks at its interval) notices before anyone is refused.
+    grace_seconds: float = field(default=4, metadata=_opt(_range(0, 3600)))
+    # Running consoles are closed with 1001 at this point; 0 = wait for them however long.
+    deadline_seconds: float = field(default=3600, metadata=_opt(_range(0)))
+
+
+@dataclass(frozen=True)
+class Page:
+    # Empty = the copies beside the package: novnc_static/ and node_modules/@novnc/novnc/.
+    static_dir: str = field(default="", metadata=_opt())
+    novnc_dir: str = field(default="", metadata=_opt())
+
+
+@dataclass(frozen=True)
 class Dns:
     enabled: bool = field(default=False, metadata=_opt())
     listen: str = field(default="0.0.0.0:53", metadata=_opt(_hostport))
@@ -200,6 +216,8 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     targets: Targets = field(default_factory=Targets)
     origin: Origin = field(default_factory=Origin)
+    drain: Drain = field(default_factory=Drain)
+    page: Page = field(default_factory=Page)
     dns: Dns = field(default_factory=Dns)
     cluster: Cluster = field(default_factory=Cluster)
     log: Log = field(default_factory=Log)

@@ -19,6 +19,6 @@ def require_tool(cmd: str, package: str) -> str:
     if path:
         return path
     if IN_CI:
-        pytest.fail(f"{cmd} is missing under CI=true (apt-get install {package}; see scripts/setup-system.sh)")
+        pytest.fail(f"{cmd} is missing under CI=true (apt-get install {package}; see scripts/setup-*.sh)")
     pytest.skip(f"{cmd} not installed (not CI): apt-get install {package}")  # CI fails above
     raise AssertionError("unreachable")

@@ -68,7 +68,7 @@ def test_registry_per_ip_and_release() -> None:
     r = Registry(max_sessions=10, max_per_client_ip=1)
     s = mk("a")
     r.add(s)
-    with pytest.raises(SessionLimit, match="client 1.1.1.1"):
+    with pytest.raises(SessionLimit, match=r"client 1\.1\.1\.1"):
         r.add(mk("b"))
     r.add(mk("b", ip="2.2.2.2"))
     r.remove(s)

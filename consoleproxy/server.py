@@ -1,0 +1,520 @@
+"""The aiohttp application: public listeners and the console path.
+
+A console's bytes go ``server`` (upgrade, token) -> ``tokens`` -> ``targets`` -> ``sessions``
+(limits) -> ``rfb`` (security handshake on both sides) -> ``relay``. Errors after the upgrade are
+sent as WebSocket close codes (DESIGN.md 8): a browser cannot read the HTTP status of a failed
+upgrade, but it can read a close code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from . import rfb
+from .config import Config
+from .errors import (
+    BackendAuthFailed,
+    BackendUnreachable,
+    ConsoleError,
+    Forbidden,
+    SessionKilled,
+    ShuttingDown,
+    TokenInvalid,
+)
+from .metrics import Metrics
+from .query import raw_query_param
+from .relay import STREAM_LIMIT, Relay
+from .replay import MemoryReplayStore
+from .sessions import Registry, Session
+from .targets import TargetPolicy
+from .tokens import Claims, Keyring, TokenValidator
+
+__all__ = ["ProxyServer", "run_forever"]
+
+log = logging.getLogger("consoleproxy")
+audit_log = logging.getLogger("consoleproxy.audit")
+
+SSLContextProvider = Callable[[], ssl.SSLContext | None]
+
+# WebSocket close reasons are limited to 123 bytes of UTF-8 (RFC 6455 5.5: control frames <= 125).
+_MAX_REASON = 123
+
+
+def _reason(text: str) -> bytes:
+    data = text.encode("utf-8")
+    if len(data) <= _MAX_REASON:
+        return data
+    return data[: _MAX_REASON - 3].decode("utf-8", "ignore").encode() + b"..."
+
+
+class ProxyServer:
+    """One proxy instance: public listener(s) from ``[listen]`` and the admin listener."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        keyring: Keyring | None = None,
+        ssl_context: SSLContextProvider | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        self.ssl_context = ssl_context
+        if keyring is None:
+            keyring = Keyring.load(cfg.path(cfg.tokens.keyring))
+        self.replay = MemoryReplayStore()
+        self.validator = TokenValidator(
+            keyring,
+            self.replay,
+            skew_seconds=cfg.tokens.skew_seconds,
+            single_use=cfg.tokens.single_use,
+        )
+        self.targets = TargetPolicy.from_config(cfg.targets.allowed_cidrs, cfg.targets.ports)
+        lim = cfg.limits
+        self.registry = Registry(
+            max_sessions=lim.max_sessions,
+            max_per_vm=lim.max_sessions_per_vm,
+            per_vm_policy=lim.per_vm_policy,
+            max_per_client_ip=lim.max_sessions_per_client_ip,
+        )
+        self.draining = False
+        self.refusing = False  # set when a drain's grace period is over
+        self._drain_task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()  # set whenever no session is open
+        self._idle.set()
+        self.drained = asyncio.Event()  # set when a drain has run to its end
+        self._runners: list[web.AppRunner] = []
+        self._sites: list[web.TCPSite] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self._relays: dict[str, Relay] = {}
+        self.admin_key: str | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def public_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024)
+        app.router.add_get("/websockify", self.handle_websocket)
+        app.router.add_get("/healthz", self.handle_healthz)
+        app.router.add_get("/readyz", self.handle_readyz)
+        static, novnc = self._page_dirs()
+        # The console page, at our path and at CloudStack's (its query parameters are read by
+        # the page's script, not here).
+        app.router.add_get("/console", self.handle_page)
+        app.router.add_get("/resource/noVNC/vnc.html", self.handle_page)
+        if static.is_dir():
+            app.router.add_static("/static/", static, append_version=False)
+        if novnc.is_dir():
+            app.router.add_static("/novnc/", novnc, append_version=False)
+        return app
+
+    def _page_dirs(self) -> tuple[Path, Path]:
+        root = Path(__file__).resolve().parent.parent
+        pg = self.cfg.page
+        static = self.cfg.path(pg.static_dir) if pg.static_dir else root / "novnc_static"
+        novnc = self.cfg.path(pg.novnc_dir) if pg.novnc_dir else root / "node_modules/@novnc/novnc"
+        return static, novnc
+
+    async def handle_page(self, request: web.Request) -> web.StreamResponse:
+        page = self._page_dirs()[0] / "console.html"
+        if not page.is_file():
+            return web.Response(status=503, text=f"console page not installed ({page} missing)\n")
+        return web.FileResponse(
+            page,
+            headers={
+                "Cache-Control": "no-store",
+                "Referrer-Policy": "no-referrer",  # the token is in the URL
+                "X-Content-Type-Options": "nosniff",
+                "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; "
+                "img-src 'self' data: blob:; style-src 'self'; frame-ancestors 'none'",
+            },
+        )
+
+    async def start(self) -> None:
+        from .admin import admin_app, load_or_create_admin_key
+
+        lst = self.cfg.listen
+        runner = web.AppRunner(self.public_app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runners.append(runner)
+        ctx = self.ssl_context() if (lst.tls and self.ssl_context) else None
+        for port in lst.ports:
+            site = web.TCPSite(runner, lst.address, port, ssl_context=ctx, backlog=1024)
+            await site.start()
+            self._sites.append(site)
+        self.admin_key = load_or_create_admin_key(self.cfg.path(self.cfg.admin.key_file))
+        arunner = web.AppRunner(admin_app(self, self.admin_key), access_log=None)
+        await arunner.setup()
+        self._runners.append(arunner)
+        asite = web.TCPSite(arunner, self.cfg.admin.address, self.cfg.admin.port)
+        await asite.start()
+        self._admin_site = asite
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    @staticmethod
+    def _site_port(site: web.TCPSite) -> int:
+        server = site._server
+        assert server is not None and isinstance(server, asyncio.base_events.Server)
+        port: int = server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def public_ports(self) -> list[int]:
+        return [self._site_port(s) for s in self._sites]
+
+    @property
+    def admin_port(self) -> int:
+        return self._site_port(self._admin_site)
+
+    async def close(self) -> None:
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for s in list(self.registry):
+            s.close(1001, "proxy shutting down")
+        for r in self._runners:
+            await r.cleanup()
+        self._runners.clear()
+        await self.replay.close()
+
+    # --- health ----------------------------------------------------------------------------
+
+    async def handle_healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    def not_ready_reason(self) -> str | None:
+        if self.draining:
+            return "draining"
+        if self.registry.at_capacity():
+            return "at capacity"
+        return None
+
+    async def handle_readyz(self, request: web.Request) -> web.Response:
+        reason = self.not_ready_reason()
+        if reason is None:
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready", "reason": reason}, status=503)
+
+    # --- the console path ------------------------------------------------------------------
+
+    def _client_ip(self, request: web.Request) -> str:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        return str(peer[0]) if peer else "unknown"
+
+    async def handle_websocket(self, request: web.Request) -> web.StreamResponse:
+        lim = self.cfg.limits
+        ws = web.WebSocketResponse(
+            protocols=("binary",),
+            max_msg_size=lim.max_client_message_bytes + 1,  # aiohttp refuses a message of exactly its cap
+            heartbeat=lim.ping_interval_seconds or None,
+            compress=False,  # RFB is already compressed where it matters; deflate costs CPU
+        )
+        await ws.prepare(request)
+        client_ip = self._client_ip(request)
+        session: Session | None = None
+        writer: asyncio.StreamWriter | None = None
+        result = "error"
+        try:
+            async with asyncio.timeout(lim.handshake_timeout_seconds):
+                if self.refusing:
+                    raise ShuttingDown("this proxy is draining; reconnect to reach another")
+                claims = await self._validate(request, client_ip)
+                session = Session(
+                    vm=claims.vm,
+                    client_ip=client_ip,
+                    host=claims.host,
+                    port=claims.port,
+                    name=claims.name,
+                    view_only=claims.view_only,
+                    max_duration=claims.max_duration,
+                )
+                self._idle.clear()
+                for old in self.registry.add(session):
+                    old.close(SessionKilled.close_code, "replaced by a newer console for this VM")
+                reader, writer = await self._connect(claims)
+                client_leftover = await self._rfb_handshake(ws, reader, writer, claims)
+            result = await self._relay(ws, reader, writer, session, client_leftover)
+        except TimeoutError:
+            result = "handshake timeout"
+            await ws.close(code=4012, message=b"handshake timed out")
+        except ConsoleError as exc:
+            result = exc.reason
+            if isinstance(exc, TokenInvalid | Forbidden) or exc.close_code in (4002, 4003):
+                self.metrics.token_rejections_total.labels(exc.reason).inc()
+            log.info("console refused for %s: %s (%d)", client_ip, exc, exc.close_code)
+            await ws.close(code=exc.close_code, message=_reason(str(exc)))
+        except rfb.RFBError as exc:
+            result = "protocol error"
+            await ws.close(code=1002, message=_reason(f"RFB protocol error: {exc}"))
+        except ConnectionError:
+            result = "client closed"  # the browser went away mid-handshake; nothing to tell it
+        finally:
+            if writer is not None:
+                writer.close()
+            if session is not None:
+                self._end(session, result)
+        return ws
+
+    async def _validate(self, request: web.Request, client_ip: str) -> Claims:
+        try:
+            token = raw_query_param(request.query_string, "token")
+        except UnicodeDecodeError:
+            raise TokenInvalid("token is not valid percent-encoded UTF-8") from None
+        if not token:
+            raise TokenInvalid("no token in the URL")
+        claims = await self.validator.validate(token, client_ip=client_ip)
+        self.targets.check(claims.host, claims.port)
+        return claims
+
+    async def _connect(self, claims: Claims) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(self.cfg.limits.connect_timeout_seconds):
+                reader, writer = await asyncio.open_connection(
+                    claims.host, claims.port, limit=STREAM_LIMIT
+                )
+        except TimeoutError:
+            raise BackendUnreachable(
+                f"connecting to {claims.host}:{claims.port} timed out after "
+                f"{self.cfg.limits.connect_timeout_seconds:g} s"
+            ) from None
+        except OSError as exc:
+            raise BackendUnreachable(
+                f"cannot connect to {claims.host}:{claims.port}: {exc.strerror or exc}"
+            ) from None
+        self.metrics.backend_connect_seconds.observe(time.monotonic() - t0)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return reader, writer
+
+    async def _rfb_handshake(
+        self,
+        ws: web.WebSocketResponse,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        claims: Claims,
+    ) -> bytes:
+        """Authenticate to the VNC server, then give the browser a no-password 3.8 server.
+
+        Returns the browser's bytes that followed its security choice; the relay forwards them.
+        """
+        browser = rfb.ClientHandshake()
+        # Send our version to the browser first so its reply overlaps the backend handshake.
+        await ws.send_bytes(browser.data_to_send())
+
+        backend = rfb.ServerHandshake(claims.password, allow_tls=True)
+        outcome: rfb.Authenticated | rfb.AuthFailed | None = None
+        while outcome is None:
+            data = await reader.read(4096)
+            if not data:
+                raise BackendUnreachable("the VNC server closed the connection during the handshake")
+            backend.receive_data(data)
+            out = backend.data_to_send()
+            if out:
+                writer.write(out)
+            for ev in backend.events():
+                if isinstance(ev, rfb.StartTLS):
+                    await writer.drain()
+                    await writer.start_tls(self._backend_tls_context())
+                    backend.tls_started()
+                    out = backend.data_to_send()
+                    if out:
+                        writer.write(out)
+                elif isinstance(ev, rfb.Authenticated | rfb.AuthFailed):
+                    outcome = ev
+        if isinstance(outcome, rfb.AuthFailed):
+            raise BackendAuthFailed(f"VNC server: {outcome.reason}")
+        await writer.drain()
+        pending_to_server = backend.leftover()
+
+        ready = False
+        while not ready:
+            msg = await ws.receive()
+            if not isinstance(msg.data, bytes):
+                raise rfb.RFBError("the browser closed or sent text during the RFB handshake")
+            browser.receive_data(msg.data)
+            out = browser.data_to_send()
+            if out:
+                await ws.send_bytes(out)
+            for ev in browser.events():
+                if isinstance(ev, rfb.ClientReady):
+                    ready = True
+        browser.accept()
+        reply = browser.data_to_send()
+        if pending_to_server:
+            # Bytes the VNC server sent right after its SecurityResult (normally none, as it
+            # waits for ClientInit) belong to the browser, after our SecurityResult.
+            reply += pending_to_server
+        await ws.send_bytes(reply)
+        return browser.leftover()
+
+    def _backend_tls_context(self) -> ssl.SSLContext:
+        t = self.cfg.targets
+        ctx = ssl.create_default_context(cafile=self.cfg.path(t.vnc_ca_file) if t.vnc_ca_file else None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if t.insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        else:
+            # Hypervisor certificates name hosts, not the addresses tokens carry.
+            ctx.check_hostname = False
+        return ctx
+
+    async def _relay(
+        self,
+        ws: web.WebSocketResponse,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        session: Session,
+        client_leftover: bytes,
+    ) -> str:
+        flt = None
+        if session.view_only:
+            msg_filter = rfb.ClientMessageFilter(view_only=True)
+            flt = msg_filter.feed
+        if client_leftover:
+            # ClientInit, and anything a client pipelined behind it, goes through the same filter.
+            writer.write(flt(client_leftover) if flt else client_leftover)
+        relay = Relay(ws, reader, writer, session, client_filter=flt)
+        session.closer = relay.stop
+        self._relays[session.id] = relay
+        self.metrics.sessions_active.inc()
+        self._audit("session_start", session)
+        try:
+            why = await relay.run()
+        except rfb.RFBError as exc:
+            relay.close_code, why = 1008, f"RFB error: {exc}"
+        finally:
+            self.metrics.sessions_active.dec()
+            self._relays.pop(session.id, None)
+        if relay.close_code is not None:
+            await ws.close(code=relay.close_code, message=_reason(relay.close_reason or why))
+        elif why == "server closed":
+            await ws.close(message=b"the VNC server closed the connection")
+        else:
+            await ws.close()
+        return why
+
+    def _end(self, session: Session, result: str) -> None:
+        self.registry.remove(session)
+        if not len(self.registry):
+            self._idle.set()
+        m = self.metrics
+        m.bytes_total.labels("up").inc(session.bytes_up)
+        m.bytes_total.labels("down").inc(session.bytes_down)
+        m.sessions_total.labels(_result_label(result)).inc()
+        m.session_duration_seconds.observe(time.monotonic() - session.started_mono)
+        self._audit("session_end", session, result=result)
+
+    def _audit(self, event: str, session: Session, **extra: Any) -> None:
+        if not self.cfg.log.audit:
+            return
+        record = {"event": event, "time": round(time.time(), 3), **session.info(), **extra}
+        audit_log.info(json.dumps(record, sort_keys=True))
+
+    # --- time limits -----------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        """Enforce idle timeout and lifetime for all sessions from one task (no task per console)."""
+        lim = self.cfg.limits
+        idle = lim.idle_timeout_seconds
+        life = lim.max_lifetime_seconds
+        shortest = min(x for x in (idle, life, 50.0) if x > 0)
+        interval = min(max(shortest / 10, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for s in self.registry:
+                if s.closer is None:
+                    continue
+                if idle and now - s.last_activity > idle:
+                    s.close(4012, f"idle for more than {idle:g} s")
+                    continue
+                cap = min(x for x in (life, s.max_duration or 0, float("inf")) if x)
+                if now - s.started_mono > cap:
+                    s.close(4012, f"console lifetime of {cap:g} s reached")
+
+    # --- drain -------------------------------------------------------------------------------
+
+    def start_drain(self) -> bool:
+        """Begin draining (idempotent); returns False when already draining."""
+        if self.draining:
+            return False
+        self.draining = True
+        self.metrics.draining.set(1)
+        log.info("draining: readiness now fails; new consoles refused after %g s",
+                 self.cfg.drain.grace_seconds)
+        self._drain_task = asyncio.create_task(self._drain())
+        return True
+
+    async def _drain(self) -> None:
+        d = self.cfg.drain
+        await asyncio.sleep(d.grace_seconds)
+        self.refusing = True
+        if d.deadline_seconds:
+            try:
+                async with asyncio.timeout(max(d.deadline_seconds - d.grace_seconds, 0)):
+                    await self._idle.wait()
+            except TimeoutError:
+                for s in list(self.registry):
+                    s.close(ShuttingDown.close_code, "proxy shutting down (drain deadline)")
+        await self._idle.wait()
+        log.info("drain complete: no consoles left")
+        self.drained.set()
+
+    def kill(self, session_id: str, reason: str = "ended by an administrator") -> bool:
+        s = self.registry.get(session_id)
+        if s is None:
+            return False
+        s.close(SessionKilled.close_code, reason)
+        return True
+
+
+def _result_label(result: str) -> str:
+    """Collapse free-text endings into a few metric label values."""
+    if result in ("client closed", "server closed"):
+        return result.replace(" ", "_")
+    if result.startswith("idle") or "lifetime" in result:
+        return "timeout"
+    if "administrator" in result or "replaced" in result:
+        return "killed"
+    for known in ("token", "forbidden", "limit", "unreachable", "authentication", "handshake"):
+        if known in result:
+            return known
+    return "error"
+
+
+async def run_forever(cfg: Config) -> int:
+    logging.basicConfig(level=cfg.log.level.upper(), format="%(asctime)s %(name)s %(message)s")
+    server = ProxyServer(cfg)
+    await server.start()
+    log.info("serving on %s ports %s; admin on %s:%d", cfg.listen.address, server.public_ports,
+             cfg.admin.address, server.admin_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # SIGTERM drains (the way orchestrators stop a service); SIGINT stops at once.
+    loop.add_signal_handler(signal.SIGTERM, server.start_drain)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    waits = [asyncio.ensure_future(server.drained.wait()), asyncio.ensure_future(stop.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    await server.close()
+    return 0
+
