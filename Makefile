@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml
 
 system:
 	bash scripts/setup-system.sh
+	bash scripts/setup-page.sh
 
 setup: $(STAMP) system
 
-run: $(STAMP)
+run: setup
 	$(VENV)/bin/consoleproxy demo
 
 lint: $(STAMP)

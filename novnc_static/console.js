@@ -1,0 +1,434 @@
+// The console page: noVNC's RFB core plus our own viewer (status, keys, Type text, clipboard,
+// display modes, full screen, view-only), in Korean and English. Loaded as an ES module; the page's
+// CSP forbids inline scripts and styles, and nothing is loaded from outside the proxy.
+//
+// Query parameters (read from the RAW location.search: "+" stays "+", because CloudStack tokens
+// are base64 with "+", "/" and "="; the token and extra values are forwarded to /websockify
+// exactly as they appear in the page's URL):
+//   token      the console token (required)
+//   extra      CloudStack's extra security token, forwarded as &extra=
+//   port       WebSocket port on the page's host (default: the page's own port)
+//   autoconnect  "false"/"0" shows a Connect button instead of connecting at once
+//   language   ko | en (else the browser's preferred language; English when neither)
+//   name       the VM name for the title (else the VNC server's desktop name)
+//   view_only=1 | viewonly=true   hide input controls and send no input
+//   show_dot   show a dot when the remote cursor is invisible
+//   log        noVNC log level (error|warn|info|debug|none; default warn)
+
+import RFB from "/novnc/core/rfb.js";
+import { initLogging } from "/novnc/core/util/logging.js";
+import { pickLanguage, translator } from "./i18n.js";
+import { XK, ctrlAltF, keyEventsForText, typedCount } from "./keys.js";
+
+// Close codes the proxy sends on purpose (DESIGN.md 8); each has its own message.
+const KNOWN_CODES = [4001, 4002, 4003, 4004, 4008, 4010, 4011, 4012, 4013, 1001, 1000, 1006];
+const MAX_TYPE_CHARS = 8192;
+
+// --- query parameters ------------------------------------------------------------------------
+
+export function rawParams(search) {
+    const out = new Map();
+    const q = search.startsWith("?") ? search.slice(1) : search;
+    for (const part of q.split("&")) {
+        if (!part) {
+            continue;
+        }
+        const i = part.indexOf("=");
+        const key = i < 0 ? part : part.slice(0, i);
+        const value = i < 0 ? "" : part.slice(i + 1);
+        if (!out.has(key)) { // the first occurrence wins, as on the server
+            out.set(key, value);
+        }
+    }
+    return out;
+}
+
+function decode(v) {
+    try {
+        return decodeURIComponent(v); // "+" is left alone
+    } catch (e) {
+        return v;
+    }
+}
+
+function truthy(v) {
+    return v !== undefined && ["1", "true", "yes", "on"].includes(decode(v).toLowerCase());
+}
+
+function falsy(v) {
+    return v !== undefined && ["0", "false", "no", "off"].includes(decode(v).toLowerCase());
+}
+
+const params = rawParams(window.location.search);
+const lang = pickLanguage(params.has("language") ? decode(params.get("language")) : "",
+                          navigator.languages && navigator.languages.length ?
+                              navigator.languages : [navigator.language]);
+const t = translator(lang);
+const viewOnly = truthy(params.get("view_only")) || truthy(params.get("viewonly")) ||
+    truthy(params.get("view-only"));
+const vmNameParam = params.has("name") ? decode(params.get("name")) : "";
+const logLevel = params.has("log") ? decode(params.get("log")) : "warn";
+try {
+    initLogging(logLevel);
+} catch (e) {
+    initLogging("warn");
+}
+
+// The WebSocket URL: same host as the page, ws: for http and wss: for https, on `port` if given.
+export function websocketUrl(loc, p) {
+    const scheme = loc.protocol === "https:" ? "wss:" : "ws:";
+    let port = loc.port;
+    if (p.has("port") && p.get("port") !== "") {
+        port = decode(p.get("port"));
+        if (!/^[0-9]{1,5}$/.test(port) || Number(port) < 1 || Number(port) > 65535) {
+            return null;
+        }
+    }
+    const defaultPort = scheme === "wss:" ? "443" : "80";
+    const hostPort = loc.hostname + (port && port !== defaultPort ? ":" + port : "");
+    let url = `${scheme}//${hostPort}/websockify?token=${p.get("token")}`;
+    if (p.has("extra") && p.get("extra") !== "") {
+        url += `&extra=${p.get("extra")}`;
+    }
+    return url;
+}
+
+// --- page elements -----------------------------------------------------------------------------
+
+const $ = (id) => document.getElementById(id);
+const statusBox = $("status-box");
+const statusEl = $("status");
+const reasonEl = $("status-reason");
+const screen = $("screen");
+const displayMode = $("display-mode");
+
+function translatePage() {
+    document.documentElement.lang = lang;
+    for (const el of document.querySelectorAll("[data-i18n]")) {
+        el.textContent = t(el.dataset.i18n);
+    }
+    for (const el of document.querySelectorAll("[data-i18n-title]")) {
+        el.title = t(el.dataset.i18nTitle);
+    }
+    $("toolbar").setAttribute("aria-label", lang === "ko" ? "콘솔 조작" : "Console controls");
+    screen.setAttribute("aria-label", lang === "ko" ? "원격 화면" : "Remote screen");
+}
+
+// Buttons that send input work only while connected.
+const INPUT_BUTTONS = "#keys button, #type-send, #clipboard-send";
+
+function setStatus(state, key, vars, reason) {
+    for (const el of document.querySelectorAll(INPUT_BUTTONS)) {
+        el.disabled = state !== "connected";
+    }
+    $("fkeys-menu").classList.toggle("disabled", state !== "connected");
+    if (state !== "connected") {
+        $("fkeys-menu").removeAttribute("open");
+    }
+    statusBox.dataset.state = state;
+    statusEl.dataset.state = state;
+    statusEl.dataset.key = key;
+    statusEl.textContent = t(key, vars);
+    document.body.dataset.state = state;
+    if (reason) {
+        reasonEl.textContent = t("status.reason", { reason });
+        reasonEl.hidden = false;
+    } else {
+        reasonEl.textContent = "";
+        reasonEl.hidden = true;
+    }
+}
+
+function setTitle(name) {
+    document.title = name ? t("title.vm", { name }) : t("title");
+}
+
+// --- the connection ------------------------------------------------------------------------------
+
+let rfb = null;
+let closeInfo = null;
+let desktopName = "";
+let connected = false;
+
+function vmName() {
+    return vmNameParam || desktopName;
+}
+
+function showConnected() {
+    const name = vmName();
+    const key = "status.connected" + (viewOnly ? ".viewonly" : "") + (name ? ".vm" : "");
+    setStatus("connected", key, { name });
+    setTitle(name);
+}
+
+function showClosed(info, clean) {
+    if (info === null) {
+        setStatus("disconnected", clean ? "close.1000" : "close.1006");
+        return;
+    }
+    const code = info.code;
+    const key = KNOWN_CODES.includes(code) ? "close." + code : "close.generic";
+    setStatus("disconnected", key, { code }, info.reason);
+    statusEl.dataset.code = String(code);
+}
+
+function connect() {
+    const token = params.get("token");
+    if (!token) {
+        setStatus("error", "status.notoken");
+        return;
+    }
+    const url = websocketUrl(window.location, params);
+    if (url === null) {
+        setStatus("error", "status.badport");
+        return;
+    }
+    $("connect").hidden = true;
+    setStatus("connecting", "status.connecting");
+    closeInfo = null;
+    connected = false;
+
+    // Our own WebSocket, so its close code and reason (DESIGN 8) reach the page: noVNC's
+    // "disconnect" event does not carry them. This listener runs before noVNC's onclose.
+    let ws;
+    try {
+        ws = new WebSocket(url, ["binary"]);
+    } catch (e) {
+        setStatus("error", "status.nowebsocket", null, e.message);
+        return;
+    }
+    ws.addEventListener("close", (e) => {
+        closeInfo = { code: e.code, reason: e.reason };
+        if (!connected && (e.code >= 4000 || e.code === 1001)) {
+            // The proxy refused on purpose and the page explains why; noVNC would also log its
+            // generic "Failed when connecting" as a console error. Restored on "disconnect".
+            initLogging("none");
+            setTimeout(() => initLogging(logLevel), 0);
+        }
+    });
+
+    rfb = new RFB(screen, ws, { shared: true });
+    rfb.viewOnly = viewOnly;
+    rfb.showDotCursor = truthy(params.get("show_dot"));
+    rfb.background = "#282828";
+    applyDisplayMode();
+
+    rfb.addEventListener("connect", () => {
+        connected = true;
+        showConnected();
+        updateRemoteResizeOption();
+        if (!viewOnly) {
+            rfb.focus({ preventScroll: true });
+        }
+    });
+    rfb.addEventListener("disconnect", (e) => {
+        connected = false;
+        try {
+            initLogging(logLevel);
+        } catch (err) {
+            initLogging("warn");
+        }
+        releaseSticky(false);
+        showClosed(closeInfo, e.detail.clean);
+        rfb = null;
+    });
+    rfb.addEventListener("desktopname", (e) => {
+        desktopName = e.detail.name || "";
+        if (connected) {
+            showConnected();
+        } else {
+            setTitle(vmName());
+        }
+    });
+    rfb.addEventListener("securityfailure", (e) => {
+        setStatus("error", "status.security", null, e.detail.reason || "");
+    });
+    rfb.addEventListener("credentialsrequired", () => {
+        // The proxy offers only security None to the browser; a password prompt means we are
+        // not talking to the proxy.
+        setStatus("error", "status.security");
+        rfb.disconnect();
+    });
+    rfb.addEventListener("clipboard", (e) => {
+        $("clipboard-text").value = e.detail.text;
+        $("clipboard-result").textContent = t("clip.received");
+    });
+}
+
+// --- keys ----------------------------------------------------------------------------------------
+
+function sendEvents(events) {
+    if (!rfb || !connected || viewOnly) {
+        return false;
+    }
+    for (const [keysym, code, down] of events) {
+        rfb.sendKey(keysym, code, down);
+    }
+    return true;
+}
+
+const sticky = {
+    "sticky-ctrl": [XK.Control_L, "ControlLeft"],
+    "sticky-alt": [XK.Alt_L, "AltLeft"],
+    "sticky-win": [XK.Super_L, "MetaLeft"],
+};
+
+function releaseSticky(send) {
+    for (const id of Object.keys(sticky)) {
+        const btn = $(id);
+        if (btn.getAttribute("aria-pressed") === "true") {
+            if (send) {
+                const [keysym, code] = sticky[id];
+                sendEvents([[keysym, code, false]]);
+            }
+            btn.setAttribute("aria-pressed", "false");
+        }
+    }
+}
+
+function refocus() {
+    if (rfb && connected && !viewOnly) {
+        rfb.focus({ preventScroll: true });
+    }
+}
+
+function setupKeys() {
+    $("send-cad").addEventListener("click", () => {
+        if (rfb && connected) {
+            rfb.sendCtrlAltDel();
+        }
+        refocus();
+    });
+    const menu = $("fkeys-menu");
+    const items = $("fkeys");
+    for (let n = 1; n <= 12; n++) {
+        const b = document.createElement("button");
+        b.type = "button";
+        b.id = "send-caf" + n;
+        b.textContent = "Ctrl+Alt+F" + n;
+        b.addEventListener("click", () => {
+            sendEvents(ctrlAltF(n));
+            menu.removeAttribute("open");
+            refocus();
+        });
+        items.appendChild(b);
+    }
+    document.addEventListener("click", (e) => { // a click elsewhere closes the menu
+        if (menu.open && !menu.contains(e.target)) {
+            menu.removeAttribute("open");
+        }
+    });
+    for (const id of Object.keys(sticky)) {
+        $(id).addEventListener("click", () => {
+            const btn = $(id);
+            const down = btn.getAttribute("aria-pressed") !== "true";
+            const [keysym, code] = sticky[id];
+            if (sendEvents([[keysym, code, down]])) {
+                btn.setAttribute("aria-pressed", down ? "true" : "false");
+            }
+            refocus();
+        });
+    }
+    $("type-send").addEventListener("click", () => {
+        let text = $("type-text").value.slice(0, MAX_TYPE_CHARS);
+        if ($("type-enter").checked) {
+            text += "\n";
+        }
+        if (sendEvents(keyEventsForText(text))) {
+            $("type-result").textContent = t("type.sent", { count: typedCount(text) });
+        }
+    });
+    $("clipboard-send").addEventListener("click", () => {
+        if (rfb && connected && !viewOnly) {
+            rfb.clipboardPasteFrom($("clipboard-text").value);
+            $("clipboard-result").textContent = t("clip.sent");
+        }
+    });
+}
+
+// --- display, panels, full screen ---------------------------------------------------------------
+
+function applyDisplayMode() {
+    const mode = displayMode.value;
+    document.body.classList.toggle("native", mode === "native");
+    if (!rfb) {
+        return;
+    }
+    rfb.scaleViewport = mode === "fit";
+    rfb.clipViewport = false;
+    rfb.resizeSession = mode === "remote";
+}
+
+// Remote resize needs the server's ExtendedDesktopSize support (noVNC learns it from the
+// first framebuffer update); the option is enabled once noVNC knows.
+function updateRemoteResizeOption() {
+    const opt = displayMode.querySelector('option[value="remote"]');
+    // eslint-disable-next-line no-underscore-dangle
+    const supported = !!(rfb && rfb._supportsSetDesktopSize) && !viewOnly;
+    opt.disabled = !supported;
+    if (!supported && displayMode.value === "remote") {
+        displayMode.value = "fit";
+        applyDisplayMode();
+    }
+}
+
+function setupPanels() {
+    const toggles = document.querySelectorAll(".panel-toggle");
+    for (const btn of toggles) {
+        btn.addEventListener("click", () => {
+            const panel = $(btn.getAttribute("aria-controls"));
+            const open = panel.hidden;
+            for (const other of toggles) {
+                $(other.getAttribute("aria-controls")).hidden = true;
+                other.setAttribute("aria-expanded", "false");
+            }
+            panel.hidden = !open;
+            btn.setAttribute("aria-expanded", open ? "true" : "false");
+        });
+    }
+    displayMode.addEventListener("change", () => {
+        applyDisplayMode();
+        refocus();
+    });
+    displayMode.addEventListener("focus", updateRemoteResizeOption);
+    displayMode.addEventListener("pointerdown", updateRemoteResizeOption);
+    updateRemoteResizeOption();
+
+    const fs = $("fullscreen");
+    if (!document.fullscreenEnabled) {
+        fs.hidden = true;
+    }
+    fs.addEventListener("click", () => {
+        if (document.fullscreenElement) {
+            document.exitFullscreen().catch(() => {});
+        } else {
+            document.documentElement.requestFullscreen().catch(() => {});
+        }
+        refocus();
+    });
+    document.addEventListener("fullscreenchange", () => {
+        fs.setAttribute("aria-pressed", document.fullscreenElement ? "true" : "false");
+    });
+}
+
+// --- start ---------------------------------------------------------------------------------------
+
+function main() {
+    translatePage();
+    setTitle(vmNameParam);
+    if (viewOnly) {
+        document.body.classList.add("view-only");
+        $("help-viewonly").hidden = false;
+    }
+    setupKeys();
+    setupPanels();
+    $("connect").addEventListener("click", connect);
+    if (falsy(params.get("autoconnect"))) {
+        $("connect").hidden = false;
+        setStatus("ready", "status.ready");
+    } else {
+        connect();
+    }
+}
+
+main();

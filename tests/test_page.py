@@ -1,0 +1,370 @@
+"""The console page in a real browser: Debian's chromium driven by Playwright, the proxy on loopback,
+real QEMU and the embedded demo VNC server behind it (issue 4; DESIGN.md 5 and 8).
+
+Playwright's own browser downloads are never used (`playwright install` is not run): the tests
+launch /usr/bin/chromium, which scripts/setup-page.sh installs from Debian.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from conftest import require_tool
+from harness import Proxy, free_port, running_proxy
+from playwright.async_api import ConsoleMessage, Page, Response, WebSocket, async_playwright
+from playwright.async_api import expect as pw_expect
+
+from consoleproxy.demo import CutText, DemoVncServer, ExtendedKeyEvent, KeyEvent
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-proxy-server",  # loopback only, whatever the environment's proxy settings
+]
+TIMEOUT_MS = 20_000
+
+# X11 keysyms
+SHIFT_L, CONTROL_L, ALT_L, SUPER_L, DELETE, F1 = 0xFFE1, 0xFFE3, 0xFFE9, 0xFFEB, 0xFFFF, 0xFFBE
+
+# The page's messages for the refusals tested here (novnc_static/i18n.js), complete in each language.
+MESSAGES = {
+    ("en", 4002): "The console link has expired. Open the console again from the management portal "
+    "to get a new link.",
+    ("en", 4003): "This console link has already been used; each link works only once. Open the "
+    "console again from the management portal.",
+    ("en", 4010): "The virtual machine's host could not be reached. Try again later, or contact your "
+    "administrator.",
+    ("en", 4001): "The console link is not valid. Open the console again from the management portal.",
+    ("ko", 4002): "콘솔 링크가 만료되었습니다. 관리 화면에서 콘솔을 다시 열어 새 링크를 받으십시오.",
+    ("ko", 4003): "이 콘솔 링크는 이미 사용되었습니다. 링크는 한 번만 사용할 수 있으니 관리 화면에서 "
+    "콘솔을 다시 여십시오.",
+    ("ko", 4010): "가상 머신의 호스트에 연결할 수 없습니다. 잠시 후 다시 시도하거나 관리자에게 문의하십시오.",
+    ("ko", 4001): "콘솔 링크가 올바르지 않습니다. 관리 화면에서 콘솔을 다시 여십시오.",
+}
+HANGUL = re.compile(r"[\uac00-\ud7a3\u3131-\u318e]")
+LATIN = re.compile(r"[A-Za-z]")
+
+
+# --- the browser ------------------------------------------------------------------------------
+
+
+@dataclass
+class Browser:
+    """One page, with what it logged and requested."""
+
+    page: Page
+    origin: str
+    errors: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+    websockets: list[str] = field(default_factory=list)
+
+    def _console(self, msg: ConsoleMessage) -> None:
+        if msg.type == "error":
+            self.errors.append(f"console: {msg.text}")
+
+    def _response(self, resp: Response) -> None:
+        if resp.status >= 400:
+            self.errors.append(f"HTTP {resp.status} for {resp.url}")
+
+    def _websocket(self, ws: WebSocket) -> None:
+        self.websockets.append(ws.url)
+
+    def assert_clean(self) -> None:
+        """No console errors, no page errors, nothing fetched from outside the proxy's origin."""
+        assert not self.errors, self.errors
+        # data:/blob: URLs (noVNC's cursor image) never leave the browser.
+        outside = [u for u in self.requests if not u.startswith(self.origin + "/")
+                   and not u.startswith(("data:", "blob:"))]
+        assert not outside, f"requests outside {self.origin}: {outside}"
+        ws_origin = "ws" + self.origin.removeprefix("http") + "/"
+        assert all(u.startswith(ws_origin) for u in self.websockets), self.websockets
+
+    async def status(self) -> str:
+        return (await self.page.locator("#status").text_content() or "").strip()
+
+    async def wait_state(self, state: str) -> None:
+        """Wait (bounded) until the page leaves loading/connecting; it must then be ``state``."""
+        status = self.page.locator("#status")
+        await pw_expect(status).not_to_have_attribute(
+            "data-state", re.compile(r"^(loading|connecting)$"), timeout=TIMEOUT_MS
+        )
+        got = await status.get_attribute("data-state")
+        assert got == state, f"page is {got!r}, not {state!r}: {await self.status()!r} " + (
+            await self.page.locator("#status-reason").text_content() or ""
+        )
+
+
+@contextlib.asynccontextmanager
+async def browser(p: Proxy, locale: str = "en-US") -> AsyncIterator[Browser]:
+    chromium = require_tool("chromium", "chromium")
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, timeout=30_000)
+        try:
+            ctx = await b.new_context(locale=locale, viewport={"width": 1100, "height": 640})
+            page = await ctx.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            br = Browser(page, f"http://127.0.0.1:{p.port}")
+            page.on("console", br._console)
+            page.on("pageerror", lambda exc: br.errors.append(f"pageerror: {exc}"))
+            page.on("request", lambda req: br.requests.append(req.url))
+            page.on("response", br._response)
+            page.on("websocket", br._websocket)
+            yield br
+            await ctx.close()
+        finally:
+            await b.close()
+
+
+def console_url(p: Proxy, token: str, **params: str) -> str:
+    query = "&".join([f"token={token}", *(f"{k}={v}" for k, v in params.items())])
+    return f"http://127.0.0.1:{p.port}/console?{query}"
+
+
+CANVAS_NOT_UNIFORM = """() => {
+    const c = document.querySelector('#screen canvas');
+    if (!c || !c.width || !c.height) return false;
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    for (let i = 4; i < d.length; i += 4) {
+        if (d[i] !== d[0] || d[i + 1] !== d[1] || d[i + 2] !== d[2]) {
+            return {width: c.width, height: c.height};
+        }
+    }
+    return false;
+}"""
+
+
+# --- the demo VNC server's record -------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def demo_server() -> AsyncIterator[DemoVncServer]:
+    demo = DemoVncServer()
+    await demo.start()
+    try:
+        yield demo
+    finally:
+        await demo.close()
+
+
+def key_events(events: list[Any]) -> list[tuple[int, bool]]:
+    """(keysym, down) of every key event the demo server got, plain or QEMU extended."""
+    return [(ev.keysym, ev.down) for ev in events if isinstance(ev, KeyEvent | ExtendedKeyEvent)]
+
+
+async def wait_keys(demo: DemoVncServer, count: int, within: float = 10) -> list[tuple[int, bool]]:
+    """Wait (bounded) until the demo server has recorded ``count`` key events; return them."""
+    events = await demo.wait_for_events(lambda evs: len(key_events(evs)) >= count, within)
+    return key_events(events)
+
+
+def press(keysym: int) -> list[tuple[int, bool]]:
+    return [(keysym, True), (keysym, False)]
+
+
+def shifted(keysym: int) -> list[tuple[int, bool]]:
+    return [(SHIFT_L, True), *press(keysym), (SHIFT_L, False)]
+
+
+# "Hello, 세상! 123" as the page types it (novnc_static/keys.js): US-keyboard ASCII with the shifted
+# keysym inside Shift_L, and characters outside Latin-1 as X11 Unicode keysyms 0x01000000 | U+XXXX.
+HELLO_KEYS = [
+    *shifted(ord("H")), *press(ord("e")), *press(ord("l")), *press(ord("l")), *press(ord("o")),
+    *press(ord(",")), *press(ord(" ")),
+    *press(0x0100C138),  # 세 U+C138
+    *press(0x0100C0C1),  # 상 U+C0C1
+    *shifted(ord("!")), *press(ord(" ")), *press(ord("1")), *press(ord("2")), *press(ord("3")),
+]
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+async def test_page_shows_qemu_screen(tmp_path: Path) -> None:
+    from test_real_vnc import qemu
+
+    require_tool("chromium", "chromium")
+    async with qemu(tmp_path) as port, running_proxy(tmp_path) as p, browser(p) as br:
+        token = p.token(port=port, name="web-01")
+        await br.page.goto(console_url(p, token, language="en", name="web-01"))
+        await br.wait_state("connected")
+        assert await br.status() == "Connected to web-01"
+        assert await br.page.title() == "web-01 — Console"
+        # SeaBIOS' text screen: the canvas shows more than one colour.
+        handle = await br.page.wait_for_function(CANVAS_NOT_UNIFORM, polling=100, timeout=45_000)
+        size = await handle.json_value()
+        assert size["width"] > 0 and size["height"] > 0
+        ARTIFACTS.mkdir(exist_ok=True)
+        await br.page.screenshot(path=str(ARTIFACTS / "page-qemu.png"))
+        # Actual size: the canvas is shown pixel for pixel.
+        await br.page.select_option("#display-mode", "native")
+        await br.page.wait_for_function(
+            "() => { const c = document.querySelector('#screen canvas');"
+            " return c.clientWidth === c.width && c.clientHeight === c.height; }",
+            polling=100,
+        )
+        br.assert_clean()
+
+
+async def test_type_text_and_key_buttons_reach_the_server(tmp_path: Path) -> None:
+    require_tool("chromium", "chromium")
+    async with demo_server() as demo, running_proxy(tmp_path) as p, browser(p) as br:
+        await br.page.goto(console_url(p, p.token(port=demo.port, password=demo.password),
+                                       language="en"))
+        await br.wait_state("connected")
+        page = br.page
+
+        # "Type text": the note about Unicode keysyms is shown with the box.
+        await page.click("#toggle-type")
+        await pw_expect(page.locator("#type-unicode-note")).to_have_text(
+            "Characters that are not on a US keyboard (for example Korean) are sent as Unicode key "
+            "symbols; guests that use a US keyboard layout may not type them."
+        )
+        await page.fill("#type-text", "Hello, 세상! 123")
+        await page.click("#type-send")
+        got = await wait_keys(demo, len(HELLO_KEYS))
+        assert got == HELLO_KEYS
+        # The demo server asks for QEMU extended key events: US-keyboard keys carry their scan
+        # code (Shift_L 0x2a, H 0x23, 1 0x02); 세 and 상 have none and come as plain KeyEvents.
+        typed = [ev for ev in demo.events if isinstance(ev, KeyEvent | ExtendedKeyEvent)]
+        assert [(ev.keysym, ev.keycode) for ev in typed[:2]] == [(SHIFT_L, 0x2A), (ord("H"), 0x23)]
+        assert [(ev.keysym, ev.keycode) for ev in typed[20:22]] == [(SHIFT_L, 0x2A), (ord("!"), 0x02)]
+        assert [type(ev) for ev in typed[16:20]] == [KeyEvent] * 4
+        assert all(type(ev) is ExtendedKeyEvent for ev in typed[:16] + typed[20:32])
+        await pw_expect(page.locator("#type-result")).to_have_text("Typed 14 characters.")
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "page-demo-type-text.png"))
+
+        # Ctrl-Alt-Del: the three keys down, then up in reverse order.
+        n = len(got)
+        await page.click("#send-cad")
+        got = await wait_keys(demo, n + 6)
+        assert got[n:] == [(CONTROL_L, True), (ALT_L, True), (DELETE, True),
+                           (DELETE, False), (ALT_L, False), (CONTROL_L, False)]
+
+        # Ctrl-Alt-F2 from the menu.
+        n = len(got)
+        await page.click("#fkeys-menu summary")
+        await page.click("#send-caf2")
+        got = await wait_keys(demo, n + 6)
+        assert got[n:] == [(CONTROL_L, True), (ALT_L, True), (F1 + 1, True),
+                           (F1 + 1, False), (ALT_L, False), (CONTROL_L, False)]
+
+        # Sticky Win: down on the first press, up on the second.
+        n = len(got)
+        await page.click("#sticky-win")
+        await pw_expect(page.locator("#sticky-win")).to_have_attribute("aria-pressed", "true")
+        await page.click("#sticky-win")
+        await pw_expect(page.locator("#sticky-win")).to_have_attribute("aria-pressed", "false")
+        got = await wait_keys(demo, n + 2)
+        assert got[n:] == [(SUPER_L, True), (SUPER_L, False)]
+
+        # Clipboard panel: the text goes out as ClientCutText.
+        await page.click("#toggle-clipboard")
+        await page.fill("#clipboard-text", "copied text")
+        await page.click("#clipboard-send")
+        await demo.wait_for_events(lambda evs: CutText("copied text") in evs, 10)
+        await pw_expect(page.locator("#clipboard-result")).to_have_text("Sent to the VM clipboard.")
+        br.assert_clean()
+
+
+async def test_refusals_in_korean_and_english(tmp_path: Path) -> None:
+    require_tool("chromium", "chromium")
+    async with running_proxy(tmp_path) as p, browser(p) as br:
+        dead_port = free_port()  # nothing listens there: the proxy answers 4010
+        for lang in ("ko", "en"):
+            expired = p.token(port=dead_port, ttl=60, now=int(time.time()) - 3600)
+            fresh = p.token(port=dead_port)
+            cases = [(expired, 4002), (fresh, 4010), (fresh, 4003)]  # the 2nd use of `fresh`
+            for token, code in cases:
+                await br.page.goto(console_url(p, token, language=lang))
+                await br.wait_state("disconnected")
+                text = await br.status()
+                assert text == MESSAGES[(lang, code)], (lang, code, text)
+                assert await br.page.locator("#status").get_attribute("data-code") == str(code)
+                # One language only: no Latin letters in Korean, no Hangul in English.
+                assert not (LATIN if lang == "ko" else HANGUL).search(text), text
+                # The server's reason is shown beneath, labelled in the page's language.
+                reason = br.page.locator("#status-reason")
+                await pw_expect(reason).to_be_visible()
+                label = "서버가 보낸 상세 내용: " if lang == "ko" else "Details from the server: "
+                assert (await reason.text_content() or "").startswith(label)
+                assert await br.page.evaluate("document.documentElement.lang") == lang
+                if (lang, code) == ("ko", 4002):
+                    ARTIFACTS.mkdir(exist_ok=True)
+                    await br.page.screenshot(path=str(ARTIFACTS / "page-expired-ko.png"))
+        br.assert_clean()
+
+
+async def test_cloudstack_path_and_raw_query(tmp_path: Path) -> None:
+    require_tool("chromium", "chromium")
+    async with demo_server() as demo, running_proxy(tmp_path) as p, browser(p, locale="ko-KR") as br:
+        token = p.token(port=demo.port, password=demo.password)
+        base = f"http://127.0.0.1:{p.port}/resource/noVNC/vnc.html"
+        await br.page.goto(f"{base}?autoconnect=true&port={p.port}&token={token}&show_dot=true")
+        await br.wait_state("connected")
+        # No language= here: the browser's (ko-KR) picks Korean.
+        assert (await br.status()).endswith("연결됨")
+        assert br.websockets[-1] == f"ws://127.0.0.1:{p.port}/websockify?token={token}"
+
+        # CloudStack tokens carry "+", "/" and "=": forwarded exactly as in the page's URL, with
+        # extra=; the proxy refuses this one as invalid (4001) and the page says so.
+        fake, extra = "AbC+dEf/gh+i==", "x+y/z="
+        await br.page.goto(f"{base}?autoconnect=true&port={p.port}&token={fake}&extra={extra}"
+                           "&language=en")
+        await br.wait_state("disconnected")
+        assert br.websockets[-1] == f"ws://127.0.0.1:{p.port}/websockify?token={fake}&extra={extra}"
+        assert await br.status() == MESSAGES[("en", 4001)]
+        br.assert_clean()
+
+
+async def test_view_only_hides_input_controls(tmp_path: Path) -> None:
+    require_tool("chromium", "chromium")
+    async with demo_server() as demo, running_proxy(tmp_path) as p, browser(p) as br:
+        token = p.token(port=demo.port, password=demo.password, view_only=True, name="ro-vm")
+        await br.page.goto(console_url(p, token, language="en", view_only="1", name="ro-vm"))
+        await br.wait_state("connected")
+        assert await br.status() == "Connected to ro-vm (view only)"
+        page = br.page
+        for sel in ("#send-cad", "#fkeys-menu", "#sticky-ctrl", "#sticky-alt", "#sticky-win",
+                    "#toggle-type", "#clipboard-send"):
+            await pw_expect(page.locator(sel)).to_be_hidden()
+        # Viewing controls stay.
+        for sel in ("#display-mode", "#toggle-clipboard", "#toggle-help"):
+            await pw_expect(page.locator(sel)).to_be_visible()
+        await page.click("#toggle-help")
+        await pw_expect(page.locator("#help-viewonly")).to_be_visible()
+        assert await page.evaluate("document.body.classList.contains('view-only')")
+        br.assert_clean()
+
+
+async def test_strings_complete_in_both_languages(tmp_path: Path) -> None:
+    """Every string exists in Korean and English, and the help explains scan codes."""
+    require_tool("chromium", "chromium")
+    async with running_proxy(tmp_path) as p, browser(p) as br:
+        await br.page.goto(f"http://127.0.0.1:{p.port}/console?language=en")  # no token
+        await br.wait_state("error")
+        keys = await br.page.evaluate(
+            "import('/static/i18n.js').then(m => [Object.keys(m.STRINGS.en).sort(),"
+            " Object.keys(m.STRINGS.ko).sort(), m.STRINGS.en['help.keyboard']])"
+        )
+        en, ko, help_text = keys
+        assert en == ko
+        for code in (4001, 4002, 4003, 4004, 4008, 4010, 4011, 4012, 4013, 1001):
+            assert f"close.{code}" in en
+        assert "close.generic" in en
+        assert "scan code" in help_text and "QEMU" in help_text
+        assert "token" in await br.status()
+        br.assert_clean()
