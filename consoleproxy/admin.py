@@ -6,15 +6,18 @@ It never shares a port with the public listener. Every request needs the bearer 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hmac
 import os
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .certstore import CertificateError, Item
 from .metrics import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
@@ -37,6 +40,17 @@ def load_or_create_admin_key(path: Path) -> str:
     if len(key) < 16:
         raise ValueError(f"admin key in {path} is shorter than 16 characters")
     return key
+
+
+def _text(fields: dict[str, Any], name: str, *, required: bool = True) -> str:
+    value = fields.get(name)
+    if value is None or value == "":
+        if required:
+            raise KeyError(f"field {name!r} is required")
+        return ""
+    if not isinstance(value, str | int):
+        raise ValueError(f"field {name!r} must be text")
+    return str(value)
 
 
 def admin_app(server: ProxyServer, key: str) -> web.Application:
@@ -79,9 +93,55 @@ def admin_app(server: ProxyServer, key: str) -> web.Application:
             }
         )
 
+    async def certificates_list(request: web.Request) -> web.Response:
+        if server.certstore is None:
+            return web.json_response({"error": "TLS is off on this proxy"}, status=404)
+        items = await asyncio.to_thread(server.certstore.list)
+        return web.json_response({"certificates": items, "problem": server.certificate_problem})
+
+    async def certificates_upload(request: web.Request) -> web.Response:
+        """CloudStack's uploadCustomCertificate fields, as JSON or URL-encoded form."""
+        store = server.certstore
+        if store is None:
+            return web.json_response({"error": "TLS is off on this proxy"}, status=404)
+        fields: dict[str, Any]
+        if request.content_type == "application/json":
+            try:
+                fields = await request.json()
+            except ValueError:
+                return web.json_response({"error": "body is not JSON"}, status=400)
+            if not isinstance(fields, dict):
+                return web.json_response({"error": "body must be a JSON object"}, status=400)
+        else:
+            fields = dict(await request.post())
+        try:
+            item = Item(
+                name=_text(fields, "name"),
+                id=int(_text(fields, "id")),
+                certificate=_text(fields, "certificate"),
+                private_key=_text(fields, "privatekey", required=False) or None,
+                domain_suffix=_text(fields, "domainsuffix", required=False) or None,
+            )
+        except (KeyError, ValueError) as exc:
+            return web.json_response({"error": str(exc).strip("'\"")}, status=400)
+        passphrase = _text(fields, "passphrase", required=False) or None
+        try:
+            result = await asyncio.to_thread(store.import_item, item, passphrase)
+        except CertificateError as exc:
+            return web.json_response({"error": str(exc), "item": exc.item}, status=400)
+        body = dataclasses.asdict(result)
+        if result.status == "live":
+            try:
+                body["serving"] = server.reload_certificates()
+            except CertificateError as exc:
+                return web.json_response({"error": str(exc), "item": item.name}, status=500)
+        return web.json_response(body)
+
     app = web.Application(middlewares=[auth], client_max_size=1024 * 1024)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/sessions", sessions)
     app.router.add_delete("/api/sessions/{id}", kill)
     app.router.add_post("/api/drain", drain)
+    app.router.add_get("/api/certificates", certificates_list)
+    app.router.add_post("/api/certificates", certificates_upload)
     return app

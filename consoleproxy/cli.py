@@ -44,6 +44,10 @@ def _port(text: str) -> int:
     return value
 
 
+def _port_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else _port(text)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -248,6 +252,72 @@ def cmd_dns_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store(args: argparse.Namespace) -> object:
+    from .certstore import CertStore
+
+    return CertStore(args.store)
+
+
+def cmd_certs_import(args: argparse.Namespace) -> int:
+    from .certstore import CertStore, Item
+
+    store = _store(args)
+    assert isinstance(store, CertStore)
+    passphrase = None
+    if args.passphrase_file is not None:
+        passphrase = args.passphrase_file.read_text(encoding="utf-8").rstrip("\r\n")
+    item = Item(
+        name=args.name,
+        id=args.id,
+        certificate=args.certificate.read_text(encoding="utf-8", errors="replace"),
+        private_key=(
+            args.private_key.read_text(encoding="utf-8", errors="replace") if args.private_key else None
+        ),
+        domain_suffix=args.domain_suffix,
+    )
+    result = store.import_item(item, passphrase)
+    for w in result.warnings:
+        sys.stderr.write(f"warning: {w}\n")
+    print(result.message)
+    return 0
+
+
+def cmd_certs_list(args: argparse.Namespace) -> int:
+    from .certstore import CertStore
+
+    store = _store(args)
+    assert isinstance(store, CertStore)
+    print(json.dumps(store.list(), indent=1))
+    return 0
+
+
+def cmd_certs_verify(args: argparse.Namespace) -> int:
+    from .certstore import CertStore
+
+    store = _store(args)
+    assert isinstance(store, CertStore)
+    keys = list(store.live_bundles())
+    if not keys:
+        raise UsageError(f"no live certificate bundle in {args.store}")
+    for key in keys:
+        bundle = store.verify(key)
+        print(f"{key}: ok, names {', '.join(bundle.names)}, valid until {bundle.not_after.isoformat()}")
+        for w in bundle.warnings:
+            print(f"  warning: {w}")
+    return 0
+
+
+def cmd_certs_rollback(args: argparse.Namespace) -> int:
+    from .certstore import CertStore
+
+    store = _store(args)
+    assert isinstance(store, CertStore)
+    meta = store.rollback(args.key)
+    print(f"rolled back: {json.dumps(meta)}")
+    print("reload a running proxy with SIGHUP")
+    return 0
+
+
 def cmd_loadbalancer_haproxy(args: argparse.Namespace) -> int:
     from .loadbalancer import haproxy_config, parse_backend
 
@@ -281,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="proxy + demo VNC server + development keyring; prints a URL")
-    p.add_argument("--port", type=_port, default=8443, help="public port (8443)")
+    p.add_argument(
+        "--port", type=_port_or_zero, default=8443, help="public port (8443; 0 = any free)"
+    )
     p.add_argument("--address", default="127.0.0.1", help="public address (127.0.0.1)")
     p.add_argument("--state-dir", default="demo-state", help="where the demo keeps its files")
     p.set_defaults(func=cmd_demo)
@@ -328,6 +400,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="configuration file for the [dns] section")
     p.set_defaults(func=cmd_dns_serve)
 
+    certs = sub.add_parser("certs", help="the TLS certificate store").add_subparsers(
+        dest="certs_command", required=True, parser_class=_Parser
+    )
+    p = certs.add_parser("import", help="add or replace one item (root, intermediate or server)")
+    p.add_argument("--store", default="certs", help="store directory (certs)")
+    p.add_argument("--name", required=True, help="item name, e.g. root1, intermed1, server")
+    p.add_argument(
+        "--id", required=True, type=_positive_int, help="1 root, 2.. intermediates, server last"
+    )
+    p.add_argument("--certificate", required=True, type=_existing_file, help="PEM certificate file")
+    p.add_argument("--private-key", type=_existing_file, help="PKCS#8 key file (server item only)")
+    p.add_argument("--passphrase-file", type=_existing_file, help="passphrase of an encrypted key")
+    p.add_argument("--domain-suffix", help="'*.consoleproxy.company.com' or an FQDN (server item)")
+    p.set_defaults(func=cmd_certs_import)
+    for verb, func, text in (
+        ("list", cmd_certs_list, "show items and live bundles (never keys)"),
+        ("verify", cmd_certs_verify, "check every live bundle"),
+        ("rollback", cmd_certs_rollback, "restore the previous bundle"),
+    ):
+        p = certs.add_parser(verb, help=text)
+        p.add_argument("--store", default="certs", help="store directory (certs)")
+        if verb == "rollback":
+            p.add_argument("--key", help="which bundle (its suffix or FQDN) when there are several")
+        p.set_defaults(func=func)
+
     lb = sub.add_parser("loadbalancer", help="load-balancer configuration").add_subparsers(
         dest="lb_command", required=True, parser_class=_Parser
     )
@@ -353,7 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     prog = "consoleproxy " + " ".join(
-        str(v) for k in ("command", "keys_command", "token_command", "dns_command", "lb_command")
+        str(v)
+        for k in ("command", "keys_command", "token_command", "dns_command", "lb_command", "certs_command")
         if (v := getattr(args, k, None))
     )
     try:

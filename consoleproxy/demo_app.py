@@ -23,7 +23,8 @@ def demo_config(state_dir: Path, *, host: str, port: int, vnc_port: int) -> Conf
     cfg = load_config(env={})
     cfg = replace(
         cfg,
-        listen={"address": host, "ports": [port], "tls": False},
+        listen={"address": host, "ports": [port], "tls": True},
+        tls={"store": str(state_dir / "certs")},
         admin={"address": "127.0.0.1", "port": 0, "key_file": str(state_dir / "admin.key")},
         tokens={"keyring": str(state_dir / "keys.json"), "ttl_seconds": 3600},
         targets={"allowed_cidrs": ["127.0.0.1/32"], "ports": f"{vnc_port}"},
@@ -55,7 +56,9 @@ async def start_demo(
         ttl=3600,
     )
     public_port = proxy.public_ports[0]
-    url = f"http://{host}:{public_port}/console?token={token}"
+    # The development certificate names localhost and 127.0.0.1.
+    shown = "localhost" if host in ("127.0.0.1", "localhost") else host
+    url = f"https://{shown}:{public_port}/console?token={token}"
     return proxy, vnc, url
 
 
@@ -64,6 +67,8 @@ async def run_demo(state_dir: Path, port: int, host: str) -> int:
     proxy, vnc, url = await start_demo(state_dir, host=host, port=port)
     print("consoleproxy demo is running.", flush=True)
     print(f"Console URL (valid for one hour, single use): {url}", flush=True)
+    if proxy.dev_ca is not None:
+        print(f"Development CA (trust it in your browser): {proxy.dev_ca}", flush=True)
     print(f"Admin API: http://127.0.0.1:{proxy.admin_port}/ (key in {state_dir / 'admin.key'})")
     print("Press Ctrl-C to stop.", flush=True)
     stop = asyncio.Event()

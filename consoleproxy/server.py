@@ -16,14 +16,16 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from . import rfb
-from .config import Config
+from .certstore import CertificateError, CertStore, SNIContexts
+from .config import Config, ConfigError
+from .devcert import ensure_dev_certificate
+from .dns import DnsServer, DnsSettings
 from .errors import (
     BackendAuthFailed,
     BackendUnreachable,
@@ -46,10 +48,9 @@ __all__ = ["ProxyServer", "run_forever"]
 log = logging.getLogger("consoleproxy")
 audit_log = logging.getLogger("consoleproxy.audit")
 
-SSLContextProvider = Callable[[], ssl.SSLContext | None]
-
 # WebSocket close reasons are limited to 123 bytes of UTF-8 (RFC 6455 5.5: control frames <= 125).
 _MAX_REASON = 123
+DEV_SUFFIX = "*.consoleproxy.local"
 
 
 def _reason(text: str) -> bytes:
@@ -67,12 +68,16 @@ class ProxyServer:
         cfg: Config,
         *,
         keyring: Keyring | None = None,
-        ssl_context: SSLContextProvider | None = None,
+        tls: SNIContexts | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics or Metrics()
-        self.ssl_context = ssl_context
+        # Certificates for the public listeners; set up in start() when [listen] tls is on.
+        self.tls = tls
+        self.certstore: CertStore | None = tls.store if tls else None
+        self.certificate_problem: str | None = None
+        self.dev_ca: Path | None = None
         if keyring is None:
             keyring = Keyring.load(cfg.path(cfg.tokens.keyring))
         self.replay = MemoryReplayStore()
@@ -101,6 +106,8 @@ class ProxyServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._relays: dict[str, Relay] = {}
         self.admin_key: str | None = None
+        self.dns: DnsServer | None = None
+        self._dns_settings = self._dns_config()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -146,10 +153,12 @@ class ProxyServer:
         from .admin import admin_app, load_or_create_admin_key
 
         lst = self.cfg.listen
+        if lst.tls and self.tls is None:
+            self.tls = await asyncio.to_thread(self._load_tls)
         runner = web.AppRunner(self.public_app(), access_log=None, handle_signals=False)
         await runner.setup()
         self._runners.append(runner)
-        ctx = self.ssl_context() if (lst.tls and self.ssl_context) else None
+        ctx = self.tls.context if (lst.tls and self.tls) else None
         for port in lst.ports:
             site = web.TCPSite(runner, lst.address, port, ssl_context=ctx, backlog=1024)
             await site.start()
@@ -162,6 +171,79 @@ class ProxyServer:
         await asite.start()
         self._admin_site = asite
         self._sweeper = asyncio.create_task(self._sweep())
+        if self._dns_settings is not None:
+            self.dns = DnsServer(self._dns_settings, self.metrics)
+            await self.dns.start()
+            log.info("DNS responder for %s on %s", self._dns_settings.zone, self.cfg.dns.listen)
+
+    def _dns_config(self) -> DnsSettings | None:
+        """Checked at construction so bad settings fail before anything binds."""
+        d = self.cfg.dns
+        if not d.enabled:
+            return None
+        try:
+            settings = DnsSettings(
+                zone=d.zone,
+                listen=d.listen,
+                ttl=d.ttl,
+                nameservers=tuple(d.nameservers),
+                apex_addresses=tuple(d.apex_addresses),
+                public_ranges=tuple(d.public_ranges),
+                rate_limit_qps=d.rate_limit_qps,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"[dns] {exc}") from None
+        return settings
+
+    # --- certificates ----------------------------------------------------------------------
+
+    def _load_tls(self) -> SNIContexts:
+        """The store's live bundles; a development CA and wildcard when the store has none."""
+        t = self.cfg.tls
+        store = CertStore(self.cfg.path(t.store))
+        name = t.fqdn or t.domain_suffix or None
+        if not store.live_bundles():
+            self.dev_ca = ensure_dev_certificate(store.directory, t.domain_suffix or DEV_SUFFIX)
+            log.warning("no certificate configured: serving a development certificate; "
+                        "trust this CA in the browser: %s", self.dev_ca)
+        self.certstore = store
+        sni = SNIContexts(store, default_key=name)
+        self._certificate_state()
+        return sni
+
+    def _certificate_state(self) -> None:
+        """Refresh the expiry metric and readiness from the store's live bundles."""
+        store = self.certstore
+        if store is None:
+            return
+        problem = None
+        keys = list(store.live_bundles())
+        if not keys:
+            problem = "no usable certificate"
+        for key in keys:
+            try:
+                bundle = store.verify(key)
+            except CertificateError as exc:
+                problem = f"certificate {key}: {exc}"
+                continue
+            self.metrics.certificate_expiry_timestamp_seconds.labels(key).set(
+                bundle.not_after.timestamp()
+            )
+        self.certificate_problem = problem
+
+    def reload_certificates(self) -> list[str]:
+        """Use the store's current live bundles for new handshakes; on error keep the old ones."""
+        if self.tls is None:
+            return []
+        try:
+            keys = self.tls.reload()
+        except CertificateError as exc:
+            log.error("certificate reload failed; keeping the current certificates: %s", exc)
+            raise
+        finally:
+            self._certificate_state()
+        log.info("certificates reloaded: %s", ", ".join(keys))
+        return keys
 
     @staticmethod
     def _site_port(site: web.TCPSite) -> int:
@@ -187,6 +269,8 @@ class ProxyServer:
                 await self._sweeper
         for s in list(self.registry):
             s.close(1001, "proxy shutting down")
+        if self.dns is not None:
+            await self.dns.close()
         for r in self._runners:
             await r.cleanup()
         self._runners.clear()
@@ -200,6 +284,8 @@ class ProxyServer:
     def not_ready_reason(self) -> str | None:
         if self.draining:
             return "draining"
+        if self.cfg.listen.tls and self.certificate_problem:
+            return self.certificate_problem
         if self.registry.at_capacity():
             return "at capacity"
         return None
@@ -500,6 +586,11 @@ def _result_label(result: str) -> str:
     return "error"
 
 
+def _reload_quietly(server: ProxyServer) -> None:
+    with contextlib.suppress(CertificateError):  # logged; the old certificates stay
+        server.reload_certificates()
+
+
 async def run_forever(cfg: Config) -> int:
     logging.basicConfig(level=cfg.log.level.upper(), format="%(asctime)s %(name)s %(message)s")
     server = ProxyServer(cfg)
@@ -511,6 +602,7 @@ async def run_forever(cfg: Config) -> int:
     # SIGTERM drains (the way orchestrators stop a service); SIGINT stops at once.
     loop.add_signal_handler(signal.SIGTERM, server.start_drain)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_quietly, server)
     waits = [asyncio.ensure_future(server.drained.wait()), asyncio.ensure_future(stop.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for w in waits:

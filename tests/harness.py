@@ -43,6 +43,7 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
         "admin": {"address": "127.0.0.1", "port": 0, "key_file": str(tmp_path / "admin.key")},
         "tokens": {"keyring": str(tmp_path / "keys.json")},
         "targets": {"allowed_cidrs": ["127.0.0.1/32"], "ports": "1-65535"},
+        "tls": {"store": str(tmp_path / "certs")},
     }
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
@@ -59,7 +60,8 @@ class Proxy:
         return self.server.public_ports[0]
 
     def url(self, token: str, path: str = "/websockify") -> str:
-        return f"ws://127.0.0.1:{self.port}{path}?token={token}"
+        scheme = "wss" if self.server.cfg.listen.tls else "ws"
+        return f"{scheme}://127.0.0.1:{self.port}{path}?token={token}"
 
     def token(self, host: str = "127.0.0.1", port: int = 5900, **kw: Any) -> str:
         kw.setdefault("vm", "vm-1")
