@@ -105,6 +105,8 @@ class Listen:
     address: str = field(default="0.0.0.0", metadata=_opt())
     ports: list[int] = field(default_factory=lambda: [443], metadata=_opt(_ports))
     tls: bool = field(default=True, metadata=_opt())
+    # A plain-HTTP port that only redirects to HTTPS (e.g. 80); 0 = none.
+    redirect_http_port: int = field(default=0, metadata=_opt(_range(0, 65535)))
 
 
 @dataclass(frozen=True)

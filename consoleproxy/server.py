@@ -22,8 +22,9 @@ from typing import Any
 from aiohttp import web
 
 from . import rfb
-from .certstore import CertificateError, CertStore, SNIContexts
+from .certstore import CertificateError, CertStore, SNIContexts, bundle_key
 from .config import Config, ConfigError
+from .devcert import CA_FILE as DEV_CA_FILE
 from .devcert import ensure_dev_certificate
 from .dns import DnsServer, DnsSettings
 from .errors import (
@@ -88,6 +89,8 @@ class ProxyServer:
             single_use=cfg.tokens.single_use,
         )
         self.targets = TargetPolicy.from_config(cfg.targets.allowed_cidrs, cfg.targets.ports)
+        # Built once: a missing or bad CA file is a configuration error at start, not per console.
+        self._backend_tls = self._backend_tls_context()
         lim = cfg.limits
         self.registry = Registry(
             max_sessions=lim.max_sessions,
@@ -163,6 +166,12 @@ class ProxyServer:
             site = web.TCPSite(runner, lst.address, port, ssl_context=ctx, backlog=1024)
             await site.start()
             self._sites.append(site)
+        if lst.tls and lst.redirect_http_port:
+            rrunner = web.AppRunner(self._redirect_app(), access_log=None, handle_signals=False)
+            await rrunner.setup()
+            self._runners.append(rrunner)
+            self._redirect_site = web.TCPSite(rrunner, lst.address, lst.redirect_http_port)
+            await self._redirect_site.start()
         self.admin_key = load_or_create_admin_key(self.cfg.path(self.cfg.admin.key_file))
         arunner = web.AppRunner(admin_app(self, self.admin_key), access_log=None)
         await arunner.setup()
@@ -195,6 +204,21 @@ class ProxyServer:
             raise ConfigError(f"[dns] {exc}") from None
         return settings
 
+    def _redirect_app(self) -> web.Application:
+        """Plain HTTP that only sends browsers to the HTTPS listener (same host, path, query)."""
+
+        async def redirect(request: web.Request) -> web.Response:
+            host = request.url.raw_host or "localhost"
+            if ":" in host:  # IPv6 literal
+                host = f"[{host}]"
+            port = self.public_ports[0]
+            netloc = host if port == 443 else f"{host}:{port}"
+            raise web.HTTPMovedPermanently(f"https://{netloc}{request.raw_path}")
+
+        app = web.Application(client_max_size=1024)
+        app.router.add_route("*", "/{tail:.*}", redirect)
+        return app
+
     # --- certificates ----------------------------------------------------------------------
 
     def _load_tls(self) -> SNIContexts:
@@ -202,8 +226,12 @@ class ProxyServer:
         t = self.cfg.tls
         store = CertStore(self.cfg.path(t.store))
         name = t.fqdn or t.domain_suffix or None
-        if not store.live_bundles():
+        live = store.live_bundles()
+        if not live:
             self.dev_ca = ensure_dev_certificate(store.directory, t.domain_suffix or DEV_SUFFIX)
+        elif bundle_key(t.domain_suffix or DEV_SUFFIX) in live and (store.directory / DEV_CA_FILE).is_file():
+            self.dev_ca = store.directory / DEV_CA_FILE  # made by an earlier start
+        if self.dev_ca is not None:
             log.warning("no certificate configured: serving a development certificate; "
                         "trust this CA in the browser: %s", self.dev_ca)
         self.certstore = store
@@ -349,6 +377,10 @@ class ProxyServer:
             await ws.close(code=1002, message=_reason(f"RFB protocol error: {exc}"))
         except ConnectionError:
             result = "client closed"  # the browser went away mid-handshake; nothing to tell it
+        except OSError as exc:  # e.g. a TLS alert from the VNC server after the handshake
+            result = "error"
+            log.warning("console for %s ended by a socket error: %s", client_ip, exc)
+            await ws.close(code=1011, message=_reason("connection to the VNC server failed"))
         finally:
             if writer is not None:
                 writer.close()
@@ -417,7 +449,14 @@ class ProxyServer:
             for ev in backend.events():
                 if isinstance(ev, rfb.StartTLS):
                     await writer.drain()
-                    await writer.start_tls(self._backend_tls_context())
+                    try:
+                        await writer.start_tls(self._backend_tls)
+                    except ssl.SSLCertVerificationError as exc:
+                        raise BackendAuthFailed(
+                            f"VNC server's TLS certificate is not trusted: {exc.verify_message}"
+                        ) from None
+                    except OSError as exc:  # other TLS failures, or a reset during the handshake
+                        raise BackendUnreachable(f"TLS handshake with the VNC server failed: {exc}") from None
                     backend.tls_started()
                     out = backend.data_to_send()
                     if out:
@@ -452,7 +491,11 @@ class ProxyServer:
 
     def _backend_tls_context(self) -> ssl.SSLContext:
         t = self.cfg.targets
-        ctx = ssl.create_default_context(cafile=self.cfg.path(t.vnc_ca_file) if t.vnc_ca_file else None)
+        cafile = self.cfg.path(t.vnc_ca_file) if t.vnc_ca_file else None
+        try:
+            ctx = ssl.create_default_context(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"[targets] vnc_ca_file: cannot load {cafile}: {exc}") from None
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if t.insecure:
             ctx.check_hostname = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ from websockets.exceptions import ConnectionClosed
 from consoleproxy.config import Config, load_config, replace
 from consoleproxy.server import ProxyServer
 from consoleproxy.tokens import Keyring, issue
+
+# Set by a test module's fixture to run its consoles over TLS (the proxy's development CA trusted).
+TLS_BY_DEFAULT = False
+_client_ssl: ssl.SSLContext | None = None
 
 
 def free_port(lo: int = 5900, hi: int = 6999) -> int:
@@ -45,6 +50,8 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
         "targets": {"allowed_cidrs": ["127.0.0.1/32"], "ports": "1-65535"},
         "tls": {"store": str(tmp_path / "certs")},
     }
+    if TLS_BY_DEFAULT:
+        base["listen"]["tls"] = True
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     return replace(cfg, **base)
@@ -63,6 +70,16 @@ class Proxy:
         scheme = "wss" if self.server.cfg.listen.tls else "ws"
         return f"{scheme}://127.0.0.1:{self.port}{path}?token={token}"
 
+    @property
+    def http_base(self) -> str:
+        return f"{'https' if self.server.cfg.listen.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def client_ssl(self) -> ssl.SSLContext | None:
+        """A client context trusting the development CA, when the proxy made one."""
+        ca = self.server.dev_ca
+        return ssl.create_default_context(cafile=str(ca)) if ca is not None else None
+
     def token(self, host: str = "127.0.0.1", port: int = 5900, **kw: Any) -> str:
         kw.setdefault("vm", "vm-1")
         return issue(self.keyring, host=host, port=port, **kw)
@@ -80,10 +97,13 @@ class Proxy:
 async def running_proxy(tmp_path: Path, **sections: dict[str, Any]) -> AsyncIterator[Proxy]:
     cfg = make_config(tmp_path, **sections)
     keyring = Keyring.generate()
+    global _client_ssl
     server = ProxyServer(cfg, keyring=keyring)
     await server.start()
+    proxy = Proxy(server, keyring)
+    _client_ssl = proxy.client_ssl
     try:
-        yield Proxy(server, keyring)
+        yield proxy
     finally:
         await server.close()
 
@@ -102,6 +122,8 @@ class RFBClient:
     async def connect(
         cls, url: str, *, subprotocols: list[str] | None = None, **kw: Any
     ) -> AsyncIterator[RFBClient]:
+        if url.startswith("wss:") and "ssl" not in kw and _client_ssl is not None:
+            kw["ssl"] = _client_ssl
         async with websockets.connect(
             url,
             subprotocols=subprotocols,  # type: ignore[arg-type]

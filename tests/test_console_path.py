@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 import aiohttp
+import harness
 import pytest
 from harness import (
     RFBClient,
@@ -24,6 +25,13 @@ from harness import (
 )
 
 from consoleproxy.rfb import vnc_auth_response
+
+
+@pytest.fixture(autouse=True, params=["plain", "tls"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every console-path test runs over plain WebSocket and over TLS (dev CA trusted)."""
+    monkeypatch.setattr(harness, "TLS_BY_DEFAULT", request.param == "tls")
+    return str(request.param)
 
 
 async def test_echo_round_trip_and_subprotocols(tmp_path: Path) -> None:
@@ -121,7 +129,7 @@ async def test_token_errors_close_codes(tmp_path: Path) -> None:
         good = p.token(port=port)
         tampered = good[:-3] + ("A" if good[-3] != "A" else "B") + good[-2:]
         assert (await expect_close(p.url(tampered)))[0] == 4001
-        assert (await expect_close(f"ws://127.0.0.1:{p.port}/websockify"))[0] == 4001
+        assert (await expect_close(p.url("").partition("?")[0]))[0] == 4001
         assert (await expect_close(p.url("not-a-token")))[0] == 4001
         assert (await expect_close(p.url(p.token(port=port, ttl=1, now=0))))[0] == 4002
         async with RFBClient.connect(p.url(good)) as c:
@@ -290,7 +298,7 @@ async def test_limits_and_policies(tmp_path: Path) -> None:
             await connect_echo(b)
             code, reason = await expect_close(p.url(p.token(port=port, vm="c")))
             assert code == 4008 and "limit of 2" in reason
-            ready = await aiohttp_get(f"http://127.0.0.1:{p.port}/readyz")
+            ready = await aiohttp_get(p.http_base + "/readyz")
             assert ready[0] == 503 and ready[1]["reason"] == "at capacity"
 
     async with running_proxy(tmp_path, limits={"per_vm_policy": "replace"}) as p, tcp_server(
@@ -321,7 +329,8 @@ async def test_limits_and_policies(tmp_path: Path) -> None:
 
 
 async def aiohttp_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, object]]:
-    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as r:
+    ctx = harness._client_ssl if url.startswith("https:") else None
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers, ssl=ctx or True) as r:
         return r.status, await r.json()
 
 
@@ -369,13 +378,14 @@ async def test_admin_list_kill_metrics_and_audit(
 
 async def test_healthz_and_admin_not_on_public(tmp_path: Path) -> None:
     async with running_proxy(tmp_path) as p:
-        status, body = await aiohttp_get(f"http://127.0.0.1:{p.port}/healthz")
+        status, body = await aiohttp_get(p.http_base + "/healthz")
         assert status == 200 and body == {"status": "ok"}
-        status, body = await aiohttp_get(f"http://127.0.0.1:{p.port}/readyz")
+        status, body = await aiohttp_get(p.http_base + "/readyz")
         assert status == 200
         async with aiohttp.ClientSession() as http:
             for path in ("/metrics", "/api/sessions"):
-                async with http.get(f"http://127.0.0.1:{p.port}{path}", headers=p.admin_headers) as r:
+                async with http.get(p.http_base + path, headers=p.admin_headers,
+                                    ssl=p.client_ssl or True) as r:
                     assert r.status == 404
 
 

@@ -167,6 +167,7 @@ async def test_renewal_mid_session_loses_no_bytes(tmp_path: Path) -> None:
             await connect_echo(c)
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 async def test_tls_versions_below_1_2_refused(tmp_path: Path) -> None:
     async with running_proxy(tmp_path, listen={"tls": True}) as p:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -280,3 +281,18 @@ def test_certs_cli_errors(tmp_path: Path) -> None:
         timeout=60,
     )
     assert r.returncode == 2 and "no live certificate bundle" in r.stderr
+
+
+async def test_http_port_only_redirects_to_https(tmp_path: Path) -> None:
+    from harness import free_port
+
+    http_port = free_port(20000, 30000)
+    async with running_proxy(tmp_path, listen={"tls": True, "redirect_http_port": http_port}) as p:
+        async with aiohttp.ClientSession() as http:
+            url = f"http://localhost:{http_port}/console?token=a+b/c=="
+            async with http.get(url, allow_redirects=False) as r:
+                assert r.status == 301
+                assert r.headers["Location"] == f"https://localhost:{p.port}/console?token=a+b/c=="
+            # the plain port serves nothing else: no WebSocket, no health, no page
+            async with http.get(f"http://localhost:{http_port}/websockify", allow_redirects=False) as r:
+                assert r.status == 301

@@ -1,0 +1,27 @@
+"""`make bench`: every benchmark we have, each writing bench/results/<name>.json.
+
+Today: the DNS responder's queries per second (bench/dns_bench.py). The relay benchmarks against
+websockify and raw TCP are still to come (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    benches = [["dns_bench.py"]]
+    for args in benches:
+        print(f"== {args[0]}", flush=True)
+        rc = subprocess.run([sys.executable, str(HERE / args[0]), *args[1:]], check=False).returncode
+        if rc:
+            return rc
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
