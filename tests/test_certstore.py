@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from harness import running_proxy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -175,7 +176,9 @@ async def test_guide_plain_pkcs8_goes_live_and_serves_tls(guide: OpensslPKI, tmp
     assert chain_path.read_text().count("BEGIN CERTIFICATE") == 2
     assert key_path.stat().st_mode & 0o777 == 0o600
 
-    async with tls_server(make_ssl_context(chain_path, key_path)) as port:
+    # The real proxy's public listener serving this store (not a bare TLS server).
+    async with running_proxy(tmp_path, listen={"tls": True}, tls={"store": str(store.directory)}) as p:
+        port = p.port
         proc = await asyncio.create_subprocess_exec(
             "openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", HOST,
             "-verify_hostname", HOST, "-CAfile", str(guide.dir / "root.pem"),
