@@ -5,7 +5,9 @@
 #   Runs `npm ci` (or `npm install` without a lock file) when it is missing or not the pinned version.
 # - Debian's chromium, for tests/test_page.py (Playwright drives /usr/bin/chromium; no
 #   `playwright install`): as root and missing, apt-get update then apt-get install -y.
-# Under CI=true a missing node/npm or chromium fails the run; elsewhere it is a warning (the
+# - certutil (Debian libnss3-tools), with which the HTTPS page tests make an NSS database that
+#   trusts the test CA for chromium (never --ignore-certificate-errors): installed the same way.
+# Under CI=true a missing node/npm, chromium or certutil fails the run; elsewhere it is a warning (the
 # page tests then skip with the command that installs what is missing).
 set -euo pipefail
 
@@ -67,6 +69,15 @@ if ! [ -x /usr/bin/chromium ]; then
 fi
 if ! [ -x /usr/bin/chromium ]; then
   problems+=("chromium (apt-get install chromium) for the browser tests")
+fi
+
+# --- certutil (NSS tools), for the HTTPS page tests ----------------------------------------
+
+if ! command -v certutil >/dev/null 2>&1; then
+  apt_install libnss3-tools || true
+fi
+if ! command -v certutil >/dev/null 2>&1; then
+  problems+=("certutil (apt-get install libnss3-tools) for the HTTPS browser tests")
 fi
 
 # A Korean font, so that screenshots in tests/artifacts/ show Hangul instead of boxes (optional:

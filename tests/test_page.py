@@ -3,21 +3,30 @@ real QEMU and the embedded demo VNC server behind it (issue 4; DESIGN.md 5 and 8
 
 Playwright's own browser downloads are never used (`playwright install` is not run): the tests
 launch /usr/bin/chromium, which scripts/setup-page.sh installs from Debian.
+
+Every test runs twice: over plain HTTP and over HTTPS (`listen.tls`). Over HTTPS the browser trusts
+the proxy's development CA the way a user would, through an NSS database (certutil, from Debian's
+libnss3-tools) in a temporary $HOME/.pki/nssdb, never with --ignore-certificate-errors; the pages
+are opened as https://localhost:PORT so that the name matches the development certificate.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import re
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import require_tool
 from harness import Proxy, free_port, running_proxy
-from playwright.async_api import ConsoleMessage, Page, Response, WebSocket, async_playwright
+from playwright.async_api import ConsoleMessage, Error, Page, Response, WebSocket, async_playwright
 from playwright.async_api import expect as pw_expect
 
 from consoleproxy.demo import CutText, DemoVncServer, ExtendedKeyEvent, KeyEvent
@@ -56,6 +65,87 @@ MESSAGES = {
 }
 HANGUL = re.compile(r"[\uac00-\ud7a3\u3131-\u318e]")
 LATIN = re.compile(r"[A-Za-z]")
+
+
+# --- HTTPS: the development CA, trusted through an NSS database ------------------------------
+
+
+class NssTrust:
+    """A temporary HOME (one per test session) whose $HOME/.pki/nssdb trusts the development CAs.
+
+    Each TLS proxy starts with an empty store in its test's tmp_path, so it makes its own development
+    CA; that CA is added here before the test launches chromium, which reads the database at start.
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.db = f"sql:{home / '.pki' / 'nssdb'}"
+        self.trusted: set[str] = set()
+        self.certutil = require_tool("certutil", "libnss3-tools")
+        (home / ".pki" / "nssdb").mkdir(parents=True)
+        self._run("-N", "--empty-password")
+
+    def _run(self, *args: str) -> str:
+        out = subprocess.run([self.certutil, "-d", self.db, *args], capture_output=True, text=True,
+                             timeout=30, check=False)
+        assert out.returncode == 0, f"certutil {args}: {out.stdout}{out.stderr}"
+        return out.stdout
+
+    def trust(self, ca: Path) -> None:
+        """Add ``ca`` as a trusted CA for TLS servers ("C,,"), once."""
+        digest = hashlib.sha256(ca.read_bytes()).hexdigest()
+        if digest in self.trusted:
+            return
+        nick = "consoleproxy-test" if not self.trusted else f"consoleproxy-test-{digest[:12]}"
+        self._run("-A", "-t", "C,,", "-n", nick, "-i", str(ca))
+        assert nick in self._run("-L")
+        self.trusted.add(digest)
+
+
+@pytest.fixture(scope="session")
+def nss_trust(tmp_path_factory: pytest.TempPathFactory) -> NssTrust:
+    return NssTrust(tmp_path_factory.mktemp("home"))
+
+
+@dataclass
+class Web:
+    """How a test serves the page: plain HTTP, or HTTPS with the CA trusted by the browser."""
+
+    tmp_path: Path
+    nss: NssTrust | None
+
+    @contextlib.asynccontextmanager
+    async def proxy(self) -> AsyncIterator[Proxy]:
+        if self.nss is None:
+            async with running_proxy(self.tmp_path) as p:
+                yield p
+            return
+        async with running_proxy(self.tmp_path, listen={"tls": True}) as p:
+            assert p.server.dev_ca is not None, "TLS with an empty store must make a development CA"
+            self.nss.trust(p.server.dev_ca)
+            yield p
+
+    def browser(self, p: Proxy, locale: str = "en-US") -> contextlib.AbstractAsyncContextManager[Browser]:
+        return browser(p, locale, home=self.nss.home if self.nss is not None else None)
+
+
+@pytest.fixture(params=["plain", "tls"])
+def web(request: pytest.FixtureRequest, tmp_path: Path) -> Web:
+    require_tool("chromium", "chromium")
+    if request.param == "plain":
+        return Web(tmp_path, None)
+    return Web(tmp_path, request.getfixturevalue("nss_trust"))
+
+
+def origin(p: Proxy) -> str:
+    """The page's origin: https://localhost (a name on the development certificate) over TLS."""
+    if p.server.cfg.listen.tls:
+        return f"https://localhost:{p.port}"
+    return f"http://127.0.0.1:{p.port}"
+
+
+def ws_origin(p: Proxy) -> str:
+    return "ws" + origin(p).removeprefix("http")
 
 
 # --- the browser ------------------------------------------------------------------------------
@@ -108,15 +198,18 @@ class Browser:
 
 
 @contextlib.asynccontextmanager
-async def browser(p: Proxy, locale: str = "en-US") -> AsyncIterator[Browser]:
+async def browser(p: Proxy, locale: str = "en-US", home: Path | None = None) -> AsyncIterator[Browser]:
+    """Chromium on a page of ``p``; with ``home`` as HOME (whose .pki/nssdb holds the trust)."""
     chromium = require_tool("chromium", "chromium")
+    env = {**os.environ, "HOME": str(home)} if home is not None else None
     async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, timeout=30_000)
+        b = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, env=env,
+                                     timeout=30_000)
         try:
             ctx = await b.new_context(locale=locale, viewport={"width": 1100, "height": 640})
             page = await ctx.new_page()
             page.set_default_timeout(TIMEOUT_MS)
-            br = Browser(page, f"http://127.0.0.1:{p.port}")
+            br = Browser(page, origin(p))
             page.on("console", br._console)
             page.on("pageerror", lambda exc: br.errors.append(f"pageerror: {exc}"))
             page.on("request", lambda req: br.requests.append(req.url))
@@ -130,7 +223,7 @@ async def browser(p: Proxy, locale: str = "en-US") -> AsyncIterator[Browser]:
 
 def console_url(p: Proxy, token: str, **params: str) -> str:
     query = "&".join([f"token={token}", *(f"{k}={v}" for k, v in params.items())])
-    return f"http://127.0.0.1:{p.port}/console?{query}"
+    return f"{origin(p)}/console?{query}"
 
 
 CANVAS_NOT_UNIFORM = """() => {
@@ -192,11 +285,10 @@ HELLO_KEYS = [
 # --- tests ------------------------------------------------------------------------------------
 
 
-async def test_page_shows_qemu_screen(tmp_path: Path) -> None:
+async def test_page_shows_qemu_screen(web: Web) -> None:
     from test_real_vnc import qemu
 
-    require_tool("chromium", "chromium")
-    async with qemu(tmp_path) as port, running_proxy(tmp_path) as p, browser(p) as br:
+    async with qemu(web.tmp_path) as port, web.proxy() as p, web.browser(p) as br:
         token = p.token(port=port, name="web-01")
         await br.page.goto(console_url(p, token, language="en", name="web-01"))
         await br.wait_state("connected")
@@ -218,9 +310,8 @@ async def test_page_shows_qemu_screen(tmp_path: Path) -> None:
         br.assert_clean()
 
 
-async def test_type_text_and_key_buttons_reach_the_server(tmp_path: Path) -> None:
-    require_tool("chromium", "chromium")
-    async with demo_server() as demo, running_proxy(tmp_path) as p, browser(p) as br:
+async def test_type_text_and_key_buttons_reach_the_server(web: Web) -> None:
+    async with demo_server() as demo, web.proxy() as p, web.browser(p) as br:
         await br.page.goto(console_url(p, p.token(port=demo.port, password=demo.password),
                                        language="en"))
         await br.wait_state("connected")
@@ -280,9 +371,8 @@ async def test_type_text_and_key_buttons_reach_the_server(tmp_path: Path) -> Non
         br.assert_clean()
 
 
-async def test_refusals_in_korean_and_english(tmp_path: Path) -> None:
-    require_tool("chromium", "chromium")
-    async with running_proxy(tmp_path) as p, browser(p) as br:
+async def test_refusals_in_korean_and_english(web: Web) -> None:
+    async with web.proxy() as p, web.browser(p) as br:
         dead_port = free_port()  # nothing listens there: the proxy answers 4010
         for lang in ("ko", "en"):
             expired = p.token(port=dead_port, ttl=60, now=int(time.time()) - 3600)
@@ -308,16 +398,15 @@ async def test_refusals_in_korean_and_english(tmp_path: Path) -> None:
         br.assert_clean()
 
 
-async def test_cloudstack_path_and_raw_query(tmp_path: Path) -> None:
-    require_tool("chromium", "chromium")
-    async with demo_server() as demo, running_proxy(tmp_path) as p, browser(p, locale="ko-KR") as br:
+async def test_cloudstack_path_and_raw_query(web: Web) -> None:
+    async with demo_server() as demo, web.proxy() as p, web.browser(p, locale="ko-KR") as br:
         token = p.token(port=demo.port, password=demo.password)
-        base = f"http://127.0.0.1:{p.port}/resource/noVNC/vnc.html"
+        base = f"{origin(p)}/resource/noVNC/vnc.html"
         await br.page.goto(f"{base}?autoconnect=true&port={p.port}&token={token}&show_dot=true")
         await br.wait_state("connected")
         # No language= here: the browser's (ko-KR) picks Korean.
         assert (await br.status()).endswith("연결됨")
-        assert br.websockets[-1] == f"ws://127.0.0.1:{p.port}/websockify?token={token}"
+        assert br.websockets[-1] == f"{ws_origin(p)}/websockify?token={token}"
 
         # CloudStack tokens carry "+", "/" and "=": forwarded exactly as in the page's URL, with
         # extra=; the proxy refuses this one as invalid (4001) and the page says so.
@@ -325,14 +414,13 @@ async def test_cloudstack_path_and_raw_query(tmp_path: Path) -> None:
         await br.page.goto(f"{base}?autoconnect=true&port={p.port}&token={fake}&extra={extra}"
                            "&language=en")
         await br.wait_state("disconnected")
-        assert br.websockets[-1] == f"ws://127.0.0.1:{p.port}/websockify?token={fake}&extra={extra}"
+        assert br.websockets[-1] == f"{ws_origin(p)}/websockify?token={fake}&extra={extra}"
         assert await br.status() == MESSAGES[("en", 4001)]
         br.assert_clean()
 
 
-async def test_view_only_hides_input_controls(tmp_path: Path) -> None:
-    require_tool("chromium", "chromium")
-    async with demo_server() as demo, running_proxy(tmp_path) as p, browser(p) as br:
+async def test_view_only_hides_input_controls(web: Web) -> None:
+    async with demo_server() as demo, web.proxy() as p, web.browser(p) as br:
         token = p.token(port=demo.port, password=demo.password, view_only=True, name="ro-vm")
         await br.page.goto(console_url(p, token, language="en", view_only="1", name="ro-vm"))
         await br.wait_state("connected")
@@ -350,11 +438,10 @@ async def test_view_only_hides_input_controls(tmp_path: Path) -> None:
         br.assert_clean()
 
 
-async def test_strings_complete_in_both_languages(tmp_path: Path) -> None:
+async def test_strings_complete_in_both_languages(web: Web) -> None:
     """Every string exists in Korean and English, and the help explains scan codes."""
-    require_tool("chromium", "chromium")
-    async with running_proxy(tmp_path) as p, browser(p) as br:
-        await br.page.goto(f"http://127.0.0.1:{p.port}/console?language=en")  # no token
+    async with web.proxy() as p, web.browser(p) as br:
+        await br.page.goto(f"{origin(p)}/console?language=en")  # no token
         await br.wait_state("error")
         keys = await br.page.evaluate(
             "import('/static/i18n.js').then(m => [Object.keys(m.STRINGS.en).sort(),"
@@ -368,3 +455,23 @@ async def test_strings_complete_in_both_languages(tmp_path: Path) -> None:
         assert "scan code" in help_text and "QEMU" in help_text
         assert "token" in await br.status()
         br.assert_clean()
+
+
+async def test_https_page_fails_without_the_trusted_ca(tmp_path: Path, nss_trust: NssTrust) -> None:
+    """The trust is real: the same HTTPS page fails in a browser whose HOME has no NSS database,
+    and loads in one whose NSS database trusts the development CA."""
+    require_tool("chromium", "chromium")
+    web = Web(tmp_path, nss_trust)
+    untrusting = tmp_path / "fresh-home"
+    untrusting.mkdir()
+    async with web.proxy() as p:
+        url = f"{origin(p)}/console?language=en"
+        assert url.startswith("https://localhost:")
+        async with browser(p, home=untrusting) as br:
+            with pytest.raises(Error, match=r"net::ERR_CERT_AUTHORITY_INVALID"):
+                await br.page.goto(url)
+        async with web.browser(p) as br:
+            resp = await br.page.goto(url)
+            assert resp is not None and resp.ok
+            await br.wait_state("error")  # loaded: no token, the page says so
+            br.assert_clean()
