@@ -86,6 +86,10 @@ _CERT_LABELS = ("CERTIFICATE", "X509 CERTIFICATE")
 _KEY_LABELS = ("PRIVATE KEY", "ENCRYPTED PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY")
 
 
+# The item name devcert uses for its server certificate; a real upload for the same suffix replaces it.
+DEV_SERVER_ITEM = "dev-server"
+
+
 class CertificateError(ConsoleProxyError):
     """A certificate, key or bundle is unusable; ``item`` names the failing item (None: the set)."""
 
@@ -891,6 +895,8 @@ class CertStore:
         waiting: list[str] = []
         if stored.private_key is not None:
             for other in servers:
+                if other.name == DEV_SERVER_ITEM != stored.name:
+                    continue  # a development certificate gives way to the first real one
                 if other.name != stored.name and other.domain_suffix == stored.domain_suffix:
                     raise _err(
                         stored.name,
@@ -919,6 +925,12 @@ class CertStore:
                     waiting.append(f"issuer of item {name!r} ('{_dn(cert.issuer)}')")
 
         went_live = self._commit(stored, existing.get(stored.name), built, now)
+        if went_live and stored.private_key is not None and stored.name != DEV_SERVER_ITEM:
+            dev = self.items_dir / f"{DEV_SERVER_ITEM}.json"
+            if dev.exists() and DEV_SERVER_ITEM in existing and (
+                existing[DEV_SERVER_ITEM].domain_suffix == stored.domain_suffix
+            ):
+                dev.unlink()
         warnings = list(dict.fromkeys(warnings))
         if went_live:
             keys = ", ".join(repr(m["key"]) for m in went_live)

@@ -52,6 +52,7 @@ audit_log = logging.getLogger("consoleproxy.audit")
 # WebSocket close reasons are limited to 123 bytes of UTF-8 (RFC 6455 5.5: control frames <= 125).
 _MAX_REASON = 123
 DEV_SUFFIX = "*.consoleproxy.local"
+CERT_RECHECK_SECONDS = 60.0
 
 
 def _reason(text: str) -> bytes:
@@ -566,9 +567,14 @@ class ProxyServer:
         life = lim.max_lifetime_seconds
         shortest = min(x for x in (idle, life, 50.0) if x > 0)
         interval = min(max(shortest / 10, 0.05), 5.0)
+        next_cert_check = time.monotonic() + CERT_RECHECK_SECONDS
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
+            if self.certstore is not None and now >= next_cert_check:
+                # A certificate can expire while we run: readiness and the metric must notice.
+                next_cert_check = now + CERT_RECHECK_SECONDS
+                await asyncio.to_thread(self._certificate_state)
             for s in self.registry:
                 if s.closer is None:
                     continue

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from certutil_helpers import SUFFIX, make_cert, make_chain, now
+from cryptography.hazmat.primitives import serialization
 from harness import RFBClient, connect_echo, echo_backend, running_proxy, tcp_server
 
 from consoleproxy.tokens import Keyring
@@ -296,3 +297,55 @@ async def test_http_port_only_redirects_to_https(tmp_path: Path) -> None:
             # the plain port serves nothing else: no WebSocket, no health, no page
             async with http.get(f"http://localhost:{http_port}/websockify", allow_redirects=False) as r:
                 assert r.status == 301
+
+
+async def test_readyz_fails_when_the_live_certificate_expires(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import consoleproxy.server as server_mod
+
+    monkeypatch.setattr(server_mod, "CERT_RECHECK_SECONDS", 0.2)
+    chain = make_chain()
+    short = make_cert(
+        SUFFIX,
+        issuer=chain.inter,
+        sans=[SUFFIX],
+        not_before=now() - dt.timedelta(days=1),
+        not_after=now() + dt.timedelta(seconds=2),
+    )
+    async with running_proxy(tmp_path, listen={"tls": True}, tls={"domain_suffix": SUFFIX}) as p:
+        for f in (
+            fields("root1", 1, chain.root.pem),
+            fields("intermed1", 2, chain.inter.pem),
+            fields("server", 3, short.pem, short.key_pem(), SUFFIX),
+        ):
+            status, body = await upload(p, f)
+            assert status == 200, body
+        # the served certificate names *.consoleproxy.company.com, not 127.0.0.1: a load
+        # balancer's probe does not verify it either
+        async with aiohttp.ClientSession() as http:
+            async with http.get(p.http_base + "/readyz", ssl=False) as r:
+                assert r.status == 200, await r.text()
+            # wait (bounded) until the certificate has expired and the periodic check noticed
+            async with asyncio.timeout(15):
+                while p.server.certificate_problem is None:
+                    await asyncio.sleep(0.1)
+            async with http.get(p.http_base + "/readyz", ssl=False) as r:
+                assert r.status == 503
+                assert "expired" in (await r.json())["reason"]
+
+
+async def test_first_real_upload_replaces_the_development_certificate(tmp_path: Path) -> None:
+    # An operator configured the suffix but had no certificate yet: the dev one filled in.
+    async with running_proxy(tmp_path, listen={"tls": True}, tls={"domain_suffix": SUFFIX}) as p:
+        assert p.server.dev_ca is not None
+        dev = await peer_cert(p.port)
+        chain = make_chain()
+        await install_chain(p, chain)
+        assert (
+            await peer_cert(p.port)
+            == hashlib.sha256(chain.leaf.cert.public_bytes(serialization.Encoding.DER)).digest()
+            != dev
+        )
+        names = [i["name"] for i in p.server.certstore.list() if i["type"] == "item"]  # type: ignore[union-attr]
+        assert "dev-server" not in names and "server" in names
