@@ -262,6 +262,35 @@ def _decode_reason(raw: bytes, default: str) -> str:
 # -- towards the VNC server --------------------------------------------------------------------
 
 
+class _Outputs:
+    """What both handshakes hand the glue: bytes to write, events, and bytes past the handshake.
+
+    Each getter drains, so the glue can call it after every ``receive_data``.
+    """
+
+    def __init__(self, initial: bytes = b"") -> None:
+        self._out = bytearray(initial)
+        self._events: list[Event] = []
+        self._leftover = bytearray()
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the peer now."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def events(self) -> list[Event]:
+        """Events since the last call."""
+        ev, self._events = self._events, []
+        return ev
+
+    def leftover(self) -> bytes:
+        """Bytes received after the handshake ended; they belong to the relay."""
+        out = bytes(self._leftover)
+        self._leftover.clear()
+        return out
+
+
 class ServerHandshakeState(Enum):
     """What the handshake with the VNC server waits for next."""
 
@@ -279,7 +308,7 @@ class ServerHandshakeState(Enum):
     FAILED = auto()  # AuthFailed emitted; the glue closes the connection
 
 
-class ServerHandshake:
+class ServerHandshake(_Outputs):
     """Client side of the RFB handshake towards the hypervisor's VNC server.
 
     ``password`` is the VNC password from the token (None or "" when it has none). With
@@ -297,9 +326,7 @@ class ServerHandshake:
         self._password = password or None
         self._allow_tls = allow_tls
         self._buf = _Buffer()
-        self._out = bytearray()
-        self._events: list[Event] = []
-        self._leftover = bytearray()
+        super().__init__()
         #: The version the server announced, as sent (e.g. (3, 889) for Apple).
         self.server_version: tuple[int, int] | None = None
         #: The version in use: (3, 3), (3, 7) or (3, 8).
@@ -331,23 +358,6 @@ class ServerHandshake:
             self._buf.drain()
         elif self.state is ServerHandshakeState.TLS_HANDSHAKE and len(self._buf):
             raise RFBError("VNC server sent data after its VeNCrypt ack, before the TLS handshake")
-
-    def data_to_send(self) -> bytes:
-        """Bytes to write to the VNC server now (drains)."""
-        out = bytes(self._out)
-        self._out.clear()
-        return out
-
-    def events(self) -> list[Event]:
-        """Events since the last call (drains)."""
-        ev, self._events = self._events, []
-        return ev
-
-    def leftover(self) -> bytes:
-        """Bytes the server sent after the handshake ended; they belong to the relay (drains)."""
-        out = bytes(self._leftover)
-        self._leftover.clear()
-        return out
 
     def tls_started(self) -> None:
         """The glue finished the TLS handshake; continue with VeNCrypt's inner authentication."""
@@ -560,7 +570,7 @@ class ClientHandshakeState(Enum):
     REJECTED = auto()  # failure queued; the glue closes the connection
 
 
-class ClientHandshake:
+class ClientHandshake(_Outputs):
     """Server side of the RFB handshake towards the browser: version 3.8, security None only.
 
     The outcome of the backend handshake is only known later, so the result is deferred:
@@ -579,9 +589,7 @@ class ClientHandshake:
         self.state = ClientHandshakeState.VERSION
         self.version: tuple[int, int] | None = None
         self._buf = _Buffer()
-        self._out = bytearray(format_version((3, 8)))
-        self._events: list[Event] = []
-        self._leftover = bytearray()
+        super().__init__(format_version((3, 8)))
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes received from the browser."""
@@ -655,23 +663,6 @@ class ClientHandshake:
     def _check_ready(self, what: str) -> None:
         if self.state is not ClientHandshakeState.READY:
             raise RFBStateError(f"{what}() called in state {self.state.name}, not READY")
-
-    def data_to_send(self) -> bytes:
-        """Bytes to send to the browser now (drains)."""
-        out = bytes(self._out)
-        self._out.clear()
-        return out
-
-    def events(self) -> list[Event]:
-        """Events since the last call (drains)."""
-        ev, self._events = self._events, []
-        return ev
-
-    def leftover(self) -> bytes:
-        """Bytes after the browser's last handshake message (ClientInit first); drains."""
-        out = bytes(self._leftover)
-        self._leftover.clear()
-        return out
 
 
 # -- client-to-server messages after the handshake ---------------------------------------------
