@@ -137,11 +137,22 @@ def admin_app(server: ProxyServer, key: str) -> web.Application:
                 return web.json_response({"error": str(exc), "item": item.name}, status=500)
         return web.json_response(body)
 
+    async def getstatus(request: web.Request) -> web.Response:
+        """CloudStack's console-proxy load report, so its management server can balance."""
+        removed, server.removed_sessions = server.removed_sessions, []
+        return web.json_response(
+            {
+                "connections": [s.cloudstack_status() for s in server.registry],
+                "removedSessions": removed,
+            }
+        )
+
     app = web.Application(middlewares=[auth], client_max_size=1024 * 1024)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/sessions", sessions)
     app.router.add_delete("/api/sessions/{id}", kill)
     app.router.add_post("/api/drain", drain)
+    app.router.add_get("/cmd/getstatus", getstatus)
     app.router.add_get("/api/certificates", certificates_list)
     app.router.add_post("/api/certificates", certificates_upload)
     return app

@@ -109,6 +109,8 @@ class ProxyServer:
         self._sites: list[web.TCPSite] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._relays: dict[str, Relay] = {}
+        # Sessions ended since the last /cmd/getstatus, reported once (CloudStack's removedSessions).
+        self.removed_sessions: list[str] = []
         self.admin_key: str | None = None
         self.dns: DnsServer | None = None
         self._dns_settings = self._dns_config()
@@ -542,6 +544,8 @@ class ProxyServer:
         return why
 
     def _end(self, session: Session, result: str) -> None:
+        if session.closer is not None and len(self.removed_sessions) < 10000:
+            self.removed_sessions.append(session.session_uuid or session.id)
         self.registry.remove(session)
         if not len(self.registry):
             self._idle.set()

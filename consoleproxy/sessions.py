@@ -7,6 +7,7 @@ for the last slot cannot both win.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from collections.abc import Iterator
@@ -16,6 +17,9 @@ from typing import Any, Protocol
 from .errors import SessionLimit
 
 __all__ = ["Registry", "Session", "SessionCloser"]
+
+# CloudStack's load report numbers its clients; one counter per process.
+_numbers = itertools.count(1)
 
 
 class SessionCloser(Protocol):
@@ -35,6 +39,7 @@ class Session:
     max_duration: float | None = None
     session_uuid: str | None = None
     id: str = field(default_factory=lambda: secrets.token_hex(8))
+    number: int = field(default_factory=lambda: next(_numbers))
     started: float = field(default_factory=time.time)
     started_mono: float = field(default_factory=time.monotonic)
     last_activity: float = field(default_factory=time.monotonic)
@@ -49,6 +54,23 @@ class Session:
             self.end_reason = reason
         if self.closer is not None:
             self.closer(code, reason)
+
+    def last_activity_wall(self) -> float:
+        """``last_activity`` as Unix time (it is kept monotonic so clock steps cannot fake idleness)."""
+        return self.started + (self.last_activity - self.started_mono)
+
+    def cloudstack_status(self) -> dict[str, Any]:
+        """One entry of CloudStack's ``/cmd/getstatus`` ``connections`` list (times in ms)."""
+        return {
+            "id": self.number,
+            "clientInfo": self.client_ip,
+            "host": self.host,
+            "port": self.port,
+            "tag": self.vm,
+            "createTime": int(self.started * 1000),
+            "lastUsedTime": int(self.last_activity_wall() * 1000),
+            "sessionUuid": self.session_uuid or self.id,
+        }
 
     def info(self) -> dict[str, Any]:
         now = time.monotonic()

@@ -257,12 +257,14 @@ async def test_rfb_33_server_with_vnc_auth(tmp_path: Path) -> None:
 
 
 async def test_idle_timeout_spares_active_and_closes_idle(tmp_path: Path) -> None:
-    async with running_proxy(tmp_path, limits={"idle_timeout_seconds": 1.0}) as p, tcp_server(
-        echo_backend
-    ) as port:
-        async with RFBClient.connect(p.url(p.token(port=port))) as busy, RFBClient.connect(
-            p.url(p.token(port=port))
-        ) as idle:
+    async with (
+        running_proxy(tmp_path, limits={"idle_timeout_seconds": 1.0}) as p,
+        tcp_server(echo_backend) as port,
+    ):
+        async with (
+            RFBClient.connect(p.url(p.token(port=port))) as busy,
+            RFBClient.connect(p.url(p.token(port=port))) as idle,
+        ):
             await connect_echo(busy)
             await connect_echo(idle)
             idle_closed = asyncio.ensure_future(idle.close_code(timeout=10))
@@ -288,12 +290,14 @@ async def test_lifetime_from_token(tmp_path: Path) -> None:
 
 
 async def test_limits_and_policies(tmp_path: Path) -> None:
-    async with running_proxy(
-        tmp_path, limits={"max_sessions": 2, "per_vm_policy": "share"}
-    ) as p, tcp_server(echo_backend) as port:
-        async with RFBClient.connect(p.url(p.token(port=port, vm="a"))) as a, RFBClient.connect(
-            p.url(p.token(port=port, vm="b"))
-        ) as b:
+    async with (
+        running_proxy(tmp_path, limits={"max_sessions": 2, "per_vm_policy": "share"}) as p,
+        tcp_server(echo_backend) as port,
+    ):
+        async with (
+            RFBClient.connect(p.url(p.token(port=port, vm="a"))) as a,
+            RFBClient.connect(p.url(p.token(port=port, vm="b"))) as b,
+        ):
             await connect_echo(a)
             await connect_echo(b)
             code, reason = await expect_close(p.url(p.token(port=port, vm="c")))
@@ -301,9 +305,10 @@ async def test_limits_and_policies(tmp_path: Path) -> None:
             ready = await aiohttp_get(p.http_base + "/readyz")
             assert ready[0] == 503 and ready[1]["reason"] == "at capacity"
 
-    async with running_proxy(tmp_path, limits={"per_vm_policy": "replace"}) as p, tcp_server(
-        echo_backend
-    ) as port:
+    async with (
+        running_proxy(tmp_path, limits={"per_vm_policy": "replace"}) as p,
+        tcp_server(echo_backend) as port,
+    ):
         async with RFBClient.connect(p.url(p.token(port=port, vm="x"))) as old:
             await connect_echo(old)
             async with RFBClient.connect(p.url(p.token(port=port, vm="x"))) as new:
@@ -312,16 +317,18 @@ async def test_limits_and_policies(tmp_path: Path) -> None:
                 await new.send(b"z")
                 assert await new.read_exact(1) == b"z"
 
-    async with running_proxy(tmp_path, limits={"per_vm_policy": "reject"}) as p, tcp_server(
-        echo_backend
-    ) as port:
+    async with (
+        running_proxy(tmp_path, limits={"per_vm_policy": "reject"}) as p,
+        tcp_server(echo_backend) as port,
+    ):
         async with RFBClient.connect(p.url(p.token(port=port, vm="x"))) as first:
             await connect_echo(first)
             assert (await expect_close(p.url(p.token(port=port, vm="x"))))[0] == 4008
 
-    async with running_proxy(tmp_path, limits={"max_sessions_per_client_ip": 1}) as p, tcp_server(
-        echo_backend
-    ) as port:
+    async with (
+        running_proxy(tmp_path, limits={"max_sessions_per_client_ip": 1}) as p,
+        tcp_server(echo_backend) as port,
+    ):
         async with RFBClient.connect(p.url(p.token(port=port, vm="1"))) as first:
             await connect_echo(first)
             code, reason = await expect_close(p.url(p.token(port=port, vm="2")))
@@ -334,9 +341,7 @@ async def aiohttp_get(url: str, headers: dict[str, str] | None = None) -> tuple[
         return r.status, await r.json()
 
 
-async def test_admin_list_kill_metrics_and_audit(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_admin_list_kill_metrics_and_audit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="consoleproxy.audit")
     async with running_proxy(tmp_path) as p, tcp_server(echo_backend) as port:
         token = p.token(port=port, password="s3cr3t-pw", vm="vm-42")
@@ -384,21 +389,55 @@ async def test_healthz_and_admin_not_on_public(tmp_path: Path) -> None:
         assert status == 200
         async with aiohttp.ClientSession() as http:
             for path in ("/metrics", "/api/sessions"):
-                async with http.get(p.http_base + path, headers=p.admin_headers,
-                                    ssl=p.client_ssl or True) as r:
+                async with http.get(
+                    p.http_base + path, headers=p.admin_headers, ssl=p.client_ssl or True
+                ) as r:
                     assert r.status == 404
 
 
 async def test_oversized_client_message_closes_only_that_session(tmp_path: Path) -> None:
-    async with running_proxy(tmp_path, limits={"max_client_message_bytes": 65536}) as p, tcp_server(
-        echo_backend
-    ) as port:
-        async with RFBClient.connect(p.url(p.token(port=port, vm="a"))) as big, RFBClient.connect(
-            p.url(p.token(port=port, vm="b"))
-        ) as other:
+    async with (
+        running_proxy(tmp_path, limits={"max_client_message_bytes": 65536}) as p,
+        tcp_server(echo_backend) as port,
+    ):
+        async with (
+            RFBClient.connect(p.url(p.token(port=port, vm="a"))) as big,
+            RFBClient.connect(p.url(p.token(port=port, vm="b"))) as other,
+        ):
             await connect_echo(big)
             await connect_echo(other)
             await big.send(bytes(65537))
             assert await big.close_code() == 1009
             await other.send(b"still")
             assert await other.read_exact(5) == b"still"
+
+
+async def test_cloudstack_getstatus_load_report(tmp_path: Path) -> None:
+    async with running_proxy(tmp_path) as p, tcp_server(echo_backend) as port:
+        async with RFBClient.connect(p.url(p.token(port=port, vm="vm-uuid-1"))) as c:
+            await connect_echo(c)
+            status, body = await aiohttp_get(p.admin + "/cmd/getstatus", p.admin_headers)
+            assert status == 200
+            (conn,) = body["connections"]  # type: ignore[misc]
+            assert set(conn) == {
+                "id",
+                "clientInfo",
+                "host",
+                "port",
+                "tag",
+                "createTime",
+                "lastUsedTime",
+                "sessionUuid",
+            }
+            assert (conn["host"], conn["port"], conn["tag"]) == ("127.0.0.1", port, "vm-uuid-1")
+            assert conn["clientInfo"] == "127.0.0.1"
+            assert conn["lastUsedTime"] >= conn["createTime"] > 1_600_000_000_000
+            assert body["removedSessions"] == []
+        async with asyncio.timeout(10):
+            while len(p.server.registry):
+                await asyncio.sleep(0.02)
+        status, body = await aiohttp_get(p.admin + "/cmd/getstatus", p.admin_headers)
+        assert body == {"connections": [], "removedSessions": [conn["sessionUuid"]]}
+        # reported once
+        status, body = await aiohttp_get(p.admin + "/cmd/getstatus", p.admin_headers)
+        assert body["removedSessions"] == []
