@@ -9,6 +9,7 @@ upgrade, but it can read a close code.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -23,6 +24,7 @@ from aiohttp import web
 
 from . import rfb
 from .certstore import CertificateError, CertStore, SNIContexts, bundle_key
+from .cloudstack import CloudStackKeyError, CloudStackKeys, CloudStackValidator
 from .config import Config, ConfigError
 from .devcert import CA_FILE as DEV_CA_FILE
 from .devcert import ensure_dev_certificate
@@ -80,15 +82,20 @@ class ProxyServer:
         self.certstore: CertStore | None = tls.store if tls else None
         self.certificate_problem: str | None = None
         self.dev_ca: Path | None = None
-        if keyring is None:
-            keyring = Keyring.load(cfg.path(cfg.tokens.keyring))
         self.replay = MemoryReplayStore()
-        self.validator = TokenValidator(
-            keyring,
-            self.replay,
-            skew_seconds=cfg.tokens.skew_seconds,
-            single_use=cfg.tokens.single_use,
-        )
+        self.validator: TokenValidator | None = None
+        self.cloudstack: CloudStackValidator | None = None
+        if cfg.tokens.format == "cloudstack":
+            self.cloudstack = self._cloudstack_validator()
+        else:
+            if keyring is None:
+                keyring = Keyring.load(cfg.path(cfg.tokens.keyring))
+            self.validator = TokenValidator(
+                keyring,
+                self.replay,
+                skew_seconds=cfg.tokens.skew_seconds,
+                single_use=cfg.tokens.single_use,
+            )
         self.targets = TargetPolicy.from_config(cfg.targets.allowed_cidrs, cfg.targets.ports)
         # Built once: a missing or bad CA file is a configuration error at start, not per console.
         self._backend_tls = self._backend_tls_context()
@@ -114,6 +121,25 @@ class ProxyServer:
         self.admin_key: str | None = None
         self.dns: DnsServer | None = None
         self._dns_settings = self._dns_config()
+
+    def _cloudstack_validator(self) -> CloudStackValidator:
+        """Tokens as a CloudStack/Mold management server makes them (DESIGN 7)."""
+        c = self.cfg.cloudstack
+        try:
+            auth = base64.b64decode(c.auth_key, validate=True) if c.auth_key else None
+        except ValueError:
+            raise ConfigError("[cloudstack] auth_key: expected base64") from None
+        try:
+            keys = CloudStackKeys.load(self.cfg.path(c.key_iv_file), auth_key=auth)
+        except CloudStackKeyError as exc:
+            raise ConfigError(f"[cloudstack] key_iv_file: {exc}") from None
+        return CloudStackValidator(
+            keys,
+            self.replay,
+            hash_key=c.hash_key,
+            check_source_ip=c.check_source_ip,
+            check_extra=c.check_extra,
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -359,6 +385,7 @@ class ProxyServer:
                     name=claims.name,
                     view_only=claims.view_only,
                     max_duration=claims.max_duration,
+                    session_uuid=claims.jti if self.cloudstack is not None else None,
                 )
                 self._idle.clear()
                 for old in self.registry.add(session):
@@ -398,7 +425,15 @@ class ProxyServer:
             raise TokenInvalid("token is not valid percent-encoded UTF-8") from None
         if not token:
             raise TokenInvalid("no token in the URL")
-        claims = await self.validator.validate(token, client_ip=client_ip)
+        if self.cloudstack is not None:
+            try:
+                extra = raw_query_param(request.query_string, "extra")
+            except UnicodeDecodeError:
+                raise Forbidden("extra is not valid percent-encoded UTF-8") from None
+            claims = await self.cloudstack.validate(token, client_ip=client_ip, extra=extra)
+        else:
+            assert self.validator is not None
+            claims = await self.validator.validate(token, client_ip=client_ip)
         self.targets.check(claims.host, claims.port)
         return claims
 
