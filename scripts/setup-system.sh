@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the system programs the suite drives for real (QEMU, dig, TigerVNC's Xvnc).
+# Installs the system programs the suite drives for real (QEMU, dig, TigerVNC's Xvnc, haproxy,
+# a JDK that makes CloudStack-style tokens).
 # As root and with something missing: apt-get update, then apt-get install -y.
 # Under CI=true a tool still missing after that fails the run; it never silently skips.
 set -euo pipefail
@@ -12,6 +13,7 @@ declare -A need=(
   [openssl]=openssl
   [haproxy]=haproxy
   [vncpasswd]=tigervnc-tools
+  [javac]=default-jdk-headless
 )
 
 missing_pkgs=()

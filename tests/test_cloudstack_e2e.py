@@ -100,3 +100,22 @@ async def test_refusals(tmp_path: Path) -> None:
         cbc = java_token(tmp_path, keys, fields_for(5900), form="cbc")
         code, reason = await expect_close(ws_url(p, cbc, "nope"))
         assert code == 4004  # decrypted (CBC form accepted), then refused for its extra token
+
+
+async def test_page_port_and_websocket_port(tmp_path: Path) -> None:
+    """CloudStack's layout: the page on one port (443), the WebSocket on another (8443, port=)."""
+    from test_page import demo_server
+
+    keys = CloudStackKeys.generate()
+    sections = cs_sections(tmp_path, keys)
+    async with demo_server() as demo, running_proxy(tmp_path, listen={"ports": [0, 0]}, **sections) as p:
+        page_port, ws_port = p.server.public_ports
+        assert page_port != ws_port
+        token = java_token(tmp_path, keys, fields_for(demo.port, demo.password))
+        async with browser(p) as br:
+            await br.page.goto(
+                f"http://127.0.0.1:{page_port}/resource/noVNC/vnc.html?autoconnect=true"
+                f"&port={ws_port}&token={token}&extra=extra-123&language=en"
+            )
+            await br.wait_state("connected")
+            assert br.websockets[-1] == (f"ws://127.0.0.1:{ws_port}/websockify?token={token}&extra=extra-123")
