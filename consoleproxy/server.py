@@ -97,6 +97,7 @@ class ProxyServer:
                 single_use=cfg.tokens.single_use,
             )
         self.targets = TargetPolicy.from_config(cfg.targets.allowed_cidrs, cfg.targets.ports)
+        self._allowed_origins = {a.strip().lower().rstrip("/") for a in cfg.origin.allowed}
         # Built once: a missing or bad CA file is a configuration error at start, not per console.
         self._backend_tls = self._backend_tls_context()
         lim = cfg.limits
@@ -376,6 +377,7 @@ class ProxyServer:
             async with asyncio.timeout(lim.handshake_timeout_seconds):
                 if self.refusing:
                     raise ShuttingDown("this proxy is draining; reconnect to reach another")
+                self._check_origin(request)
                 claims = await self._validate(request, client_ip)
                 session = Session(
                     vm=claims.vm,
@@ -417,6 +419,30 @@ class ProxyServer:
             if session is not None:
                 self._end(session, result)
         return ws
+
+    def _check_origin(self, request: web.Request) -> None:
+        """Refuse cross-site WebSockets (a page elsewhere using a victim's token or cookies).
+
+        A browser always sends Origin. It must name the host this console is served from (any
+        port: CloudStack serves the page and the WebSocket on different ports) or be listed in
+        ``[origin] allowed``. No Origin means a non-browser client, which still needs a token.
+        """
+        origin = request.headers.get("Origin")
+        o = self.cfg.origin
+        if origin is None:
+            if o.allow_missing:
+                return
+            raise Forbidden("a browser Origin header is required")
+        value = origin.strip().lower().rstrip("/")
+        if value in self._allowed_origins:
+            return
+        scheme, sep, rest = value.partition("://")
+        host = (request.host or "").lower()
+        if sep and _hostname(rest) == _hostname(host) and _hostname(host):
+            # Behind a balancer that terminates TLS the page is https even when we are not.
+            if scheme == "https" or (scheme == "http" and not self.cfg.listen.tls):
+                return
+        raise Forbidden(f"origin {origin[:80]!r} may not open consoles here")
 
     async def _validate(self, request: web.Request, client_ip: str) -> Claims:
         try:
@@ -658,6 +684,14 @@ class ProxyServer:
             return False
         s.close(SessionKilled.close_code, reason)
         return True
+
+
+def _hostname(netloc: str) -> str:
+    """``Host:port`` or ``[v6]:port`` -> the host part, lower-case."""
+    netloc = netloc.split("/", 1)[0]
+    if netloc.startswith("["):
+        return netloc[1:].partition("]")[0]
+    return netloc.rpartition(":")[0] if netloc.count(":") == 1 else netloc
 
 
 def _result_label(result: str) -> str:
