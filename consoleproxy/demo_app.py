@@ -64,6 +64,11 @@ async def start_demo(
 
 async def run_demo(state_dir: Path, port: int, host: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # Handlers first: a Ctrl-C right after the URL appears must stop cleanly, not raise.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     proxy, vnc, url = await start_demo(state_dir, host=host, port=port)
     print("consoleproxy demo is running.", flush=True)
     print(f"Console URL (valid for one hour, single use): {url}", flush=True)
@@ -71,10 +76,6 @@ async def run_demo(state_dir: Path, port: int, host: str) -> int:
         print(f"Development CA (trust it in your browser): {proxy.dev_ca}", flush=True)
     print(f"Admin API: http://127.0.0.1:{proxy.admin_port}/ (key in {state_dir / 'admin.key'})")
     print("Press Ctrl-C to stop.", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await proxy.close()
     await vnc.close()

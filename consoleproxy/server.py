@@ -716,15 +716,16 @@ def _reload_quietly(server: ProxyServer) -> None:
 async def run_forever(cfg: Config) -> int:
     logging.basicConfig(level=cfg.log.level.upper(), format="%(asctime)s %(name)s %(message)s")
     server = ProxyServer(cfg)
-    await server.start()
-    log.info("serving on %s ports %s; admin on %s:%d", cfg.listen.address, server.public_ports,
-             cfg.admin.address, server.admin_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Installed before the listeners open, so a SIGTERM at any point drains instead of killing.
     # SIGTERM drains (the way orchestrators stop a service); SIGINT stops at once.
     loop.add_signal_handler(signal.SIGTERM, server.start_drain)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload_quietly, server)
+    await server.start()
+    log.info("serving on %s ports %s; admin on %s:%d", cfg.listen.address, server.public_ports,
+             cfg.admin.address, server.admin_port)
     waits = [asyncio.ensure_future(server.drained.wait()), asyncio.ensure_future(stop.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for w in waits:
