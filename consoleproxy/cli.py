@@ -14,10 +14,13 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 from .errors import ConfigError, ConsoleError, ConsoleProxyError, HostnameError
+
+if TYPE_CHECKING:
+    from .certstore import CertStore
 
 EXIT_USAGE = 2
 
@@ -252,17 +255,16 @@ def cmd_dns_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store(args: argparse.Namespace) -> object:
+def _store(args: argparse.Namespace) -> CertStore:
     from .certstore import CertStore
 
     return CertStore(args.store)
 
 
 def cmd_certs_import(args: argparse.Namespace) -> int:
-    from .certstore import CertStore, Item
+    from .certstore import Item
 
     store = _store(args)
-    assert isinstance(store, CertStore)
     passphrase = None
     if args.passphrase_file is not None:
         passphrase = args.passphrase_file.read_text(encoding="utf-8").rstrip("\r\n")
@@ -283,19 +285,13 @@ def cmd_certs_import(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_list(args: argparse.Namespace) -> int:
-    from .certstore import CertStore
-
     store = _store(args)
-    assert isinstance(store, CertStore)
     print(json.dumps(store.list(), indent=1))
     return 0
 
 
 def cmd_certs_verify(args: argparse.Namespace) -> int:
-    from .certstore import CertStore
-
     store = _store(args)
-    assert isinstance(store, CertStore)
     keys = list(store.live_bundles())
     if not keys:
         raise UsageError(f"no live certificate bundle in {args.store}")
@@ -308,10 +304,7 @@ def cmd_certs_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_rollback(args: argparse.Namespace) -> int:
-    from .certstore import CertStore
-
     store = _store(args)
-    assert isinstance(store, CertStore)
     meta = store.rollback(args.key)
     print(f"rolled back: {json.dumps(meta)}")
     print("reload a running proxy with SIGHUP")
