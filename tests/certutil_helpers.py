@@ -114,6 +114,12 @@ def make_cert(
     if basic_constraints:
         b = b.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     b = b.add_extension(_ku(ca), critical=True)
+    # Key identifiers, as real CAs issue them; RFC 5280 path validators (sslyze's) require them.
+    b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    if issuer is not None:
+        b = b.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False
+        )
     if not ca:
         if eku is not None:
             b = b.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)

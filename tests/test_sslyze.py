@@ -13,10 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from certutil_helpers import SUFFIX, Cert, Chain, ec_key, now
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from certutil_helpers import make_chain
 from harness import running_proxy
 
 # sslyze is a declared test dependency (pyproject's `test` extra): no skipping.
@@ -50,54 +47,6 @@ COMMANDS = {
     ScanCommand.CERTIFICATE_INFO,
 }
 WEAK = ("RC4", "3DES", "DES_CBC", "_CBC_", "NULL", "_anon_", "EXPORT", "MD5", "IDEA", "SEED", "CAMELLIA")
-
-
-def _cert(cn: str, issuer: Cert | None, *, ca: bool) -> Cert:
-    """Like certutil_helpers.make_cert, plus the key identifiers that RFC 5280 path validation
-    (cryptography's verifier, which sslyze 6 uses) requires: SKI everywhere, AKI below the root."""
-    key = ec_key()
-    sign_key = issuer.key if issuer else key
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-        .issuer_name(
-            issuer.cert.subject if issuer else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-        )
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now() - dt.timedelta(days=1))
-        .not_valid_after(now() + dt.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=not ca,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=ca,
-                crl_sign=ca,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
-    if issuer is not None:
-        b = b.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False
-        )
-    if not ca:
-        b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(cn)]), critical=False)
-    return Cert(b.sign(sign_key, hashes.SHA256()), key)
-
-
-def strict_chain() -> Chain:
-    root = _cert("Test Root CA", None, ca=True)
-    inter = _cert("Test Intermediate CA", root, ca=True)
-    return Chain(root, inter, _cert(SUFFIX, inter, ca=False))
 
 
 def scan(port: int, ca_file: Path, out: Path) -> dict[str, Any]:
@@ -137,7 +86,7 @@ def accepted(result: dict[str, Any], command: str) -> list[str]:
 
 async def test_sslyze_scan_of_the_tls_listener(tmp_path: Path) -> None:
     async with running_proxy(tmp_path, listen={"tls": True}) as p:
-        chain = strict_chain()
+        chain = make_chain()
         await install_chain(p, chain)
         ca_file = tmp_path / "test-root.pem"
         ca_file.write_text(chain.root.pem)
