@@ -107,6 +107,10 @@ class Listen:
     tls: bool = field(default=True, metadata=_opt())
     # A plain-HTTP port that only redirects to HTTPS (e.g. 80); 0 = none.
     redirect_http_port: int = field(default=0, metadata=_opt(_range(0, 65535)))
+    # Load balancers allowed to state the client's address (PROXY header, X-Forwarded-For).
+    trusted_proxies: list[str] = field(default_factory=list, metadata=_opt(_cidrs))
+    # Read X-Forwarded-For, but only on requests whose peer is in trusted_proxies.
+    forwarded_for: bool = field(default=False, metadata=_opt())
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,9 @@ class Limits:
     handshake_timeout_seconds: float = field(default=10, metadata=_opt(_range(0.1, 600)))
     connect_timeout_seconds: float = field(default=5, metadata=_opt(_range(0.1, 600)))
     ping_interval_seconds: float = field(default=30, metadata=_opt(_range(0)))
+    # /readyz says 503 from this many open consoles, so a balancer sends new ones elsewhere
+    # before max_sessions refuses them; 0 = at max_sessions.
+    unready_at_sessions: int = field(default=0, metadata=_opt(_range(0)))
 
 
 @dataclass(frozen=True)
@@ -415,6 +422,11 @@ def _cross_checks(cfg: Config, label: str) -> None:
         raise ConfigError(f"{label}: [tls] set domain_suffix or fqdn, not both")
     if not cfg.listen.ports:
         raise ConfigError(f"{label}: [listen] ports: expected at least one port")
+    if cfg.listen.forwarded_for and not cfg.listen.trusted_proxies:
+        # Believing the header from anyone would let a browser pick its own client address.
+        raise ConfigError(
+            f"{label}: [listen] forwarded_for needs trusted_proxies (the balancers' addresses)"
+        )
 
 
 def replace(cfg: Config, **sections: Mapping[str, Any]) -> Config:
@@ -427,5 +439,7 @@ def replace(cfg: Config, **sections: Mapping[str, Any]) -> Config:
         cls = _SECTIONS[sec]
         merged = {**dataclasses.asdict(getattr(cfg, sec)), **values}
         new[sec] = _build_section(sec, cls, merged, dict.fromkeys(merged, "override"))
-    return dataclasses.replace(cfg, **new)
+    result = dataclasses.replace(cfg, **new)
+    _cross_checks(result, "override")
+    return result
 

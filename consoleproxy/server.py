@@ -41,6 +41,7 @@ from .errors import (
 from .metrics import Metrics
 from .query import raw_query_param
 from .relay import STREAM_LIMIT, Relay
+from .forwarded import client_address, parse_networks
 from .replay import MemoryReplayStore
 from .sessions import Registry, Session
 from .targets import TargetPolicy
@@ -97,6 +98,7 @@ class ProxyServer:
                 single_use=cfg.tokens.single_use,
             )
         self.targets = TargetPolicy.from_config(cfg.targets.allowed_cidrs, cfg.targets.ports)
+        self._trusted_proxies = parse_networks(cfg.listen.trusted_proxies)
         self._allowed_origins = {a.strip().lower().rstrip("/") for a in cfg.origin.allowed}
         # Built once: a missing or bad CA file is a configuration error at start, not per console.
         self._backend_tls = self._backend_tls_context()
@@ -344,7 +346,8 @@ class ProxyServer:
             return "draining"
         if self.cfg.listen.tls and self.certificate_problem:
             return self.certificate_problem
-        if self.registry.at_capacity():
+        unready_at = self.cfg.limits.unready_at_sessions
+        if self.registry.at_capacity() or (unready_at and len(self.registry) >= unready_at):
             return "at capacity"
         return None
 
@@ -356,9 +359,16 @@ class ProxyServer:
 
     # --- the console path ------------------------------------------------------------------
 
-    def _client_ip(self, request: web.Request) -> str:
+    @staticmethod
+    def _peer_ip(request: web.Request) -> str:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         return str(peer[0]) if peer else "unknown"
+
+    def _client_ip(self, request: web.Request, peer: str) -> str:
+        """The browser's address; raises BadForwardedFor (4004) for an unreadable balancer header."""
+        if not self.cfg.listen.forwarded_for:
+            return peer
+        return client_address(peer, request.headers.getall("X-Forwarded-For", ()), self._trusted_proxies)
 
     async def handle_websocket(self, request: web.Request) -> web.StreamResponse:
         lim = self.cfg.limits
@@ -369,7 +379,7 @@ class ProxyServer:
             compress=False,  # RFB is already compressed where it matters; deflate costs CPU
         )
         await ws.prepare(request)
-        client_ip = self._client_ip(request)
+        client_ip = self._peer_ip(request)
         session: Session | None = None
         writer: asyncio.StreamWriter | None = None
         result = "error"
@@ -377,6 +387,7 @@ class ProxyServer:
             async with asyncio.timeout(lim.handshake_timeout_seconds):
                 if self.refusing:
                     raise ShuttingDown("this proxy is draining; reconnect to reach another")
+                client_ip = self._client_ip(request, client_ip)
                 self._check_origin(request)
                 claims = await self._validate(request, client_ip)
                 session = Session(
