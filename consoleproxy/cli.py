@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,6 +50,17 @@ def _port(text: str) -> int:
 
 def _port_or_zero(text: str) -> int:
     return 0 if text.strip() == "0" else _port(text)
+
+
+def _worker_count(text: str) -> int:
+    from .workers import MAX_WORKERS
+
+    if text.strip() == "auto":
+        return len(os.sched_getaffinity(0))
+    value = _positive_int(text)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{value} workers is more than {MAX_WORKERS}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -222,6 +234,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import run_forever
 
     cfg = load_config(args.config)
+    if args.worker_index is not None:
+        from .workers import worker_config
+
+        try:
+            cfg = worker_config(cfg, args.worker_index)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        return asyncio.run(run_forever(cfg, worker_index=args.worker_index))
+    if args.workers > 1:
+        from .workers import Supervisor
+
+        return asyncio.run(Supervisor(args.config, args.workers, cfg).run())
     return asyncio.run(run_forever(cfg))
 
 
@@ -341,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the proxy")
     p.add_argument("--config", help="configuration file (consoleproxy.toml)")
+    p.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        help="processes sharing the public ports (SO_REUSEPORT); 'auto' = one per CPU (default 1)",
+    )
+    p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="proxy + demo VNC server + development keyring; prints a URL")

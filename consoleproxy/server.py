@@ -38,10 +38,10 @@ from .errors import (
     ShuttingDown,
     TokenInvalid,
 )
+from .forwarded import client_address, parse_networks
 from .metrics import Metrics
 from .query import raw_query_param
 from .relay import STREAM_LIMIT, Relay
-from .forwarded import client_address, parse_networks
 from .replay import MemoryReplayStore
 from .sessions import Registry, Session
 from .targets import TargetPolicy
@@ -75,8 +75,11 @@ class ProxyServer:
         keyring: Keyring | None = None,
         tls: SNIContexts | None = None,
         metrics: Metrics | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.cfg = cfg
+        # Set for `serve --workers N`: every worker binds the same public ports.
+        self.reuse_port = reuse_port
         self.metrics = metrics or Metrics()
         # Certificates for the public listeners; set up in start() when [listen] tls is on.
         self.tls = tls
@@ -195,14 +198,18 @@ class ProxyServer:
         self._runners.append(runner)
         ctx = self.tls.context if (lst.tls and self.tls) else None
         for port in lst.ports:
-            site = web.TCPSite(runner, lst.address, port, ssl_context=ctx, backlog=1024)
+            site = web.TCPSite(
+                runner, lst.address, port, ssl_context=ctx, backlog=1024, reuse_port=self.reuse_port or None
+            )
             await site.start()
             self._sites.append(site)
         if lst.tls and lst.redirect_http_port:
             rrunner = web.AppRunner(self._redirect_app(), access_log=None, handle_signals=False)
             await rrunner.setup()
             self._runners.append(rrunner)
-            self._redirect_site = web.TCPSite(rrunner, lst.address, lst.redirect_http_port)
+            self._redirect_site = web.TCPSite(
+                rrunner, lst.address, lst.redirect_http_port, reuse_port=self.reuse_port or None
+            )
             await self._redirect_site.start()
         self.admin_key = load_or_create_admin_key(self.cfg.path(self.cfg.admin.key_file))
         arunner = web.AppRunner(admin_app(self, self.admin_key), access_log=None)
@@ -724,9 +731,10 @@ def _reload_quietly(server: ProxyServer) -> None:
         server.reload_certificates()
 
 
-async def run_forever(cfg: Config) -> int:
-    logging.basicConfig(level=cfg.log.level.upper(), format="%(asctime)s %(name)s %(message)s")
-    server = ProxyServer(cfg)
+async def run_forever(cfg: Config, *, worker_index: int | None = None) -> int:
+    tag = "" if worker_index is None else f"[w{worker_index}] "
+    logging.basicConfig(level=cfg.log.level.upper(), format=f"%(asctime)s {tag}%(name)s %(message)s")
+    server = ProxyServer(cfg, reuse_port=worker_index is not None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Installed before the listeners open, so a SIGTERM at any point drains instead of killing.
