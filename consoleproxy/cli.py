@@ -348,6 +348,7 @@ def cmd_loadbalancer_haproxy(args: argparse.Namespace) -> int:
             certificate=args.certificate,
             check_interval_ms=args.check_interval_ms,
             stats_bind=args.stats,
+            maxconn=args.maxconn,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -464,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-interval-ms", type=_positive_int, default=2000,
                    help="health-check interval (2000)")
     p.add_argument("--stats", metavar="ADDR:PORT", help="also serve HAProxy's stats page here")
+    p.add_argument("--maxconn", type=_positive_int,
+                   help="HAProxy's global maxconn (default: from its file-descriptor limit)")
     p.set_defaults(func=cmd_loadbalancer_haproxy)
 
     return parser

@@ -1,0 +1,119 @@
+"""Three instances behind a real HAProxy with a real Redis: spread, drain, SIGKILL, single use."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cluster_helpers import Cluster, RedisServer, cluster, free_tcp_port
+from harness import RFBClient, connect_echo, echo_backend, tcp_server
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+LAYOUTS = ["passthrough", "http"]
+
+
+@contextlib.asynccontextmanager
+async def redis() -> AsyncIterator[RedisServer]:
+    server = RedisServer(free_tcp_port())
+    await server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def open_console(c: Cluster, backend: int, stack: contextlib.AsyncExitStack, **kw: object) -> RFBClient:
+    url = c.url(c.token(backend, **kw))
+    client = await stack.enter_async_context(RFBClient.connect(url, **c.connect_kwargs()))
+    await connect_echo(client)
+    return client
+
+
+async def echo_ok(client: RFBClient, seed: int) -> bool:
+    """Send 64 KiB and compare the digest of what comes back; False if the console is gone."""
+    data = hashlib.sha256(str(seed).encode()).digest() * 2048
+    try:
+        await client.send(data)
+        back = await client.read_exact(len(data), timeout=10)
+    except ConnectionClosed:
+        return False
+    return hashlib.sha256(back).digest() == hashlib.sha256(data).digest()
+
+
+async def per_instance(c: Cluster, name: str) -> list[float]:
+    return [await inst.metric(name) for inst in c.instances]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_thirty_consoles_spread_then_drain_one(tmp_path: Path, layout: str) -> None:
+    async with redis() as r, cluster(tmp_path, layout=layout, replay=r.url) as c, \
+            tcp_server(echo_backend) as backend, contextlib.AsyncExitStack() as stack:
+        consoles = [await open_console(c, backend, stack) for _ in range(30)]
+        spread = await per_instance(c, "consoleproxy_sessions_active")
+        assert sum(spread) == 30 and all(n >= 5 for n in spread), spread  # leastconn: about 10 each
+
+        drained = c.instances[0]
+        await drained.admin("POST", "/api/drain")
+        await c.wait_states({"proxy1": "DOWN", "proxy2": "UP", "proxy3": "UP"})
+        consoles += [await open_console(c, backend, stack) for _ in range(9)]
+        # the 9 new consoles went to the other two; the draining one kept its own
+        active = await per_instance(c, "consoleproxy_sessions_active")
+        assert active[0] == spread[0] and active[1] + active[2] == spread[1] + spread[2] + 9, (spread, active)
+        # every console, including those on the draining instance, still relays byte-exact
+        results = await asyncio.gather(*(echo_ok(cl, i) for i, cl in enumerate(consoles)))
+        assert all(results)
+        await stack.aclose()
+        # its last console closed: the drained instance exits on its own, with 0
+        assert drained.proc is not None
+        assert await asyncio.to_thread(drained.proc.wait, 20) == 0, drained.log
+
+
+@pytest.mark.parametrize("layout", ["passthrough"])
+async def test_sigkill_one_instance(tmp_path: Path, layout: str) -> None:
+    async with redis() as r, cluster(tmp_path, layout=layout, replay=r.url) as c, \
+            tcp_server(echo_backend) as backend, contextlib.AsyncExitStack() as stack:
+        consoles = [await open_console(c, backend, stack) for _ in range(12)]
+        active = await per_instance(c, "consoleproxy_sessions_active")
+        victim = c.instances[1]
+        assert victim.proc is not None
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        await c.wait_states({"proxy2": "DOWN"})
+        # after HAProxy's checks noticed, new consoles succeed on the other two
+        consoles += [await open_console(c, backend, stack) for _ in range(6)]
+        results = await asyncio.gather(*(echo_ok(cl, i) for i, cl in enumerate(consoles)))
+        # exactly the consoles of the killed instance are gone; the others relay byte-exact
+        assert results.count(False) == active[1], (results, active)
+        assert all(results[12:])
+
+
+async def test_single_use_across_instances_and_redis_down(tmp_path: Path) -> None:
+    async with redis() as r, cluster(tmp_path, layout="passthrough", replay=r.url) as c, \
+            tcp_server(echo_backend) as backend, contextlib.AsyncExitStack() as stack:
+        token = c.token(backend)
+        first = await stack.enter_async_context(RFBClient.connect(c.url(token), **c.connect_kwargs()))
+        await connect_echo(first)
+        home = [n for n, a in enumerate(await per_instance(c, "consoleproxy_sessions_active")) if a]
+        assert len(home) == 1
+        # leastconn sends the replay to an instance with no console: another process refuses it
+        async with RFBClient.connect(c.url(token), **c.connect_kwargs()) as again:
+            assert await again.close_code() == 4003
+        rejected = await per_instance(c, "consoleproxy_token_rejections_total")
+        assert rejected[home[0]] == 0 and sum(rejected) == 1
+
+        # Redis stops: the default policy refuses new consoles and every instance says not ready
+        r.stop()
+        await c.wait_states({inst.name: "DOWN" for inst in c.instances})
+        with pytest.raises((InvalidStatus, ConnectionClosed, OSError)):
+            async with RFBClient.connect(c.url(c.token(backend)), **c.connect_kwargs()) as refused:
+                await connect_echo(refused)
+        assert await echo_ok(first, 1)  # a running console does not need the store
+
+        await r.start()  # same port: the instances find it again
+        await c.wait_states({inst.name: "UP" for inst in c.instances})
+        await open_console(c, backend, stack)
