@@ -100,6 +100,7 @@ class Cluster:
     port: int
     stats_port: int
     ca: ssl.SSLContext
+    root_pem: str
     haproxy: subprocess.Popen[bytes] | None = None
     directory: Path = field(default_factory=Path)
 
@@ -208,7 +209,7 @@ async def cluster(
     )
     (tmp_path / "haproxy.cfg").write_text(cfg)
     ca = ssl.create_default_context(cadata=chain.root.pem)
-    c = Cluster(instances, keyring, port, stats, ca, directory=tmp_path)
+    c = Cluster(instances, keyring, port, stats, ca, chain.root.pem, directory=tmp_path)
     try:
         for inst in instances:
             inst.start()

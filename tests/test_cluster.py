@@ -11,8 +11,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from cluster_helpers import Cluster, RedisServer, cluster, free_tcp_port
+from cluster_helpers import FQDN, Cluster, RedisServer, cluster, free_tcp_port
+from conftest import require_tool
 from harness import RFBClient, connect_echo, echo_backend, tcp_server
+from playwright.async_api import async_playwright
+from playwright.async_api import expect as pw_expect
+from test_page import CHROMIUM_ARGS, TIMEOUT_MS, NssTrust, demo_server, nss_trust  # noqa: F401 - fixture
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 LAYOUTS = ["passthrough", "http"]
@@ -74,7 +78,7 @@ async def test_thirty_consoles_spread_then_drain_one(tmp_path: Path, layout: str
         assert await asyncio.to_thread(drained.proc.wait, 20) == 0, drained.log
 
 
-@pytest.mark.parametrize("layout", ["passthrough"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 async def test_sigkill_one_instance(tmp_path: Path, layout: str) -> None:
     async with redis() as r, cluster(tmp_path, layout=layout, replay=r.url) as c, \
             tcp_server(echo_backend) as backend, contextlib.AsyncExitStack() as stack:
@@ -92,8 +96,9 @@ async def test_sigkill_one_instance(tmp_path: Path, layout: str) -> None:
         assert all(results[12:])
 
 
-async def test_single_use_across_instances_and_redis_down(tmp_path: Path) -> None:
-    async with redis() as r, cluster(tmp_path, layout="passthrough", replay=r.url) as c, \
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_single_use_across_instances_and_redis_down(tmp_path: Path, layout: str) -> None:
+    async with redis() as r, cluster(tmp_path, layout=layout, replay=r.url) as c, \
             tcp_server(echo_backend) as backend, contextlib.AsyncExitStack() as stack:
         token = c.token(backend)
         first = await stack.enter_async_context(RFBClient.connect(c.url(token), **c.connect_kwargs()))
@@ -117,3 +122,37 @@ async def test_single_use_across_instances_and_redis_down(tmp_path: Path) -> Non
         await r.start()  # same port: the instances find it again
         await c.wait_states({inst.name: "UP" for inst in c.instances})
         await open_console(c, backend, stack)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_page_through_haproxy_on_any_instance(
+    tmp_path: Path, nss_trust: NssTrust, layout: str  # noqa: F811 - the fixture imported above
+) -> None:
+    """FQDN mode end to end: Chromium opens https://console.test/console on two instances."""
+    chromium = require_tool("chromium", "chromium")
+    async with redis() as r, cluster(tmp_path, layout=layout, replay=r.url, count=2) as c, \
+            demo_server() as demo:
+        root = tmp_path / "root.pem"
+        root.write_text(c.root_pem)
+        nss_trust.trust(root)
+        args = [*CHROMIUM_ARGS, f"--host-resolver-rules=MAP {FQDN} 127.0.0.1"]
+        async with async_playwright() as pw:
+            b = await pw.chromium.launch(executable_path=chromium, args=args, timeout=30_000,
+                                         env={**os.environ, "HOME": str(nss_trust.home)})
+            try:
+                for n in range(2):
+                    page = await b.new_page()
+                    token = c.token(demo.port, password=demo.password, name=f"vm-{n}", vm=f"vm-{n}")
+                    await page.goto(f"https://{FQDN}:{c.port}/console?token={token}&language=en")
+                    status = page.locator("#status")
+                    await pw_expect(status).to_have_attribute("data-state", "connected", timeout=TIMEOUT_MS)
+                    active = await per_instance(c, "consoleproxy_sessions_active")
+                    if n == 0:
+                        # take the instance that served it out of rotation: the next page must
+                        # come, certificate, files and console, from the other one
+                        first = active.index(1)
+                        await c.instances[first].admin("POST", "/api/drain")
+                        await c.wait_states({c.instances[first].name: "DOWN"})
+                assert active[first] == 1 and sum(active) == 2, active
+            finally:
+                await b.close()
