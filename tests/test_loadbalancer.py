@@ -68,3 +68,22 @@ def test_bad_arguments(argv: list[str], needle: str, capsys: pytest.CaptureFixtu
 def test_parse_backend() -> None:
     assert parse_backend("10.0.0.5:443") == Backend("10.0.0.5", 443)
     assert parse_backend("[::1]:8443") == Backend("::1", 8443)
+
+
+@pytest.mark.parametrize(
+    ("name", "argv"),
+    [
+        ("haproxy-passthrough.cfg", []),
+        ("haproxy-http.cfg", ["--mode", "http"]),
+    ],
+)
+def test_examples_are_what_the_generator_prints(
+    name: str, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """loadbalancer/*.cfg are the generator's output, so the guide's examples cannot drift."""
+    port = "8080" if argv else "443"
+    backends = [a for i in (11, 12, 13) for a in ("--backend", f"10.0.0.{i}:{port}")]
+    assert main(["loadbalancer", "haproxy", *argv, "--fqdn", "console.company.com", *backends,
+                 "--stats", "127.0.0.1:8404"]) == 0
+    example = Path(__file__).parent.parent / "loadbalancer" / name
+    assert capsys.readouterr().out == example.read_text()
