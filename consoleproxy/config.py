@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .replay import BadStoreURL, parse_store_url, redact_url
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_port_range"]
 
@@ -80,8 +81,23 @@ def _hostport(v: Any) -> str | None:
     return None
 
 
-def _opt(check: Check | None = None, doc: str = "") -> dict[str, Any]:
-    return {"check": check, "doc": doc}
+def _replay_store_url(v: Any) -> str | None:
+    try:
+        parse_store_url(v)
+    except BadStoreURL as exc:
+        return f"memory, sqlite:///FILE or redis://HOST[:PORT][/DB] ({exc})"
+    return None
+
+
+def _redacted(v: Any) -> str:
+    return repr(redact_url(str(v)))
+
+
+def _opt(
+    check: Check | None = None, doc: str = "", show: Callable[[Any], str] = repr
+) -> dict[str, Any]:
+    # show: how a wrong value is quoted in the error (a URL may hold a password).
+    return {"check": check, "doc": doc, "show": show}
 
 
 def parse_port_range(text: str) -> tuple[range, ...]:
@@ -206,7 +222,13 @@ class Dns:
 
 @dataclass(frozen=True)
 class Cluster:
-    replay_store: str = field(default="memory", metadata=_opt())
+    # memory (one process), sqlite:///FILE (processes of one machine), redis://HOST:PORT/DB.
+    replay_store: str = field(default="memory", metadata=_opt(_replay_store_url, show=_redacted))
+    # When a shared store cannot answer: "reject" new consoles (4008, /readyz 503) or "accept"
+    # them without the single-use check (counted in replay_store_errors_total).
+    on_store_error: str = field(default="reject", metadata=_opt(_choice("reject", "accept")))
+    # Bound on each store call (connect, command, SQLite lock wait), so an outage fails fast.
+    store_timeout_seconds: float = field(default=1.0, metadata=_opt(_range(0.05, 30)))
 
 
 @dataclass(frozen=True)
@@ -337,7 +359,8 @@ def _build_section(
         if check is not None:
             problem = check(v)
             if problem:
-                raise ConfigError(f"{where}: [{name}] {f.name}: expected {problem}, got {v!r}")
+                shown = f.metadata.get("show", repr)(v)
+                raise ConfigError(f"{where}: [{name}] {f.name}: expected {problem}, got {shown}")
         kwargs[f.name] = v
     return cls(**kwargs)
 

@@ -51,6 +51,12 @@ class Metrics:
         self.dns_queries_total = Counter(
             p + "dns_queries_total", "DNS queries answered, by rcode", ["rcode"], registry=r
         )
+        self.replay_store_errors_total = Counter(
+            p + "replay_store_errors_total",
+            "Token checks the shared replay store could not answer (with [cluster] "
+            "on_store_error = accept, each admitted a console without the single-use check)",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -4,29 +4,57 @@ A store answers one question atomically: "is this the first time this key is see
 until their ``expires_at`` (the token's ``exp`` plus the clock skew allowance); after that the
 token would be refused as expired anyway, so forgetting the key is safe.
 
-Only :class:`MemoryReplayStore` exists today; it protects one proxy instance. Cluster-wide
-single use needs a shared store behind the same :class:`ReplayStore` protocol, planned as:
+``[cluster] replay_store`` picks one (:func:`parse_store_url`, :func:`open_replay_store`):
 
-* ``SqliteReplayStore`` -- ``INSERT OR IGNORE`` into a table keyed by ``key`` with an
-  ``expires_at`` column, ``changes() == 1`` meaning first use; for several workers on one host.
-* ``RedisReplayStore`` -- ``SET key 1 NX EXAT <expires_at>``, a reply of ``OK`` meaning first use;
-  for several hosts. ``ping`` maps to ``PING`` so ``/readyz`` can report a lost store.
+* ``memory`` -- :class:`MemoryReplayStore`, one process. Single use holds per instance only.
+* ``sqlite:///FILE`` -- :class:`SqliteReplayStore`, one file shared by several processes on one
+  machine (``serve --workers N``). One upsert per token: a row whose ``expires_at`` has passed is
+  replaced, ``changes() == 1`` means first use.
+* ``redis://HOST:PORT/DB`` or ``rediss://…`` -- :class:`RedisReplayStore`, shared by several
+  hosts: ``SET prefix+key 1 NX PX <ms>``, a reply of ``OK`` meaning first use; ``ping`` is ``PING``.
 
-Either must keep the "never forget a live key" rule below: a store that cannot record a key must
-refuse the token rather than admit it.
+Every store keeps the "never forget a live key" rule: a store that cannot record a key raises
+:class:`ReplayStoreFull` or :class:`ReplayStoreUnavailable` instead of answering "first use".
+What happens then is decided in one place, :class:`GuardedReplayStore`, from ``[cluster]
+on_store_error``: ``reject`` (default) refuses the console with 4008, ``accept`` lets it through
+without the single-use check, counts it and logs one warning per outage.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
+import logging
+import math
+import sqlite3
 import time
 from collections.abc import Callable
-from typing import Protocol
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
-from .errors import SessionLimit
+from .errors import ConsoleProxyError, SessionLimit
 
-__all__ = ["MemoryReplayStore", "ReplayStore", "ReplayStoreFull"]
+__all__ = [
+    "BadStoreURL",
+    "GuardedReplayStore",
+    "MemoryReplayStore",
+    "RedisReplayStore",
+    "ReplayStore",
+    "ReplayStoreFull",
+    "ReplayStoreUnavailable",
+    "SqliteReplayStore",
+    "StoreURL",
+    "open_replay_store",
+    "parse_store_url",
+    "redact_url",
+]
 
+log = logging.getLogger("consoleproxy.replay")
+
+_T = TypeVar("_T")
 
 class ReplayStoreFull(SessionLimit):
     """The store holds ``max_entries`` unexpired keys and cannot record another.
@@ -37,6 +65,29 @@ class ReplayStoreFull(SessionLimit):
     """
 
     reason = "replay store full"
+
+
+class ReplayStoreUnavailable(SessionLimit):
+    """A shared store (SQLite file, Redis) could not answer: down, timed out, locked, read-only.
+
+    Close code 4008 ("session limit reached"): DESIGN.md section 8 has no code for "a service this
+    proxy depends on is down", and of its codes 4008 is the one that means "refused for now, not
+    because of your token; try again shortly" -- as for :class:`ReplayStoreFull`. 4003 would tell
+    the user the link was used (it was not), 4001 that it is bad, 1001 that this proxy is going
+    away. The reason text says which it is. Raised by the stores; :class:`GuardedReplayStore`
+    passes it on under ``on_store_error = "reject"`` and swallows it under ``"accept"``.
+    """
+
+    reason = "replay store unavailable; try again shortly"
+
+    def __init__(self, detail: str) -> None:
+        # The browser sees only ``reason``; ``detail`` (a path, a host, an error) is for the log.
+        super().__init__(None)
+        self.detail = detail
+
+
+class BadStoreURL(ConsoleProxyError, ValueError):
+    """``[cluster] replay_store`` is not ``memory``, ``sqlite:///FILE`` or ``redis[s]://HOST[:PORT][/DB]``."""
 
 
 class ReplayStore(Protocol):
@@ -114,3 +165,397 @@ class MemoryReplayStore:
     async def close(self) -> None:
         self._expiry.clear()
         self._heap.clear()
+
+
+# --- store URLs (pure) -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreURL:
+    """A parsed ``[cluster] replay_store``."""
+
+    kind: Literal["memory", "sqlite", "redis"]
+    path: str = ""  # sqlite: the file as written; relative = relative to the configuration file
+    url: str = ""  # redis: the URL as written, for redis-py
+
+
+def parse_store_url(text: str) -> StoreURL:
+    """Check a store URL without touching the network or the disk; :class:`BadStoreURL` if wrong.
+
+    SQLite follows SQLAlchemy's spelling: three slashes then a relative path, four for an
+    absolute one (``sqlite:////var/lib/consoleproxy/replay.db``).
+    """
+    t = text.strip()
+    if not t:
+        raise BadStoreURL("empty")
+    if t == "memory":
+        return StoreURL("memory")
+    scheme, sep, _ = t.partition(":")
+    scheme = scheme.lower()
+    if sep and scheme == "sqlite":
+        if not t.startswith("sqlite:///"):
+            raise BadStoreURL("a SQLite URL has no host: sqlite:///relative.db or sqlite:////absolute.db")
+        path = t[len("sqlite:///") :]
+        if not path or path.endswith("/"):
+            raise BadStoreURL("the SQLite URL names no file")
+        if "?" in path or "#" in path:
+            raise BadStoreURL("a SQLite URL takes no query or fragment")
+        if path == ":memory:":
+            raise BadStoreURL("an in-memory SQLite database is not shared; use memory")
+        return StoreURL("sqlite", path=path)
+    if sep and scheme in ("redis", "rediss"):
+        parts = urlsplit(t)
+        if not t[len(scheme) :].startswith("://"):
+            raise BadStoreURL(f"write {scheme}://HOST[:PORT][/DB]")
+        if not parts.hostname:
+            raise BadStoreURL("the Redis URL names no host")
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port is not None and not 1 <= port <= 65535:
+            raise BadStoreURL("the Redis port must be 1-65535")
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise BadStoreURL(f"the Redis database must be a number, not {db[:20]!r}")
+        if parts.fragment:
+            raise BadStoreURL("a Redis URL takes no fragment")
+        return StoreURL("redis", url=t)
+    raise BadStoreURL(f"unknown store {t.partition(':')[0][:20]!r}")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "(unreadable URL)"
+
+
+def open_replay_store(
+    url: str,
+    *,
+    base_dir: Path | None = None,
+    timeout: float = 1.0,
+    key_prefix: str = "consoleproxy:replay:",
+    clock: Callable[[], float] = time.time,
+) -> ReplayStore:
+    """The store ``url`` names (:func:`parse_store_url`); a relative SQLite path is under ``base_dir``.
+
+    Raises :class:`BadStoreURL` for a wrong URL and :class:`ReplayStoreUnavailable` when a SQLite
+    file cannot be opened. A Redis store connects on first use (a Redis that is down at start is
+    an outage, handled like one later).
+    """
+    spec = parse_store_url(url)
+    if spec.kind == "memory":
+        return MemoryReplayStore(clock=clock)
+    if spec.kind == "sqlite":
+        path = Path(spec.path).expanduser()
+        if not path.is_absolute():
+            path = (base_dir or Path.cwd()) / path
+        return SqliteReplayStore(path, timeout=timeout, clock=clock)
+    return RedisReplayStore(spec.url, timeout=timeout, key_prefix=key_prefix, clock=clock)
+
+
+# --- SQLite ----------------------------------------------------------------------------------
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS replay (key TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS replay_expires_at ON replay (expires_at)",
+)
+# One statement, so one write transaction: atomic against every process using the file. A row
+# still live (expires_at >= now) is left alone and changes() is 0 -- "seen"; a new key or an
+# expired row is (re)written and changes() is 1 -- "first use".
+_ADD = (
+    "INSERT INTO replay (key, expires_at) VALUES (?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at WHERE replay.expires_at < ?"
+)
+_PURGE = "DELETE FROM replay WHERE key IN (SELECT key FROM replay WHERE expires_at < ? LIMIT ?)"
+
+
+class SqliteReplayStore:
+    """Keys in one SQLite file, shared by the processes of one machine (not over NFS).
+
+    WAL journal, so readers never wait and writers wait at most ``timeout`` (SQLite's busy
+    timeout) for each other; past that the add raises :class:`ReplayStoreUnavailable`.
+    ``synchronous = NORMAL``: a committed key survives a crash of the process; after a power
+    loss the last few may be lost, but so are the consoles they admitted.
+
+    All database work runs on one dedicated thread with one connection: no locking in Python,
+    and a slow disk cannot take the default executor's threads from the rest of the proxy.
+    Expired rows are deleted at most every ``purge_interval`` seconds, ``purge_batch`` at a
+    time so one purge never holds the write lock for long.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        timeout: float = 1.0,
+        clock: Callable[[], float] = time.time,
+        purge_interval: float = 60.0,
+        purge_batch: int = 10_000,
+    ) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+        self._clock = clock
+        self.purge_interval = purge_interval
+        self.purge_batch = purge_batch
+        self._next_purge = 0.0
+        self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="replay-sqlite"
+        )
+        self._conn: sqlite3.Connection | None = None
+        # Opened here so a file that cannot be created fails at start, not at the first console.
+        self._call(lambda conn: None)
+
+    def _open(self) -> sqlite3.Connection:
+        # check_same_thread=False: opened by the constructor, then used only by the worker thread.
+        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            for stmt in _SCHEMA:
+                conn.execute(stmt)
+        except sqlite3.Error:
+            conn.close()
+            raise
+        return conn
+
+    def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``fn`` with the connection (in the worker thread, or at construction)."""
+        try:
+            if self._conn is None:
+                self._conn = self._open()
+            return fn(self._conn)
+        except sqlite3.Error as exc:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                # Start clean next time: the file may have been moved or its disk remounted.
+                conn.close()
+            raise ReplayStoreUnavailable(f"sqlite {self.path}: {exc}") from None
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._executor is None:
+            raise ReplayStoreUnavailable(f"sqlite {self.path}: store closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
+
+    async def add(self, key: str, expires_at: float) -> bool:
+        now = self._clock()
+
+        def op(conn: sqlite3.Connection) -> bool:
+            first = conn.execute(_ADD, (key, expires_at, now)).rowcount == 1
+            mono = time.monotonic()
+            if mono >= self._next_purge:
+                self._next_purge = mono + self.purge_interval
+                try:
+                    conn.execute(_PURGE, (now, self.purge_batch))
+                except sqlite3.Error as exc:
+                    # The key is recorded; a purge can wait for the next interval.
+                    log.warning("replay store %s: purge failed: %s", self.path, exc)
+            return first
+
+        return await self._run(op)
+
+    async def ping(self) -> bool:
+        try:
+            await self._run(lambda conn: conn.execute("SELECT 1 FROM replay LIMIT 1").fetchall())
+        except ReplayStoreUnavailable:
+            return False
+        return True
+
+    async def count(self) -> int:
+        """Rows in the file, expired or not (for tests and diagnostics)."""
+        return int(await self._run(lambda conn: conn.execute("SELECT count(*) FROM replay").fetchone()[0]))
+
+    async def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+
+        def shut() -> None:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+        await asyncio.get_running_loop().run_in_executor(executor, shut)
+        executor.shutdown(wait=False)
+
+
+# --- Redis -----------------------------------------------------------------------------------
+
+
+class RedisReplayStore:
+    """Keys in Redis, shared by every instance of a cluster: ``SET prefix+key 1 NX PX ms``.
+
+    The expiry is sent relative (``PX``, milliseconds left by this proxy's clock, rounded up)
+    rather than absolute (``EXAT``): the key then expires when this proxy's clock passes
+    ``expires_at`` even if the Redis host's clock is off, and it is this proxy's clock that
+    decides whether the token has expired.
+
+    A dead Redis must fail a handshake fast, not hang it: connect and socket timeouts are
+    ``timeout``; a refused or broken connection is retried once at once (a Redis that restarted
+    left a stale pooled connection), a timeout never; the whole call is bounded by
+    ``2 * timeout``. The pool holds at most ``max_connections`` connections, so a burst of
+    handshakes during an outage cannot open thousands of sockets. redis-py is imported here, so
+    proxies without a Redis store never load it.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 1.0,
+        key_prefix: str = "consoleproxy:replay:",
+        clock: Callable[[], float] = time.time,
+        max_connections: int = 50,
+    ) -> None:
+        from redis.asyncio import BlockingConnectionPool, Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        self.where = redact_url(url)
+        self.timeout = timeout
+        self.key_prefix = key_prefix
+        self._clock = clock
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout,  # waiting for a free pooled connection
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            retry_on_error=[RedisConnectionError],
+        )
+        self._redis = Redis.from_pool(pool)
+
+    async def _do(self, what: str, call: Callable[[], Any]) -> Any:
+        from redis.exceptions import RedisError
+
+        try:
+            async with asyncio.timeout(2 * self.timeout):
+                return await call()
+        except TimeoutError:
+            raise ReplayStoreUnavailable(f"redis {self.where}: {what} timed out") from None
+        except (RedisError, OSError) as exc:
+            raise ReplayStoreUnavailable(f"redis {self.where}: {what}: {exc}") from None
+
+    async def add(self, key: str, expires_at: float) -> bool:
+        ttl_ms = max(1, math.ceil((expires_at - self._clock()) * 1000))
+        reply = await self._do(
+            "SET", lambda: self._redis.set(self.key_prefix + key, b"1", nx=True, px=ttl_ms)
+        )
+        return reply is not None and reply is not False
+
+    async def ping(self) -> bool:
+        try:
+            await self._do("PING", self._redis.ping)
+        except ReplayStoreUnavailable:
+            return False
+        return True
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+# --- the failure policy ----------------------------------------------------------------------
+
+
+class GuardedReplayStore:
+    """The store the validators use: applies ``[cluster] on_store_error`` in one place.
+
+    * ``reject`` -- :class:`ReplayStoreUnavailable` reaches the console path (close code 4008),
+      and :meth:`not_ready_reason` reports the outage so a balancer sends consoles elsewhere.
+    * ``accept`` -- the token is let through without the single-use check.
+
+    Either way each failed add calls ``on_failure`` (the ``replay_store_errors_total`` metric),
+    and one warning is logged when an outage starts and one line when it ends, not one per
+    console. :meth:`refresh` pings a shared store at most every ``check_interval`` seconds
+    (callers during a ping share it), so ``/readyz`` stays cheap; a successful or failed add
+    counts as a check too. ``ReplayStoreFull`` is not an outage and passes through unchanged.
+    """
+
+    def __init__(
+        self,
+        store: ReplayStore,
+        *,
+        on_error: str = "reject",
+        on_failure: Callable[[], object] = lambda: None,
+        name: str = "",
+        check_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if on_error not in ("reject", "accept"):
+            raise ValueError(f"on_error must be 'reject' or 'accept', got {on_error!r}")
+        self.store = store
+        self.on_error = on_error
+        self._on_failure = on_failure
+        self.name = name or type(store).__name__
+        self.shared = not isinstance(store, MemoryReplayStore)
+        self.check_interval = check_interval
+        self._clock = clock
+        self.reachable = True
+        self._checked_at = -math.inf
+        self._ping: asyncio.Future[bool] | None = None
+
+    def _lost(self, detail: str) -> None:
+        self._checked_at = self._clock()
+        if self.reachable:
+            self.reachable = False
+            then = (
+                "new consoles are refused (4008) until it answers"
+                if self.on_error == "reject"
+                else "new consoles are admitted WITHOUT the single-use check until it answers"
+            )
+            log.warning("replay store unreachable (%s): %s; %s", self.name, detail, then)
+
+    def _found(self) -> None:
+        self._checked_at = self._clock()
+        if not self.reachable:
+            self.reachable = True
+            log.warning("replay store reachable again (%s)", self.name)
+
+    async def add(self, key: str, expires_at: float) -> bool:
+        try:
+            first = await self.store.add(key, expires_at)
+        except ReplayStoreUnavailable as exc:
+            self._on_failure()
+            self._lost(exc.detail)
+            if self.on_error == "reject":
+                raise
+            return True
+        self._found()
+        return first
+
+    async def ping(self) -> bool:
+        ok = await self.store.ping()
+        if ok:
+            self._found()
+        else:
+            self._lost("no answer to a health check")
+        return ok
+
+    async def refresh(self) -> None:
+        """Ping the store if its last answer is older than ``check_interval`` (shared stores only)."""
+        if not self.shared or self._clock() - self._checked_at < self.check_interval:
+            return
+        if self._ping is None or self._ping.done():
+            self._ping = asyncio.ensure_future(self.ping())
+        # Shielded: a health check that gives up must not cancel the ping others wait for.
+        await asyncio.shield(self._ping)
+
+    def not_ready_reason(self) -> str | None:
+        if self.shared and self.on_error == "reject" and not self.reachable:
+            return "replay store unreachable"
+        return None
+
+    async def close(self) -> None:
+        if self._ping is not None and not self._ping.done():
+            self._ping.cancel()
+        await self.store.close()

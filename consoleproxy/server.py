@@ -42,7 +42,13 @@ from .forwarded import client_address, parse_networks
 from .metrics import Metrics
 from .query import raw_query_param
 from .relay import STREAM_LIMIT, Relay
-from .replay import MemoryReplayStore
+from .replay import (
+    BadStoreURL,
+    GuardedReplayStore,
+    ReplayStoreUnavailable,
+    open_replay_store,
+    redact_url,
+)
 from .sessions import Registry, Session
 from .targets import TargetPolicy
 from .tokens import Claims, Keyring, TokenValidator
@@ -86,7 +92,7 @@ class ProxyServer:
         self.certstore: CertStore | None = tls.store if tls else None
         self.certificate_problem: str | None = None
         self.dev_ca: Path | None = None
-        self.replay = MemoryReplayStore()
+        self.replay = self._replay_store()
         self.validator: TokenValidator | None = None
         self.cloudstack: CloudStackValidator | None = None
         if cfg.tokens.format == "cloudstack":
@@ -127,6 +133,24 @@ class ProxyServer:
         self.admin_key: str | None = None
         self.dns: DnsServer | None = None
         self._dns_settings = self._dns_config()
+
+    def _replay_store(self) -> GuardedReplayStore:
+        """``[cluster] replay_store`` with its failure policy; a SQLite file is opened now."""
+        c = self.cfg.cluster
+        try:
+            store = open_replay_store(
+                c.replay_store, base_dir=self.cfg.base_dir, timeout=c.store_timeout_seconds
+            )
+        except BadStoreURL as exc:
+            raise ConfigError(f"[cluster] replay_store: {exc}") from None
+        except ReplayStoreUnavailable as exc:
+            raise ConfigError(f"[cluster] replay_store: cannot open it: {exc.detail}") from None
+        return GuardedReplayStore(
+            store,
+            on_error=c.on_store_error,
+            on_failure=self.metrics.replay_store_errors_total.inc,
+            name=redact_url(c.replay_store),
+        )
 
     def _cloudstack_validator(self) -> CloudStackValidator:
         """Tokens as a CloudStack/Mold management server makes them (DESIGN 7)."""
@@ -353,12 +377,15 @@ class ProxyServer:
             return "draining"
         if self.cfg.listen.tls and self.certificate_problem:
             return self.certificate_problem
+        if (store_problem := self.replay.not_ready_reason()) is not None:
+            return store_problem
         unready_at = self.cfg.limits.unready_at_sessions
         if self.registry.at_capacity() or (unready_at and len(self.registry) >= unready_at):
             return "at capacity"
         return None
 
     async def handle_readyz(self, request: web.Request) -> web.Response:
+        await self.replay.refresh()  # pings a shared store at most once a second
         reason = self.not_ready_reason()
         if reason is None:
             return web.json_response({"status": "ready"})

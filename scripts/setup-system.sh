@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system programs the suite drives for real (QEMU, dig, TigerVNC's Xvnc, haproxy,
-# a JDK that makes CloudStack-style tokens).
+# redis-server, a JDK that makes CloudStack-style tokens).
 # As root and with something missing: apt-get update, then apt-get install -y.
 # Under CI=true a tool still missing after that fails the run; it never silently skips.
 set -euo pipefail
@@ -12,6 +12,7 @@ declare -A need=(
   [Xvnc]=tigervnc-standalone-server
   [openssl]=openssl
   [haproxy]=haproxy
+  [redis-server]=redis-server
   [vncpasswd]=tigervnc-tools
   [javac]=default-jdk-headless
 )

@@ -94,9 +94,12 @@ class Proxy:
 
 
 @contextlib.asynccontextmanager
-async def running_proxy(tmp_path: Path, **sections: dict[str, Any]) -> AsyncIterator[Proxy]:
+async def running_proxy(
+    tmp_path: Path, keyring: Keyring | None = None, **sections: dict[str, Any]
+) -> AsyncIterator[Proxy]:
+    """A started ProxyServer; pass one ``keyring`` to several for instances of one cluster."""
     cfg = make_config(tmp_path, **sections)
-    keyring = Keyring.generate()
+    keyring = keyring or Keyring.generate()
     global _client_ssl
     server = ProxyServer(cfg, keyring=keyring)
     await server.start()

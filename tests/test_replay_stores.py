@@ -1,0 +1,598 @@
+"""Shared replay stores (issue 7 point 4): SQLite and Redis behind the ReplayStore protocol, the
+[cluster] failure policy, and readiness while a shared store is down.
+
+The stores run for real: SQLite files in tmp_path (shared by real processes), a real
+redis-server per test (``redis_server`` fixture, tests/redis_helpers.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from harness import RFBClient, connect_echo, echo_backend, expect_close, running_proxy, tcp_server
+from redis_helpers import RedisServer
+
+from consoleproxy.cloudstack import CloudStackKeys, CloudStackValidator, encrypt_gcm
+from consoleproxy.config import ConfigError, load_config, replace
+from consoleproxy.errors import ConsoleError, TokenAlreadyUsed
+from consoleproxy.replay import (
+    BadStoreURL,
+    GuardedReplayStore,
+    MemoryReplayStore,
+    RedisReplayStore,
+    ReplayStore,
+    ReplayStoreFull,
+    ReplayStoreUnavailable,
+    SqliteReplayStore,
+    StoreURL,
+    open_replay_store,
+    parse_store_url,
+    redact_url,
+)
+from consoleproxy.server import ProxyServer
+from consoleproxy.tokens import Keyring
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- the protocol's contract, for every store ------------------------------------------------
+
+STORES = ["memory", "sqlite", "redis"]
+
+
+@pytest.fixture(params=STORES)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ReplayStore]:
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        s: ReplayStore = RedisReplayStore(server.url)
+    elif request.param == "sqlite":
+        s = SqliteReplayStore(tmp_path / "replay.db")
+    else:
+        s = MemoryReplayStore()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_contract_first_use_then_seen(store: ReplayStore) -> None:
+    exp = time.time() + 60
+    assert await store.add("a", exp) is True
+    assert await store.add("a", exp) is False
+    assert await store.add("a", exp + 100) is False  # a later expiry does not make it new
+    assert await store.add("b", exp) is True
+    assert await store.ping() is True
+
+
+async def test_contract_expired_key_can_be_added_again(store: ReplayStore) -> None:
+    exp = time.time() + 0.3
+    assert await store.add("k", exp) is True
+    assert await store.add("k", exp) is False
+    # Forgotten once past its expiry; bounded wait for the store to let it go.
+    async with asyncio.timeout(5):
+        while not await store.add("k", time.time() + 60):
+            await asyncio.sleep(0.05)
+    assert time.time() >= exp
+    assert await store.add("k", time.time() + 60) is False  # and recorded again
+
+
+async def test_contract_concurrent_adds_of_one_key_one_winner(store: ReplayStore) -> None:
+    exp = time.time() + 60
+    results = await asyncio.gather(*(store.add("same", exp) for _ in range(64)))
+    assert results.count(True) == 1
+
+
+# --- SQLite ------------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_sqlite_expiry_boundary_and_purge(tmp_path: Path) -> None:
+    clock = Clock(1000)
+    store = SqliteReplayStore(tmp_path / "r.db", clock=clock, purge_interval=0)
+    try:
+        assert await store.add("a", 1100)
+        for i in range(10):
+            assert await store.add(f"old{i}", 1000 + i)
+        clock.now = 1100  # the validator still accepts at exp + skew exactly
+        assert await store.add("a", 1100) is False
+        assert await store.count() == 1  # that add purged old0..old9 (all < 1100)
+        clock.now = 1100.001
+        assert await store.add("a", 1200) is True  # replaced once strictly past
+        assert await store.add("a", 1200) is False
+    finally:
+        await store.close()
+
+
+async def test_sqlite_uses_wal_and_a_relative_url_is_under_the_config_dir(tmp_path: Path) -> None:
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    (conf_dir / "consoleproxy.toml").write_text('[cluster]\nreplay_store = "sqlite:///state/replay.db"\n')
+    (conf_dir / "state").mkdir()
+    cfg = load_config(conf_dir / "consoleproxy.toml", env={})
+    store = open_replay_store(cfg.cluster.replay_store, base_dir=cfg.base_dir)
+    try:
+        assert isinstance(store, SqliteReplayStore)
+        assert store.path == conf_dir / "state" / "replay.db"
+        assert await store.add("x", time.time() + 60)
+    finally:
+        await store.close()
+    with sqlite3.connect(conf_dir / "state" / "replay.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("SELECT key FROM replay").fetchall() == [("x",)]
+
+
+async def test_sqlite_locked_past_the_timeout_is_unavailable_not_first_use(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    store = SqliteReplayStore(path, timeout=0.1)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+        with pytest.raises(ReplayStoreUnavailable) as err:
+            await store.add("k", time.time() + 60)
+        assert "locked" in err.value.detail and err.value.close_code == 4008
+        assert str(path) not in str(err.value)  # the browser sees no path
+        blocker.execute("ROLLBACK")
+        assert await store.add("k", time.time() + 60) is True  # reconnects and works again
+    finally:
+        blocker.close()
+        await store.close()
+
+
+def test_sqlite_file_that_cannot_be_created_fails_at_start(tmp_path: Path) -> None:
+    cfg = load_config(env={})
+    cfg = replace(cfg, cluster={"replay_store": f"sqlite:///{tmp_path}/missing-dir/replay.db"},
+                  admin={"key_file": str(tmp_path / "admin.key")})
+    with pytest.raises(ConfigError, match=r"\[cluster\] replay_store: cannot open it: sqlite .*missing-dir"):
+        ProxyServer(cfg, keyring=Keyring.generate())
+
+
+_WORKER = r"""
+import asyncio, json, os, random, sys, time
+from consoleproxy.replay import SqliteReplayStore
+
+async def main(db, go, n):
+    store = SqliteReplayStore(db, timeout=5)
+    print("ready", flush=True)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(go):  # start together, so the adds really race
+        assert time.monotonic() < deadline, "never told to go"
+        await asyncio.sleep(0.001)
+    exp = time.time() + 600
+    order = list(range(n))
+    random.shuffle(order)  # each its own order: a process that lags still reaches keys first
+    won = [k for k in order if await store.add(f"key{k}", exp)]
+    await store.close()
+    print(json.dumps(won))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+async def test_sqlite_shared_by_processes_each_key_wins_once(tmp_path: Path) -> None:
+    db, go, n = tmp_path / "replay.db", tmp_path / "go", 3000
+    SqliteReplayStore(db)  # create the file first, as the first worker would
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _WORKER, str(db), str(go), str(n),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        )
+        for _ in range(3)
+    ]
+    async with asyncio.timeout(60):
+        for p in procs:  # all imported and opened: then start them together
+            assert p.stdout is not None
+            assert await p.stdout.readline() == b"ready\n"
+        go.touch()
+        outs = [await p.communicate() for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err.decode()
+    won = [set(json.loads(out)) for out, _ in outs]
+    assert sum(len(w) for w in won) == n  # every key accepted exactly once across the processes
+    assert set().union(*won) == set(range(n))
+    # every process won some keys: they ran at the same time (one finishing first would take all)
+    assert all(won), [len(w) for w in won]
+
+
+# --- Redis -------------------------------------------------------------------------------------
+
+
+async def test_redis_keys_carry_prefix_and_expiry(redis_server: RedisServer) -> None:
+    import redis.asyncio as aioredis
+
+    store = RedisReplayStore(redis_server.url, key_prefix="cp-test:")
+    probe = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert await store.add("jti-1", time.time() + 30)
+        ttl = await probe.pttl("cp-test:jti-1")
+        assert 28_000 < ttl <= 30_000
+    finally:
+        await probe.aclose()
+        await store.close()
+
+
+async def test_redis_down_is_unavailable_and_comes_back(redis_server: RedisServer) -> None:
+    store = RedisReplayStore(redis_server.url, timeout=0.5)
+    try:
+        assert await store.add("a", time.time() + 60)
+        redis_server.stop()
+        assert await store.ping() is False
+        with pytest.raises(ReplayStoreUnavailable) as err:
+            await store.add("b", time.time() + 60)
+        assert err.value.close_code == 4008 and "redis redis://127.0.0.1" in err.value.detail
+        redis_server.start()  # same port, empty
+        assert await store.ping() is True
+        assert await store.add("b", time.time() + 60) is True
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def silent_port() -> AsyncIterator[int]:
+    """A TCP port that accepts connections and never answers: a hung Redis."""
+
+    async def hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.read()  # until the client gives up
+
+    async with tcp_server(hold) as port:
+        yield port
+
+
+async def test_hung_redis_fails_within_the_timeout(silent_port: int) -> None:
+    store = RedisReplayStore(f"redis://127.0.0.1:{silent_port}/0", timeout=0.2)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ReplayStoreUnavailable, match="unavailable"):
+            await store.add("k", time.time() + 60)
+        assert time.monotonic() - t0 < 2, "a hung Redis must fail a console within 2 s (timeout 0.2 s)"
+        t0 = time.monotonic()
+        assert await store.ping() is False
+        assert time.monotonic() - t0 < 2
+    finally:
+        await store.close()
+
+
+def test_redis_store_never_logs_the_password() -> None:
+    store = RedisReplayStore("redis://user:s3cret@127.0.0.1:1/0")
+    assert "s3cret" not in store.where and "***" in store.where
+
+
+# --- URLs and [cluster] configuration ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("memory", StoreURL("memory")),
+        ("sqlite:///replay.db", StoreURL("sqlite", path="replay.db")),
+        ("sqlite:////var/lib/cp/replay.db", StoreURL("sqlite", path="/var/lib/cp/replay.db")),
+        ("redis://10.0.0.5:6379/2", StoreURL("redis", url="redis://10.0.0.5:6379/2")),
+        ("rediss://:pw@redis.example:6380", StoreURL("redis", url="rediss://:pw@redis.example:6380")),
+        ("redis://localhost", StoreURL("redis", url="redis://localhost")),
+    ],
+)
+def test_store_urls(url: str, expected: StoreURL) -> None:
+    assert parse_store_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("", "empty"),
+        ("memcached://x:1", "unknown store 'memcached'"),
+        ("/var/lib/replay.db", "unknown store"),
+        ("sqlite://host/replay.db", "has no host"),
+        ("sqlite:///", "names no file"),
+        ("sqlite:///dir/", "names no file"),
+        ("sqlite:///:memory:", "not shared"),
+        ("sqlite:///r.db?mode=ro", "no query"),
+        ("redis://", "names no host"),
+        ("redis:host:6379", r"write redis://HOST"),
+        ("redis://host:0/0", "port must be 1-65535"),
+        ("redis://host:99999/0", "port must be 1-65535"),
+        ("redis://host:abc/0", "port must be 1-65535"),
+        ("redis://host:6379/x", "database must be a number"),
+    ],
+)
+def test_bad_store_urls(url: str, problem: str) -> None:
+    with pytest.raises(BadStoreURL, match=problem):
+        parse_store_url(url)
+
+
+def test_bad_store_url_is_a_config_error_naming_the_key_without_the_password(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text('[cluster]\nreplay_store = "redsi://:hunter2@db:6379/0"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(conf, env={})
+    msg = str(err.value)
+    assert "[cluster] replay_store: expected memory, sqlite:///FILE or redis://" in msg
+    assert "unknown store 'redsi'" in msg and "hunter2" not in msg and ":***@db" in msg
+
+
+def test_cluster_keys_have_defaults_checks_and_env_overrides() -> None:
+    c = load_config(env={}).cluster
+    assert (c.replay_store, c.on_store_error, c.store_timeout_seconds) == ("memory", "reject", 1.0)
+    env = {
+        "CONSOLEPROXY_CLUSTER_REPLAY_STORE": "redis://10.1.1.1:6379/0",
+        "CONSOLEPROXY_CLUSTER_ON_STORE_ERROR": "accept",
+        "CONSOLEPROXY_CLUSTER_STORE_TIMEOUT_SECONDS": "0.25",
+    }
+    c = load_config(env=env).cluster
+    assert (c.replay_store, c.on_store_error, c.store_timeout_seconds) == (
+        "redis://10.1.1.1:6379/0", "accept", 0.25)
+    with pytest.raises(ConfigError, match=r"on_store_error: expected one of 'reject', 'accept'"):
+        load_config(env={"CONSOLEPROXY_CLUSTER_ON_STORE_ERROR": "ignore"})
+    with pytest.raises(ConfigError, match=r"CONSOLEPROXY_CLUSTER_REPLAY_STORE: \[cluster\] replay_store"):
+        load_config(env={"CONSOLEPROXY_CLUSTER_REPLAY_STORE": "redis://h:6379/db"})
+
+
+def test_redact_url() -> None:
+    assert redact_url("redis://u:p@h:1/0") == "redis://u:***@h:1/0"
+    assert redact_url("redis://:p@h:1/0") == "redis://:***@h:1/0"
+    assert redact_url("redis://h:1/0") == "redis://h:1/0"
+
+
+# --- the failure policy (GuardedReplayStore), with a scripted store -------------------------------
+
+
+class FlakyStore:
+    """A shared store whose availability the test switches."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.inner = MemoryReplayStore()
+        self.pings = 0
+
+    async def add(self, key: str, expires_at: float) -> bool:
+        if not self.up:
+            raise ReplayStoreUnavailable("flaky: connection refused")
+        return await self.inner.add(key, expires_at)
+
+    async def ping(self) -> bool:
+        self.pings += 1
+        return self.up
+
+    async def close(self) -> None:
+        pass
+
+
+def guarded(
+    policy: str, clock: Callable[[], float] = time.monotonic
+) -> tuple[GuardedReplayStore, FlakyStore, list[int]]:
+    flaky = FlakyStore()
+    failures: list[int] = []
+    g = GuardedReplayStore(flaky, on_error=policy, on_failure=lambda: failures.append(1), name="flaky",
+                           clock=clock)
+    return g, flaky, failures
+
+
+async def test_reject_policy_refuses_and_reports_not_ready(caplog: pytest.LogCaptureFixture) -> None:
+    g, flaky, failures = guarded("reject")
+    exp = time.time() + 60
+    assert await g.add("a", exp) and g.not_ready_reason() is None
+    flaky.up = False
+    with caplog.at_level(logging.WARNING, "consoleproxy.replay"):
+        for key in ("b", "c", "d"):
+            with pytest.raises(ReplayStoreUnavailable) as err:
+                await g.add(key, exp)
+            assert isinstance(err.value, ConsoleError) and err.value.close_code == 4008
+        assert g.not_ready_reason() == "replay store unreachable"
+        assert len(failures) == 3
+        down = [r for r in caplog.records if "unreachable" in r.getMessage()]
+        assert len(down) == 1, "one warning per outage, not one per console"
+        assert "refused (4008)" in down[0].getMessage()
+        flaky.up = True
+        assert await g.add("b", exp) is True  # nothing was recorded while it was down
+        assert await g.add("a", exp) is False
+        assert g.not_ready_reason() is None
+        assert sum("reachable again" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_accept_policy_admits_counts_and_stays_ready(caplog: pytest.LogCaptureFixture) -> None:
+    g, flaky, failures = guarded("accept")
+    flaky.up = False
+    exp = time.time() + 60
+    with caplog.at_level(logging.WARNING, "consoleproxy.replay"):
+        assert await g.add("a", exp) is True
+        assert await g.add("a", exp) is True  # no single-use check while the store is down
+    assert len(failures) == 2
+    assert g.not_ready_reason() is None  # accepting: a balancer may keep sending consoles
+    assert next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING).endswith(
+        "admitted WITHOUT the single-use check until it answers")
+    assert sum(1 for r in caplog.records if "unreachable" in r.getMessage()) == 1
+
+
+async def test_full_store_is_not_an_outage() -> None:
+    failures: list[int] = []
+    g = GuardedReplayStore(MemoryReplayStore(max_entries=1), on_error="accept",
+                           on_failure=lambda: failures.append(1))
+    assert await g.add("a", time.time() + 60)
+    with pytest.raises(ReplayStoreFull):
+        await g.add("b", time.time() + 60)  # "accept" is for outages, not for a full store
+    assert failures == [] and g.reachable
+
+
+async def test_refresh_pings_at_most_once_per_interval_and_shares_the_ping() -> None:
+    clock = Clock(0)
+    g, flaky, _ = guarded("reject", clock=clock)
+    await asyncio.gather(*(g.refresh() for _ in range(10)))
+    assert flaky.pings == 1
+    flaky.up = False
+    clock.now = 0.5
+    await g.refresh()
+    assert flaky.pings == 1 and g.not_ready_reason() is None  # cached
+    clock.now = 1.1
+    await g.refresh()
+    assert flaky.pings == 2 and g.not_ready_reason() == "replay store unreachable"
+    flaky.up = True
+    clock.now = 1.5
+    assert await g.add("x", time.time() + 60)  # an answered add is a check: ready at once
+    assert g.not_ready_reason() is None
+
+
+async def test_memory_store_is_never_pinged_nor_unready() -> None:
+    g = GuardedReplayStore(MemoryReplayStore())
+    await g.refresh()
+    assert not g.shared and g.not_ready_reason() is None
+
+
+def test_policy_must_be_known() -> None:
+    with pytest.raises(ValueError, match="'reject' or 'accept'"):
+        GuardedReplayStore(MemoryReplayStore(), on_error="ignore")
+
+
+# --- the CloudStack token path uses the same store ------------------------------------------------
+
+CS_KEYS = CloudStackKeys(bytes(range(16)), bytes(range(100, 116)))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_cloudstack_token_single_use_across_instances(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if kind == "redis":
+        url = request.getfixturevalue("redis_server").url
+    else:
+        url = f"sqlite:///{tmp_path}/replay.db"
+    # Two instances: each its own store object on the shared backend, as two processes would have.
+    stores = [GuardedReplayStore(open_replay_store(url)) for _ in range(2)]
+    a, b = (CloudStackValidator(CS_KEYS, s) for s in stores)
+    token = encrypt_gcm(CS_KEYS, {"clientHostAddress": "10.0.0.7", "clientHostPort": 5901,
+                                  "clientTag": "vm-1", "sessionUuid": "0b5e3c1e-1111-4000-8000-00000000000a"})
+    try:
+        claims = await a.validate(token, client_ip="192.0.2.1", extra=None)
+        assert claims.host == "10.0.0.7"
+        with pytest.raises(TokenAlreadyUsed):
+            await b.validate(token, client_ip="192.0.2.1", extra=None)
+    finally:
+        for s in stores:
+            await s.close()
+
+
+def test_cloudstack_format_proxy_validates_against_the_configured_store(tmp_path: Path) -> None:
+    keyiv = tmp_path / "keyiv.json"
+    keyiv.write_text(json.dumps({"base64EncodedKeyBytes": "AAECAwQFBgcICQoLDA0ODw==",
+                                 "base64EncodedIvBytes": "ZGVmZ2hpamtsbW5vcHFycw=="}))
+    cfg = replace(load_config(env={}), tokens={"format": "cloudstack"},
+                  cloudstack={"key_iv_file": str(keyiv)},
+                  cluster={"replay_store": f"sqlite:///{tmp_path}/replay.db"},
+                  admin={"key_file": str(tmp_path / "admin.key")})
+    server = ProxyServer(cfg)
+    assert server.cloudstack is not None and server.cloudstack.replay is server.replay
+    assert isinstance(server.replay.store, SqliteReplayStore)
+    asyncio.run(server.replay.close())
+
+
+# --- proxies sharing a store end to end ------------------------------------------------------------
+
+
+async def _get(url: str) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as http, http.get(url) as r:
+        return r.status, await r.json()
+
+
+async def _wait_ready(base: str, status: int, timeout: float = 10) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        while True:
+            got, body = await _get(base + "/readyz")
+            if got == status:
+                return body
+            await asyncio.sleep(0.1)
+
+
+def _errors(server: ProxyServer) -> float:
+    return server.metrics.registry.get_sample_value("consoleproxy_replay_store_errors_total") or 0.0
+
+
+@pytest.mark.parametrize("kind", ["redis", "sqlite"])
+async def test_native_token_used_on_one_instance_is_refused_on_another(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if kind == "redis":
+        url = request.getfixturevalue("redis_server").url
+    else:
+        url = f"sqlite:///{tmp_path}/replay.db"
+    keyring = Keyring.generate()
+    cluster = {"replay_store": url}
+    async with running_proxy(tmp_path, keyring=keyring, cluster=cluster) as p1, \
+            running_proxy(tmp_path, keyring=keyring, cluster=cluster) as p2, \
+            tcp_server(echo_backend) as port:
+        token = p1.token(port=port)
+        async with RFBClient.connect(p1.url(token)) as c:
+            await connect_echo(c)
+            code, reason = await expect_close(p2.url(token))
+            assert (code, reason) == (4003, "token already used")
+            assert p2.server.metrics.registry.get_sample_value(
+                "consoleproxy_token_rejections_total", {"reason": "token already used"}) == 1
+        # a fresh token still works on the second instance
+        async with RFBClient.connect(p2.url(p2.token(port=port))) as c2:
+            await connect_echo(c2)
+
+
+async def test_redis_down_reject_refuses_4008_unready_then_recovers(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with running_proxy(tmp_path, cluster={"replay_store": redis_server.url}) as p, \
+            tcp_server(echo_backend) as port:
+        assert (await _get(p.http_base + "/readyz"))[0] == 200
+        async with RFBClient.connect(p.url(p.token(port=port))) as running:
+            await connect_echo(running)
+            redis_server.stop()
+            # the health check alone notices (no console needed), within a bounded time
+            body = await _wait_ready(p.http_base, 503)
+            assert body == {"status": "not ready", "reason": "replay store unreachable"}
+            code, reason = await expect_close(p.url(p.token(port=port)))
+            assert (code, reason) == (4008, "replay store unavailable; try again shortly")
+            assert _errors(p.server) == 1
+            # a console already running does not need the store
+            await running.send(b"\x00" * 20)
+            assert await running.read_exact(20) == b"\x00" * 20
+            redis_server.start()
+            await _wait_ready(p.http_base, 200)
+        async with RFBClient.connect(p.url(p.token(port=port))) as again:
+            await connect_echo(again)
+
+
+async def test_redis_down_accept_admits_and_counts(
+    redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster = {"replay_store": redis_server.url, "on_store_error": "accept"}
+    async with running_proxy(tmp_path, cluster=cluster) as p, tcp_server(echo_backend) as port:
+        redis_server.stop()
+        with caplog.at_level(logging.WARNING, "consoleproxy.replay"):
+            for vm in ("a", "b"):
+                async with RFBClient.connect(p.url(p.token(port=port, vm=vm))) as c:
+                    await connect_echo(c)
+        assert _errors(p.server) == 2
+        assert b"consoleproxy_replay_store_errors_total 2.0" in p.server.metrics.render()
+        assert sum("replay store unreachable" in r.getMessage() for r in caplog.records) == 1
+        assert (await _get(p.http_base + "/readyz"))[0] == 200  # accepting: stays in rotation
+
+
+async def test_hung_redis_refuses_the_console_fast_not_at_the_handshake_timeout(
+    silent_port: int, tmp_path: Path
+) -> None:
+    cluster = {"replay_store": f"redis://127.0.0.1:{silent_port}/0", "store_timeout_seconds": 0.2}
+    async with running_proxy(tmp_path, cluster=cluster, limits={"handshake_timeout_seconds": 10}) as p:
+        t0 = time.monotonic()
+        code, _ = await expect_close(p.url(p.token(port=5900)))
+        assert code == 4008  # a hang would end as 4012 after 10 s
+        assert time.monotonic() - t0 < 3, "refused within 3 s with a 0.2 s store timeout"
+
