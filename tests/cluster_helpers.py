@@ -13,7 +13,6 @@ import contextlib
 import csv
 import io
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -238,42 +237,3 @@ async def cluster(
                 except subprocess.TimeoutExpired:
                     inst.proc.kill()
                     inst.proc.wait()
-
-
-@dataclass
-class RedisServer:
-    port: int
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def start(self) -> None:
-        redis = require_tool("redis-server", "redis-server")
-        self.proc = subprocess.Popen(  # noqa: ASYNC220
-            [redis, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        async with asyncio.timeout(10):
-            while True:
-                assert self.proc.poll() is None, "redis-server exited"
-                with contextlib.suppress(OSError):
-                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                    writer.write(b"PING\r\n")
-                    line = await reader.readline()
-                    writer.close()
-                    if line.startswith(b"+PONG"):
-                        return
-                await asyncio.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -7,29 +7,19 @@ import contextlib
 import hashlib
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from cluster_helpers import FQDN, Cluster, RedisServer, cluster, free_tcp_port
+from cluster_helpers import FQDN, Cluster, cluster
 from conftest import require_tool
 from harness import RFBClient, connect_echo, echo_backend, tcp_server
 from playwright.async_api import async_playwright
 from playwright.async_api import expect as pw_expect
+from redis_helpers import RedisServer
 from test_page import CHROMIUM_ARGS, TIMEOUT_MS, NssTrust, demo_server, nss_trust  # noqa: F401 - fixture
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 LAYOUTS = ["passthrough", "http"]
-
-
-@contextlib.asynccontextmanager
-async def redis() -> AsyncIterator[RedisServer]:
-    server = RedisServer(free_tcp_port())
-    await server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def open_console(c: Cluster, backend: int, stack: contextlib.AsyncExitStack, **kw: object) -> RFBClient:
@@ -55,8 +45,10 @@ async def per_instance(c: Cluster, name: str) -> list[float]:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-async def test_thirty_consoles_spread_then_drain_one(tmp_path: Path, layout: str) -> None:
-    async with redis() as r, cluster(tmp_path, layout=layout, replay=r.url) as c, \
+async def test_thirty_consoles_spread_then_drain_one(
+    tmp_path: Path, layout: str, redis_server: RedisServer
+) -> None:
+    async with cluster(tmp_path, layout=layout, replay=redis_server.url) as c, \
             tcp_server(echo_backend) as backend, contextlib.AsyncExitStack() as stack:
         consoles = [await open_console(c, backend, stack) for _ in range(30)]
         spread = await per_instance(c, "consoleproxy_sessions_active")
@@ -79,8 +71,10 @@ async def test_thirty_consoles_spread_then_drain_one(tmp_path: Path, layout: str
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-async def test_sigkill_one_instance(tmp_path: Path, layout: str) -> None:
-    async with redis() as r, cluster(tmp_path, layout=layout, replay=r.url) as c, \
+async def test_sigkill_one_instance(
+    tmp_path: Path, layout: str, redis_server: RedisServer
+) -> None:
+    async with cluster(tmp_path, layout=layout, replay=redis_server.url) as c, \
             tcp_server(echo_backend) as backend, contextlib.AsyncExitStack() as stack:
         consoles = [await open_console(c, backend, stack) for _ in range(12)]
         active = await per_instance(c, "consoleproxy_sessions_active")
@@ -97,8 +91,10 @@ async def test_sigkill_one_instance(tmp_path: Path, layout: str) -> None:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-async def test_single_use_across_instances_and_redis_down(tmp_path: Path, layout: str) -> None:
-    async with redis() as r, cluster(tmp_path, layout=layout, replay=r.url) as c, \
+async def test_single_use_across_instances_and_redis_down(
+    tmp_path: Path, layout: str, redis_server: RedisServer
+) -> None:
+    async with cluster(tmp_path, layout=layout, replay=redis_server.url) as c, \
             tcp_server(echo_backend) as backend, contextlib.AsyncExitStack() as stack:
         token = c.token(backend)
         first = await stack.enter_async_context(RFBClient.connect(c.url(token), **c.connect_kwargs()))
@@ -112,25 +108,28 @@ async def test_single_use_across_instances_and_redis_down(tmp_path: Path, layout
         assert rejected[home[0]] == 0 and sum(rejected) == 1
 
         # Redis stops: the default policy refuses new consoles and every instance says not ready
-        r.stop()
+        redis_server.stop()
         await c.wait_states({inst.name: "DOWN" for inst in c.instances})
         with pytest.raises((InvalidStatus, ConnectionClosed, OSError)):
             async with RFBClient.connect(c.url(c.token(backend)), **c.connect_kwargs()) as refused:
                 await connect_echo(refused)
         assert await echo_ok(first, 1)  # a running console does not need the store
 
-        await r.start()  # same port: the instances find it again
+        await asyncio.to_thread(redis_server.start)  # same port: the instances find it again
         await c.wait_states({inst.name: "UP" for inst in c.instances})
         await open_console(c, backend, stack)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 async def test_page_through_haproxy_on_any_instance(
-    tmp_path: Path, nss_trust: NssTrust, layout: str  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+    nss_trust: NssTrust,  # noqa: F811 - the fixture imported above
+    layout: str,
+    redis_server: RedisServer,
 ) -> None:
     """FQDN mode end to end: Chromium opens https://console.test/console on two instances."""
     chromium = require_tool("chromium", "chromium")
-    async with redis() as r, cluster(tmp_path, layout=layout, replay=r.url, count=2) as c, \
+    async with cluster(tmp_path, layout=layout, replay=redis_server.url, count=2) as c, \
             demo_server() as demo:
         root = tmp_path / "root.pem"
         root.write_text(c.root_pem)
