@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import csv
 import io
+import random
 import signal
 import ssl
 import subprocess
@@ -36,6 +37,8 @@ CHECK_MS = 300  # HAProxy marks a server down after 2 failed checks: about 0.6 s
 
 
 def _free(lo: int, hi: int, taken: set[int]) -> int:
+    # a random start, so two test runs on one machine do not race for the same ports
+    lo = random.randrange(lo, hi - 200)
     for _ in range(50):
         port = free_port(lo, hi)
         if port not in taken:
