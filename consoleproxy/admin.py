@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import ipaddress
 import os
 import secrets
 from collections.abc import Awaitable, Callable
@@ -18,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .certstore import CertificateError, Item
+from .errors import ConfigError
 from .metrics import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
     from .server import ProxyServer
 
-__all__ = ["admin_app", "load_or_create_admin_key"]
+__all__ = ["admin_app", "load_or_create_admin_key", "startup_admin_key"]
 
 
 def load_or_create_admin_key(path: Path) -> str:
@@ -40,6 +42,35 @@ def load_or_create_admin_key(path: Path) -> str:
     if len(key) < 16:
         raise ValueError(f"admin key in {path} is shorter than 16 characters")
     return key
+
+
+def _is_loopback(address: str) -> bool:
+    if address.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything
+
+
+def startup_admin_key(address: str, path: Path) -> str:
+    """The admin key for a listener on ``address``; ConfigError when it cannot be used safely.
+
+    On loopback a missing key file is created. On any other address the operator must provide
+    it: a key made silently on a public listener would be a key nobody knows is exposed.
+    """
+    if not _is_loopback(address) and not path.is_file():
+        raise ConfigError(
+            f"[admin] key_file {str(path)!r} does not exist, and [admin] address {address!r} is "
+            "not loopback: create the key first (e.g. `head -c 32 /dev/urandom | base64 > "
+            f"{path}; chmod 600 {path}`) or set [admin] address = \"127.0.0.1\""
+        )
+    try:
+        return load_or_create_admin_key(path)
+    except ValueError as exc:
+        raise ConfigError(f"[admin] key_file: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"[admin] key_file {str(path)!r}: {exc.strerror or exc}") from None
 
 
 def _text(fields: dict[str, Any], name: str, *, required: bool = True) -> str:
@@ -137,6 +168,44 @@ def admin_app(server: ProxyServer, key: str) -> web.Application:
                 return web.json_response({"error": str(exc), "item": item.name}, status=500)
         return web.json_response(body)
 
+    async def health(request: web.Request) -> web.Response:
+        """Last results of every check; ``?fresh=true`` runs basic and advanced checks now."""
+        fresh = request.query.get("fresh", "false").lower()
+        if fresh not in ("true", "false", "1", "0"):
+            error = f"fresh must be true or false, got {fresh[:20]!r}"
+            return web.json_response({"error": error}, status=400)
+        if fresh in ("true", "1"):
+            await server.health.run_all()
+        results = [r.to_dict() for r in server.health.last_results()]
+        ok = all(r["success"] for r in results)
+        return web.json_response({"success": ok, "fresh": fresh in ("true", "1"), "results": results})
+
+    async def diagnostics(request: web.Request) -> web.Response:
+        """JSON {host, port, ping?, traceroute?}: probe a VNC server from this proxy."""
+        from .diagnose import BadDiagnosticTarget, diagnose, validate_host, validate_port
+
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "body is not JSON"}, status=400)
+        if not isinstance(body, dict):
+            return web.json_response({"error": "body must be a JSON object {host, port}"}, status=400)
+        try:
+            host, port = validate_host(body.get("host")), validate_port(body.get("port"))
+            flags = {k: body.get(k, False) for k in ("ping", "traceroute")}
+            for k, v in flags.items():
+                if not isinstance(v, bool):
+                    raise BadDiagnosticTarget(f"{k} must be true or false")
+        except BadDiagnosticTarget as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        t = server.cfg.targets
+        report = await diagnose(
+            host, port, ping=flags["ping"], traceroute=flags["traceroute"],
+            time_limit=server.cfg.limits.connect_timeout_seconds,
+            ca_file=server.cfg.path(t.vnc_ca_file) if t.vnc_ca_file else None,
+        )
+        return web.json_response(report.to_dict())
+
     async def getstatus(request: web.Request) -> web.Response:
         """CloudStack's console-proxy load report, so its management server can balance."""
         removed, server.removed_sessions = server.removed_sessions, []
@@ -155,4 +224,6 @@ def admin_app(server: ProxyServer, key: str) -> web.Application:
     app.router.add_get("/cmd/getstatus", getstatus)
     app.router.add_get("/api/certificates", certificates_list)
     app.router.add_post("/api/certificates", certificates_upload)
+    app.router.add_get("/api/health", health)
+    app.router.add_post("/api/diagnostics", diagnostics)
     return app

@@ -356,6 +356,37 @@ def cmd_loadbalancer_haproxy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diag_host(text: str) -> str:
+    from .diagnose import BadDiagnosticTarget, validate_host
+
+    try:
+        return validate_host(text)
+    except BadDiagnosticTarget as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.1 <= value <= 600:
+        raise argparse.ArgumentTypeError(f"{value:g} s is outside 0.1-600")
+    return value
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """Probe a VNC server from here; exit 0 when it answered RFB, 1 when not."""
+    from .diagnose import diagnose, format_report
+
+    report = asyncio.run(
+        diagnose(args.host, args.port, ping=args.ping, traceroute=args.traceroute,
+                 time_limit=args.timeout, ca_file=args.ca_file)
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    return 0 if report.ok else 1
+
+
 # --- parser --------------------------------------------------------------------------------
 
 
@@ -468,6 +499,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maxconn", type=_positive_int,
                    help="HAProxy's global maxconn (default: from its file-descriptor limit)")
     p.set_defaults(func=cmd_loadbalancer_haproxy)
+
+    p = sub.add_parser("diagnose", help="probe a hypervisor's VNC port: connect time, RFB version, security")
+    p.add_argument("host", metavar="HOST", type=_diag_host, help="IP address or host name of the VNC server")
+    p.add_argument("port", metavar="PORT", type=_port, help="its VNC port")
+    p.add_argument("--ping", action="store_true", help="also run ping (iputils)")
+    p.add_argument("--traceroute", action="store_true", help="also run traceroute")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--timeout", type=_seconds, default=5.0, help="seconds for each step (5)")
+    p.add_argument("--ca-file", type=_existing_file, help="CA to check the VNC server's TLS certificate")
+    p.set_defaults(func=cmd_diagnose)
 
     return parser
 

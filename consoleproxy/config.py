@@ -127,6 +127,9 @@ class Listen:
     trusted_proxies: list[str] = field(default_factory=list, metadata=_opt(_cidrs))
     # Read X-Forwarded-For, but only on requests whose peer is in trusted_proxies.
     forwarded_for: bool = field(default=False, metadata=_opt())
+    # Expect a PROXY protocol v1/v2 header (HAProxy send-proxy-v2) before TLS on every public
+    # connection, only from trusted_proxies; the header's source becomes the client's address.
+    proxy_protocol: bool = field(default=False, metadata=_opt())
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,21 @@ class Limits:
     # /readyz says 503 from this many open consoles, so a balancer sends new ones elsewhere
     # before max_sessions refuses them; 0 = at max_sessions.
     unready_at_sessions: int = field(default=0, metadata=_opt(_range(0)))
+    # Accept layer (listener.py). A "handshake" runs from accept to the end of the first HTTP
+    # request head: PROXY header, TLS handshake, request line and headers. Each open one costs a
+    # socket and a few KiB; over a cap a new connection is reset at once, before any TLS work.
+    max_concurrent_handshakes: int = field(default=1000, metadata=_opt(_range(1)))
+    max_handshakes_per_ip: int = field(default=100, metadata=_opt(_range(0)))  # 0 = no limit
+    # Token bucket per source address (IPv6: per /64); 0 = off.
+    connections_per_ip_per_second: float = field(default=20, metadata=_opt(_range(0)))
+    connection_burst: int = field(default=100, metadata=_opt(_range(1)))
+    # Slowloris: the whole handshake must end within this time, or the connection is closed.
+    request_head_timeout_seconds: float = field(default=10, metadata=_opt(_range(0.1, 600)))
+    # Longest request line / header line (aiohttp answers 400), and the whole head (431).
+    max_header_line_bytes: int = field(default=8190, metadata=_opt(_range(256, 65536)))
+    max_request_head_bytes: int = field(default=32768, metadata=_opt(_range(1024, 1048576)))
+    # An idle keep-alive HTTP connection (no request in progress) is closed after this.
+    keepalive_timeout_seconds: float = field(default=75, metadata=_opt(_range(1, 3600)))
 
 
 @dataclass(frozen=True)
@@ -231,6 +249,33 @@ class Cluster:
     store_timeout_seconds: float = field(default=1.0, metadata=_opt(_range(0.05, 30)))
 
 
+def _hostports(v: Any) -> str | None:
+    for item in v:
+        if _hostport(item) or str(item).rpartition(":")[2] == "0":
+            return f"a list of HOST:PORT with a port 1-65535 (bad entry {item!r})"
+    return None
+
+
+@dataclass(frozen=True)
+class Health:
+    # Health checks (health.py), on two schedules as in the Mold guide; 0 = not scheduled
+    # (GET /api/health?fresh=true still runs them).
+    basic_interval_minutes: float = field(default=3, metadata=_opt(_range(0)))
+    advanced_interval_minutes: float = field(default=10, metadata=_opt(_range(0)))
+    exclude: list[str] = field(default_factory=list, metadata=_opt())  # check names not run
+    # A failed check named here makes /readyz answer 503 (the guide's failures.to.recreate).
+    failures_to_unready: list[str] = field(default_factory=list, metadata=_opt())
+    # Every executable here runs with "basic" or "advanced"; stdout is its message, exit 0 = pass.
+    scripts_dir: str = field(default="", metadata=_opt())
+    script_timeout_seconds: float = field(default=30, metadata=_opt(_range(0.1, 3600)))
+    min_certificate_days: int = field(default=14, metadata=_opt(_range(0, 3650)))
+    min_free_disk_mb: int = field(default=100, metadata=_opt(_range(0)))
+    max_cpu_percent: float = field(default=95, metadata=_opt(_range(0, 100)))
+    max_memory_percent: float = field(default=95, metadata=_opt(_range(0, 100)))
+    # VNC servers whose reachability (TCP connect + RFB version line) is an advanced check.
+    hypervisors: list[str] = field(default_factory=list, metadata=_opt(_hostports))
+
+
 @dataclass(frozen=True)
 class Log:
     level: str = field(default="info", metadata=_opt(_choice("debug", "info", "warning", "error")))
@@ -251,6 +296,7 @@ class Config:
     page: Page = field(default_factory=Page)
     dns: Dns = field(default_factory=Dns)
     cluster: Cluster = field(default_factory=Cluster)
+    health: Health = field(default_factory=Health)
     log: Log = field(default_factory=Log)
     # Where relative paths are anchored: the configuration file's directory.
     base_dir: Path = field(default_factory=Path.cwd, compare=False)
@@ -449,6 +495,11 @@ def _cross_checks(cfg: Config, label: str) -> None:
         # Believing the header from anyone would let a browser pick its own client address.
         raise ConfigError(
             f"{label}: [listen] forwarded_for needs trusted_proxies (the balancers' addresses)"
+        )
+    if cfg.listen.proxy_protocol and not cfg.listen.trusted_proxies:
+        # A PROXY header from anyone would let a client pick its own address.
+        raise ConfigError(
+            f"{label}: [listen] proxy_protocol needs trusted_proxies (the balancers' addresses)"
         )
 
 

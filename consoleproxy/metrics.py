@@ -58,5 +58,19 @@ class Metrics:
             registry=r,
         )
 
+        self.connections_refused_total = Counter(
+            p + "connections_refused_total",
+            "Public connections closed by the accept layer before HTTP, by reason "
+            "(handshakes, handshakes_per_ip, rate, head_timeout, head_too_large, proxy_header, "
+            "untrusted_proxy, tls)",
+            ["reason"],
+            registry=r,
+        )
+        self.handshakes_in_progress = Gauge(
+            p + "handshakes_in_progress",
+            "Public connections between accept and the end of their first request head",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

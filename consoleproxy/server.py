@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
+import ipaddress
 import json
 import logging
 import signal
@@ -39,6 +41,8 @@ from .errors import (
     TokenInvalid,
 )
 from .forwarded import client_address, parse_networks
+from .health import HealthRunner
+from .listener import AcceptSettings, ConsoleSite, handler_args
 from .metrics import Metrics
 from .query import raw_query_param
 from .relay import STREAM_LIMIT, Relay
@@ -50,7 +54,7 @@ from .replay import (
     redact_url,
 )
 from .sessions import Registry, Session
-from .targets import TargetPolicy
+from .targets import TargetPolicy, check_hostname_syntax, is_ip_address, local_addresses
 from .tokens import Claims, Keyring, TokenValidator
 
 __all__ = ["ProxyServer", "run_forever"]
@@ -106,7 +110,9 @@ class ProxyServer:
                 skew_seconds=cfg.tokens.skew_seconds,
                 single_use=cfg.tokens.single_use,
             )
-        self.targets = TargetPolicy.from_config(cfg.targets.allowed_cidrs, cfg.targets.ports)
+        self.targets = TargetPolicy.from_config(
+            cfg.targets.allowed_cidrs, cfg.targets.ports, own=local_addresses()
+        )
         self._trusted_proxies = parse_networks(cfg.listen.trusted_proxies)
         self._allowed_origins = {a.strip().lower().rstrip("/") for a in cfg.origin.allowed}
         # Built once: a missing or bad CA file is a configuration error at start, not per console.
@@ -125,7 +131,7 @@ class ProxyServer:
         self._idle.set()
         self.drained = asyncio.Event()  # set when a drain has run to its end
         self._runners: list[web.AppRunner] = []
-        self._sites: list[web.TCPSite] = []
+        self._sites: list[ConsoleSite] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._relays: dict[str, Relay] = {}
         # Sessions ended since the last /cmd/getstatus, reported once (CloudStack's removedSessions).
@@ -133,6 +139,7 @@ class ProxyServer:
         self.admin_key: str | None = None
         self.dns: DnsServer | None = None
         self._dns_settings = self._dns_config()
+        self.health = HealthRunner(self)  # [health] checks; scheduled from start()
 
     def _replay_store(self) -> GuardedReplayStore:
         """``[cluster] replay_store`` with its failure policy; a SQLite file is opened now."""
@@ -212,18 +219,25 @@ class ProxyServer:
         )
 
     async def start(self) -> None:
-        from .admin import admin_app, load_or_create_admin_key
+        from .admin import admin_app, startup_admin_key
 
+        # Checked before anything binds: a public admin address needs a key file made beforehand.
+        self.admin_key = startup_admin_key(self.cfg.admin.address, self.cfg.path(self.cfg.admin.key_file))
         lst = self.cfg.listen
         if lst.tls and self.tls is None:
             self.tls = await asyncio.to_thread(self._load_tls)
-        runner = web.AppRunner(self.public_app(), access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            self.public_app(), access_log=None, handle_signals=False, **handler_args(self.cfg.limits)
+        )
         await runner.setup()
         self._runners.append(runner)
         ctx = self.tls.context if (lst.tls and self.tls) else None
+        accept = AcceptSettings.from_config(self.cfg.limits, lst.proxy_protocol, lst.trusted_proxies)
         for port in lst.ports:
-            site = web.TCPSite(
-                runner, lst.address, port, ssl_context=ctx, backlog=1024, reuse_port=self.reuse_port or None
+            # listener.py: handshake limits, PROXY protocol, then TLS (SNI via ctx) and aiohttp.
+            site = ConsoleSite(
+                runner, lst.address, port, settings=accept, metrics=self.metrics, ssl_context=ctx,
+                backlog=1024, reuse_port=self.reuse_port,
             )
             await site.start()
             self._sites.append(site)
@@ -235,7 +249,6 @@ class ProxyServer:
                 rrunner, lst.address, lst.redirect_http_port, reuse_port=self.reuse_port or None
             )
             await self._redirect_site.start()
-        self.admin_key = load_or_create_admin_key(self.cfg.path(self.cfg.admin.key_file))
         arunner = web.AppRunner(admin_app(self, self.admin_key), access_log=None)
         await arunner.setup()
         self._runners.append(arunner)
@@ -247,6 +260,7 @@ class ProxyServer:
             self.dns = DnsServer(self._dns_settings, self.metrics)
             await self.dns.start()
             log.info("DNS responder for %s on %s", self._dns_settings.zone, self.cfg.dns.listen)
+        self.health.start()
 
     def _dns_config(self) -> DnsSettings | None:
         """Checked at construction so bad settings fail before anything binds."""
@@ -339,13 +353,15 @@ class ProxyServer:
     @staticmethod
     def _site_port(site: web.TCPSite) -> int:
         server = site._server
-        assert server is not None and isinstance(server, asyncio.base_events.Server)
-        port: int = server.sockets[0].getsockname()[1]
+        # asyncio's Server, or uvloop's (serve --loop uvloop): both have .sockets
+        assert server is not None
+        sockets: Any = getattr(server, "sockets", None)
+        port: int = sockets[0].getsockname()[1]
         return port
 
     @property
     def public_ports(self) -> list[int]:
-        return [self._site_port(s) for s in self._sites]
+        return [s.port for s in self._sites]
 
     @property
     def admin_port(self) -> int:
@@ -360,6 +376,7 @@ class ProxyServer:
                 await self._sweeper
         for s in list(self.registry):
             s.close(1001, "proxy shutting down")
+        await self.health.close()
         if self.dns is not None:
             await self.dns.close()
         for r in self._runners:
@@ -379,6 +396,8 @@ class ProxyServer:
             return self.certificate_problem
         if (store_problem := self.replay.not_ready_reason()) is not None:
             return store_problem
+        if (health_problem := self.health.unready_reason()) is not None:
+            return health_problem  # a failed check listed in [health] failures_to_unready
         unready_at = self.cfg.limits.unready_at_sessions
         if self.registry.at_capacity() or (unready_at and len(self.registry) >= unready_at):
             return "at capacity"
@@ -505,8 +524,25 @@ class ProxyServer:
         else:
             assert self.validator is not None
             claims = await self.validator.validate(token, client_ip=client_ip)
-        self.targets.check(claims.host, claims.port)
-        return claims
+        if is_ip_address(claims.host):
+            self.targets.check(claims.host, claims.port)
+            return claims
+        # Resolved here, once; the connection goes to the address checked, not to the name again.
+        address = await self._resolve_target(claims.host, claims.port)
+        return dataclasses.replace(claims, host=str(address))
+
+    async def _resolve_target(self, host: str, port: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        check_hostname_syntax(host)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.cfg.limits.connect_timeout_seconds):
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except TimeoutError:
+            raise BackendUnreachable(f"resolving {host} timed out") from None
+        except OSError as exc:
+            raise BackendUnreachable(f"cannot resolve {host}: {exc.strerror or exc}") from None
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        return self.targets.check_resolved(host, addresses, port)
 
     async def _connect(self, claims: Claims) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         t0 = time.monotonic()

@@ -12,9 +12,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 from redis_helpers import RedisServer, running_redis
 
 IN_CI = os.environ.get("CI") == "true"
+
+# Hypothesis profiles: "bounded" (make test: each fuzzer's default or its own max_examples, no
+# deadline on a shared 2-core machine) and "fuzz" (make fuzz: thousands of examples a test).
+settings.register_profile("bounded", deadline=None)
+settings.register_profile(
+    "fuzz", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "bounded"))
 
 
 def require_tool(cmd: str, package: str) -> str:

@@ -113,3 +113,18 @@ async def _close_with_headers(url: str, headers: dict[str, str]) -> tuple[int | 
     async with RFBClient.connect(url, additional_headers=headers) as c:
         code = await c.close_code()
         return code, c.close_reason
+
+
+async def test_balancer_is_not_rate_limited_as_one_source(tmp_path: Path) -> None:
+    """Behind an HTTP balancer every browser arrives from its address: per-source limits skip it."""
+    limits = {"connections_per_ip_per_second": 0.01, "connection_burst": 1, "max_handshakes_per_ip": 1}
+    async with running_proxy(
+        tmp_path, limits=limits, listen={"forwarded_for": True, "trusted_proxies": ["127.0.0.1/32"]}
+    ) as p, tcp_server(echo_backend) as port:
+        for n in range(4):
+            headers = {"X-Forwarded-For": f"203.0.113.{n + 1}"}
+            async with RFBClient.connect(p.url(p.token(port=port)), additional_headers=headers) as c:
+                await connect_echo(c)
+        assert not p.server.metrics.registry.get_sample_value(
+            "consoleproxy_connections_refused_total", {"reason": "rate"}
+        )
