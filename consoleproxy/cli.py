@@ -229,11 +229,25 @@ def cmd_url(args: argparse.Namespace) -> int:
 # --- servers -------------------------------------------------------------------------------
 
 
+def _use_loop(name: str) -> None:
+    """``serve --loop``: uvloop is opt-in (bench/README.md); the supervisor passes it to workers."""
+    if name == "asyncio":
+        return
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        if name == "uvloop":
+            raise UsageError("--loop uvloop: uvloop is not installed (pip install uvloop)") from None
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .config import load_config
     from .server import run_forever
 
     cfg = load_config(args.config)
+    _use_loop(args.loop)
     if args.worker_index is not None:
         from .workers import worker_config
 
@@ -245,7 +259,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         from .workers import Supervisor
 
-        return asyncio.run(Supervisor(args.config, args.workers, cfg).run())
+        return asyncio.run(Supervisor(args.config, args.workers, cfg, loop=args.loop).run())
     return asyncio.run(run_forever(cfg))
 
 
@@ -404,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes sharing the public ports (SO_REUSEPORT); 'auto' = one per CPU (default 1)",
     )
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
+    p.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop", "auto"),
+        default="asyncio",
+        help="event loop: asyncio (default), uvloop (must be installed), auto = uvloop when installed",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="proxy + demo VNC server + development keyring; prints a URL")

@@ -458,7 +458,7 @@ class ProxyServer:
                     old.close(SessionKilled.close_code, "replaced by a newer console for this VM")
                 reader, writer = await self._connect(claims)
                 client_leftover = await self._rfb_handshake(ws, reader, writer, claims)
-            result = await self._relay(ws, reader, writer, session, client_leftover)
+            result = await self._relay(ws, reader, writer, session, client_leftover, request)
         except TimeoutError:
             result = "handshake timeout"
             await ws.close(code=4012, message=b"handshake timed out")
@@ -657,6 +657,7 @@ class ProxyServer:
         writer: asyncio.StreamWriter,
         session: Session,
         client_leftover: bytes,
+        request: web.BaseRequest,
     ) -> str:
         flt = None
         if session.view_only:
@@ -665,7 +666,7 @@ class ProxyServer:
         if client_leftover:
             # ClientInit, and anything a client pipelined behind it, goes through the same filter.
             writer.write(flt(client_leftover) if flt else client_leftover)
-        relay = Relay(ws, reader, writer, session, client_filter=flt)
+        relay = Relay(ws, reader, writer, session, request=request, client_filter=flt)
         session.closer = relay.stop
         self._relays[session.id] = relay
         self.metrics.sessions_active.inc()

@@ -59,6 +59,7 @@ class Supervisor:
     config_path: str | None
     count: int
     cfg: Config
+    loop: str = "asyncio"  # serve --loop, passed on to every worker
     python: str = sys.executable
     workers: list[_Worker] = field(default_factory=list)
     stopping: bool = False
@@ -75,7 +76,7 @@ class Supervisor:
         return env
 
     def _argv(self, index: int) -> list[str]:
-        argv = [self.python, "-m", "consoleproxy", "serve", "--worker-index", str(index)]
+        argv = [self.python, "-m", "consoleproxy", "serve", "--worker-index", str(index), "--loop", self.loop]
         if self.config_path is not None:
             argv += ["--config", self.config_path]
         return argv

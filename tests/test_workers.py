@@ -66,7 +66,7 @@ async def _wait_ready(port: int, timeout: float = 20) -> None:
 
 
 @asynccontextmanager
-async def workers(tmp_path: Path, count: int = 2) -> AsyncIterator[Workers]:
+async def workers(tmp_path: Path, count: int = 2, *extra: str) -> AsyncIterator[Workers]:
     keyring = Keyring.generate()
     keyring.save(tmp_path / "keys.json")
     (tmp_path / "admin.key").write_text(ADMIN_KEY)
@@ -93,7 +93,7 @@ deadline_seconds = 30
 """)
     proc = subprocess.Popen(  # noqa: ASYNC220 - spawning does not block; waits go through to_thread
         [sys.executable, "-m", "consoleproxy", "serve", "--workers", str(count),
-         "--config", str(tmp_path / "consoleproxy.toml")],
+         "--config", str(tmp_path / "consoleproxy.toml"), *extra],
         cwd=tmp_path,
     )
     try:
@@ -201,3 +201,13 @@ def test_bad_worker_counts() -> None:
         r = subprocess.run([sys.executable, "-m", "consoleproxy", "serve", "--workers", bad],
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1
+
+
+async def test_workers_run_the_chosen_event_loop(tmp_path: Path) -> None:
+    async with workers(tmp_path, 2, "--loop", "uvloop") as w, tcp_server(echo_backend) as backend:
+        for child in _children(w.proc.pid):
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            assert argv[argv.index(b"--loop") + 1] == b"uvloop", argv
+        for _ in range(4):
+            async with RFBClient.connect(w.url(w.token(backend))) as c:
+                await connect_echo(c)

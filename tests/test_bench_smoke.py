@@ -1,0 +1,40 @@
+"""A small run of the relay benchmark (bench/relay_bench.py --quick) so its code cannot rot.
+
+Tiny sizes, every scenario, both proxies and raw TCP; checks that it completes and writes the
+JSON, the table and the chart with every section filled. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import require_tool
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_relay_bench_quick_run_writes_results(tmp_path: Path) -> None:
+    require_tool(str(Path(sys.executable).parent / "websockify"), "websockify==0.13.0 (pip, extra test)")
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "relay_bench.py"), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads((out / "relay.json").read_text())
+    for label in ("raw TCP", "consoleproxy", "websockify", "consoleproxy TLS", "websockify TLS"):
+        assert r["down"][label]["mb_s"] > 0, label
+        assert r["rtt"][label]["p50_us"] > 0, label
+    for label in ("consoleproxy", "websockify", "consoleproxy TLS", "websockify TLS"):
+        assert r["up"][label]["cpu_s_per_gib"] is not None, label
+    idle = r["idle"]
+    assert any(k.startswith("consoleproxy") and v["opened"] == v["asked"] for k, v in idle.items())
+    assert all(v["pss_after_kib"] > 0 for v in idle.values())
+    assert r["multi"]["consoleproxy"]["fairness"] > 0
+    assert r["open"]["consoleproxy TLS"]["parallel32"]["failed"] == 0
+    table = (out / "relay_table.md").read_text()
+    assert "websockify" in table and "| goal |" in table
+    assert (out / "relay.png").stat().st_size > 1000
