@@ -441,3 +441,28 @@ async def test_cloudstack_getstatus_load_report(tmp_path: Path) -> None:
         # reported once
         status, body = await aiohttp_get(p.admin + "/cmd/getstatus", p.admin_headers)
         assert body["removedSessions"] == []
+
+
+async def test_special_targets_refused_even_inside_a_wide_allowlist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0.0.0.0/0 does not open loopback or the metadata service: 4004, and no connect attempted."""
+    attempts: list[object] = []
+    real_open = asyncio.open_connection
+
+    async def spy(host: object = None, *args: object, **kw: object) -> object:
+        attempts.append(host)
+        return await real_open(host, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncio, "open_connection", spy)
+    connected = asyncio.Event()
+
+    async def listener(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        connected.set()
+
+    wide = {"allowed_cidrs": ["0.0.0.0/0"], "ports": "1-65535"}
+    async with running_proxy(tmp_path, targets=wide) as p, tcp_server(listener) as port:
+        for host in ("127.0.0.1", "169.254.169.254"):
+            code, reason = await expect_close(p.url(p.token(host=host, port=port)))
+            assert code == 4004 and "loopback, link-local" in reason, (host, reason)
+        assert attempts == [] and not connected.is_set()
