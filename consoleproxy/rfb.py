@@ -47,6 +47,7 @@ from .errors import ConsoleProxyError
 
 __all__ = [
     "DEFAULT_MAX_CUT_TEXT",
+    "MAX_NAME_LENGTH",
     "MAX_REASON_LENGTH",
     "MAX_SECURITY_TYPES",
     "MAX_VENCRYPT_SUBTYPES",
@@ -76,6 +77,9 @@ __all__ = [
 # -- limits ------------------------------------------------------------------------------------
 
 MAX_REASON_LENGTH = 4096
+# A desktop name longer than this is not a name; the page shows it as the tab's title.
+MAX_NAME_LENGTH = 4096
+SERVER_INIT_FIXED = 24  # width, height, pixel format, name length
 """Longest failure reason string accepted from a VNC server (bytes). A real server's reason is one
 line; a longer one is treated as a protocol violation instead of being buffered."""
 
@@ -686,6 +690,20 @@ _FIXED = {
     150: 10,  # EnableContinuousUpdates
     _XVP: 4,
 }
+
+
+def server_init_name_length(fixed: bytes) -> int:
+    """The name length from ServerInit's fixed part (RFC 6143 7.3.2), checked against our bound.
+
+    A VNC server that announces a huge name would make the browser buffer it; the proxy refuses
+    it before relaying anything.
+    """
+    if len(fixed) != SERVER_INIT_FIXED:
+        raise RFBError(f"ServerInit's fixed part is {SERVER_INIT_FIXED} bytes, got {len(fixed)}")
+    (length,) = struct.unpack_from(">I", fixed, 20)
+    if length > MAX_NAME_LENGTH:
+        raise LimitExceeded(f"ServerInit desktop name is {length} bytes (at most {MAX_NAME_LENGTH})")
+    return int(length)
 
 
 class ClientMessageFilter:

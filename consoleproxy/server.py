@@ -457,7 +457,7 @@ class ProxyServer:
                 for old in self.registry.add(session):
                     old.close(SessionKilled.close_code, "replaced by a newer console for this VM")
                 reader, writer = await self._connect(claims)
-                client_leftover = await self._rfb_handshake(ws, reader, writer, claims)
+                client_leftover = await self._rfb_handshake(ws, reader, writer, claims, session)
             result = await self._relay(ws, reader, writer, session, client_leftover, request)
         except TimeoutError:
             result = "handshake timeout"
@@ -572,6 +572,7 @@ class ProxyServer:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         claims: Claims,
+        session: Session,
     ) -> bytes:
         """Authenticate to the VNC server, then give the browser a no-password 3.8 server.
 
@@ -626,13 +627,31 @@ class ProxyServer:
                 if isinstance(ev, rfb.ClientReady):
                     ready = True
         browser.accept()
-        reply = browser.data_to_send()
-        if pending_to_server:
-            # Bytes the VNC server sent right after its SecurityResult (normally none, as it
-            # waits for ClientInit) belong to the browser, after our SecurityResult.
-            reply += pending_to_server
-        await ws.send_bytes(reply)
-        return browser.leftover()
+        await ws.send_bytes(browser.data_to_send())
+
+        # ClientInit (one byte: the shared flag) goes to the VNC server here, so that its
+        # ServerInit is checked before anything is relayed (a bounded desktop name).
+        leftover = browser.leftover()
+        while not leftover:
+            msg = await ws.receive()
+            if not isinstance(msg.data, bytes):
+                raise rfb.RFBError("the browser closed or sent text before its ClientInit")
+            leftover = msg.data
+        writer.write(leftover[:1])
+        # Bytes the VNC server sent right after its SecurityResult (normally none) start ServerInit.
+        init = bytearray(pending_to_server)
+        try:
+            if len(init) < rfb.SERVER_INIT_FIXED:
+                init += await reader.readexactly(rfb.SERVER_INIT_FIXED - len(init))
+            total = rfb.SERVER_INIT_FIXED + rfb.server_init_name_length(bytes(init[: rfb.SERVER_INIT_FIXED]))
+            if len(init) < total:
+                init += await reader.readexactly(total - len(init))
+        except asyncio.IncompleteReadError:
+            raise BackendUnreachable("the VNC server closed the connection before its ServerInit") from None
+        await ws.send_bytes(bytes(init))  # with anything the server pipelined after it
+        session.bytes_up += 1  # the init messages count as relayed, as they did when streamed
+        session.bytes_down += len(init)
+        return leftover[1:]
 
     def _backend_tls_context(self) -> ssl.SSLContext:
         t = self.cfg.targets
@@ -661,10 +680,10 @@ class ProxyServer:
     ) -> str:
         flt = None
         if session.view_only:
-            msg_filter = rfb.ClientMessageFilter(view_only=True)
+            msg_filter = rfb.ClientMessageFilter(view_only=True, expect_client_init=False)
             flt = msg_filter.feed
         if client_leftover:
-            # ClientInit, and anything a client pipelined behind it, goes through the same filter.
+            # What a client pipelined behind its ClientInit goes through the same filter.
             writer.write(flt(client_leftover) if flt else client_leftover)
         relay = Relay(ws, reader, writer, session, request=request, client_filter=flt)
         session.closer = relay.stop

@@ -23,6 +23,7 @@ from harness import (
     running_proxy,
     tcp_server,
 )
+from websockets.exceptions import ConnectionClosed
 
 from consoleproxy.rfb import vnc_auth_response
 
@@ -466,3 +467,20 @@ async def test_special_targets_refused_even_inside_a_wide_allowlist(
             code, reason = await expect_close(p.url(p.token(host=host, port=port)))
             assert code == 4004 and "loopback, link-local" in reason, (host, reason)
         assert attempts == [] and not connected.is_set()
+
+
+async def test_huge_desktop_name_refused_before_relaying(tmp_path: Path) -> None:
+    """A VNC server announcing a 4 GiB name: the browser gets a protocol error, not the buffering."""
+
+    async def huge_name(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await rfb38_none_handshake(r, w)
+        w.write(struct.pack(">HH", 64, 32) + bytes(16) + struct.pack(">I", 0xFFFFFFFF) + b"x" * 1000)
+        await w.drain()
+        await r.read()
+
+    async with running_proxy(tmp_path) as p, tcp_server(huge_name) as port:
+        async with RFBClient.connect(p.url(p.token(port=port))) as c:
+            with pytest.raises(ConnectionClosed):
+                await c.handshake()  # ServerInit never reaches the browser
+            assert await c.close_code() == 1002
+            assert "desktop name is 4294967295 bytes" in c.close_reason

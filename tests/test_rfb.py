@@ -684,3 +684,13 @@ def test_filter_default_cut_text_limit_is_one_mib() -> None:
     f = ClientMessageFilter(view_only=True, expect_client_init=False)
     with pytest.raises(LimitExceeded):
         f.feed(struct.pack(">BxxxI", 6, rfb.DEFAULT_MAX_CUT_TEXT + 1))
+
+
+def test_server_init_name_length_bounded() -> None:
+    fixed = struct.pack(">HH", 800, 600) + bytes(16)
+    assert rfb.server_init_name_length(fixed + struct.pack(">I", 4)) == 4
+    assert rfb.server_init_name_length(fixed + struct.pack(">I", rfb.MAX_NAME_LENGTH)) == rfb.MAX_NAME_LENGTH
+    with pytest.raises(rfb.LimitExceeded, match="desktop name is 4294967295 bytes"):
+        rfb.server_init_name_length(fixed + struct.pack(">I", 0xFFFFFFFF))
+    with pytest.raises(rfb.RFBError, match="24 bytes"):
+        rfb.server_init_name_length(fixed)
