@@ -8,20 +8,24 @@ the VNC socket's transport gets a small buffered protocol (``_Backend``) that re
 callback, as one binary WebSocket frame (a 2-10 byte header, then a view of the buffer) to the
 browser's transport. No allocation and no copy in Python per read.
 
-Up (browser -> VNC) runs in the console's own handler task: aiohttp parses, unmasks and caps the
-client's messages (1009 past ``max_client_message_bytes``); each is written to the VNC transport.
+Up (browser -> VNC) also runs in a read callback: from the WebSocket's 101 on, the browser's
+transport belongs to ``ClientReader``, whose sans-I/O parser (``wsframes``) unmasks and caps the
+client's frames (1009 past ``max_client_message_bytes``). During the RFB handshake it hands whole
+messages to aiohttp's queue (``ws.receive()`` works as usual); in the relay the unmasked pieces of
+one read go to the VNC transport as one write, with no task wake-up and no per-message object;
+when the relay ends it hands frames to aiohttp again so that ``ws.close()`` sees the browser's
+close reply. Messages aiohttp queued before the relay started are taken first, in order.
 
 Backpressure, both ways, without polling:
 - down: when the browser's transport is over its high-water mark (aiohttp's protocol is paused)
   we pause reading the VNC socket and resume when aiohttp's drain waiter fires; the hypervisor's
   TCP window then shrinks. Memory per console stays bounded by one read plus the transport's
   high-water mark.
-- up: after a write that leaves the VNC transport over its high-water mark we wait for
-  ``resume_writing`` before reading the next WebSocket message (aiohttp then stops reading the
-  browser's socket once its own queue is full).
+- up: while the VNC transport is over its high-water mark (``pause_writing``) we pause reading
+  the browser's socket, and resume on ``resume_writing``.
 
-Per session: this object, the protocol, and one task (aiohttp's handler), plus a short-lived
-task only while the down direction waits for the browser to drain.
+Per session: this object, the two protocols, and one task (aiohttp's handler, waiting), plus a
+short-lived task only while the down direction waits for the browser to drain.
 """
 
 from __future__ import annotations
@@ -35,16 +39,22 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WebSocketError, WSMessage, WSMsgType, web
 
+from .rfb import RFBError
 from .sessions import Session
+from .wsframes import END_OF_MESSAGE, Close, Event, FrameError, FrameParser, Ping, Pong, frame
 
-__all__ = ["READ_SIZE", "STREAM_LIMIT", "Relay", "frame_header"]
+__all__ = ["READ_SIZE", "STREAM_LIMIT", "ClientReader", "ConsoleWebSocket", "Relay", "frame_header"]
 
 # Bytes asked of a socket per read. Large reads mean few WebSocket frames and little Python work
 # per byte; a full-screen update is often several hundred KiB. Only a plain (selector) transport
 # takes a per-transport size; the buffer is freed as soon as the frame is written.
 READ_SIZE = 1024 * 1024
+# Bytes asked of the browser's socket per read. Smaller than READ_SIZE: one read goes to the VNC
+# server as one write (over that transport's high-water mark reading pauses), so this bounds
+# that buffer; measured, 1 MiB reads cost more CPU per GiB than 128-256 KiB ones.
+CLIENT_READ_SIZE = 256 * 1024
 # Frames up to this size are written as one joined bytes object (header + payload).
 SMALL_FRAME = 16 * 1024
 # StreamReader buffer limit during the handshake (it pauses the socket at 2 x this).
@@ -101,18 +111,19 @@ def _read_buffer() -> memoryview:
     return view
 
 
+
 class _Backend(asyncio.BufferedProtocol):
     """The VNC socket's protocol during the relay: bytes in -> one WebSocket frame out."""
 
-    __slots__ = ("_buf", "_drain_task", "_lost", "_relay", "_write_waiter", "transport")
+    __slots__ = ("_buf", "_drain_task", "_lost", "_relay", "transport", "writing_paused")
 
     def __init__(self, relay: Relay, transport: asyncio.Transport) -> None:
         self._relay = relay
         self.transport = transport
-        self._write_waiter: asyncio.Future[None] | None = None
         self._drain_task: asyncio.Task[None] | None = None
         self._lost = False
         self._buf: memoryview | None = None
+        self.writing_paused = False
 
     def get_buffer(self, sizehint: int) -> memoryview:
         self._buf = buf = _read_buffer()
@@ -174,30 +185,17 @@ class _Backend(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        self._wake_writer(exc)
         self._relay.end("server closed" if exc is None else f"error: {exc.__class__.__name__}: {exc}")
 
-    # Up direction flow control (the transport calls these around its high-water mark).
+    # Up direction flow control: the VNC server is slower than the browser -> stop reading it.
     def pause_writing(self) -> None:
-        if self._write_waiter is None:
-            self._write_waiter = asyncio.get_running_loop().create_future()
+        self.writing_paused = True
+        if not self._relay.ended:  # after the end the browser's close reply must still be read
+            self._relay.client.pause_for_backend()
 
     def resume_writing(self) -> None:
-        self._wake_writer(None)
-
-    def _wake_writer(self, exc: Exception | None) -> None:
-        w, self._write_waiter = self._write_waiter, None
-        if w is not None and not w.done():
-            if exc is None:
-                w.set_result(None)
-            else:
-                w.set_exception(ConnectionError(str(exc)))
-
-    async def writable(self) -> None:
-        if self._write_waiter is not None:
-            await self._write_waiter
-        if self._lost:
-            raise ConnectionError("VNC server connection lost")
+        self.writing_paused = False
+        self._relay.client.resume_for_backend()
 
     def stop(self) -> None:
         if self._drain_task is not None:
@@ -207,13 +205,164 @@ class _Backend(asyncio.BufferedProtocol):
                 self.transport.pause_reading()
 
 
+class ConsoleWebSocket(web.WebSocketResponse):
+    """aiohttp's WebSocket response whose incoming frames ``ClientReader`` parses from the 101 on.
+
+    Taking the transport in ``_post_start`` (before aiohttp's parser has seen a byte, bytes the
+    browser sent right behind its upgrade request included) means no frame is ever split between
+    two parsers: nothing can be lost or read twice when the relay starts.
+    """
+
+    client: ClientReader | None = None
+
+    def __init__(self, *, max_message: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._max_message = max_message
+
+    def _post_start(self, request: web.BaseRequest, protocol: str | None, writer: Any) -> None:
+        handler: Any = request.protocol
+        tail: bytes = handler._message_tail  # bytes after the upgrade request, not parsed yet
+        handler._message_tail = b""
+        super()._post_start(request, protocol, writer)
+        self.client = ClientReader(self, request, self._max_message)
+        if tail:
+            self.client.data_received(tail)
+
+
+class ClientReader(asyncio.BufferedProtocol):
+    """The browser connection's protocol from the 101 on; aiohttp's handler still does the rest.
+
+    Without a relay (during the RFB handshake, and after the relay ended) whole messages, pings,
+    pongs and closes go to aiohttp's queue as its own parser would put them there. During the
+    relay, message pieces go straight to the VNC server. Write flow control and the connection's
+    end are passed on to aiohttp's handler, which the server's ``ws.close()`` and the down
+    direction's drain still use.
+    """
+
+    def __init__(self, ws: web.WebSocketResponse, request: web.BaseRequest, max_message: int) -> None:
+        transport = request.transport
+        assert transport is not None
+        self.transport: asyncio.Transport = transport
+        self.handler: Any = request.protocol
+        self.queue: Any = ws._reader  # aiohttp's WebSocketDataQueue (what ws.receive() reads)
+        self._on_data: Callable[[], None] | None = self.handler._data_received_cb  # heartbeat
+        self._parser = FrameParser(max_message)
+        self._message = bytearray()  # without a relay: the message being assembled
+        self._failed = False
+        self._backend_paused = False
+        self._buf: memoryview | None = None
+        self.relay: Relay | None = None
+        transport.set_protocol(self)
+
+    def queued(self) -> bool:
+        """Messages are waiting in aiohttp's queue (the relay takes them before its own)."""
+        return bool(self.queue._buffer)
+
+    def start_relay(self, relay: Relay) -> None:
+        """From now on pieces go to ``relay``: first the message begun but not yet queued."""
+        self.relay = relay
+        if self._message:
+            pending, self._message = self._message, bytearray()
+            relay.up([pending])
+
+    def stop_relay(self) -> None:
+        """Back to aiohttp's queue (it waits for the browser's close reply); reading resumes."""
+        self.relay = None
+        if self._backend_paused:
+            self._backend_paused = False
+            self._resume()
+
+    def pause_for_backend(self) -> None:
+        if not self._backend_paused:
+            self._backend_paused = True
+            with contextlib.suppress(RuntimeError, AttributeError, NotImplementedError):
+                self.transport.pause_reading()
+
+    def resume_for_backend(self) -> None:
+        if self._backend_paused:
+            self._backend_paused = False
+            self._resume()
+
+    def _resume(self) -> None:
+        with contextlib.suppress(RuntimeError, AttributeError, NotImplementedError):
+            self.transport.resume_reading()
+
+    # -- asyncio.BufferedProtocol ------------------------------------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # The thread's shared read buffer (see _read_buffer): the parser copies what it keeps,
+        # so the buffer is free again when buffer_updated returns. No allocation per read.
+        self._buf = buf = _read_buffer()[:CLIENT_READ_SIZE]
+        return buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        buf, self._buf = self._buf, None
+        assert buf is not None
+        self.data_received(buf[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        if self._on_data is not None:
+            self._on_data()
+        if self._failed:
+            return
+        try:
+            events = self._parser.feed(data)
+        except FrameError as exc:
+            self._failed = True
+            relay = self.relay
+            if relay is not None:
+                relay.stop(exc.code, str(exc))
+            # ws.receive() (or ws.close() waiting for a reply) answers with this code.
+            self.queue.set_exception(WebSocketError(exc.code, str(exc)))
+            return
+        relay = self.relay
+        if relay is not None:
+            relay.up(events)
+        else:
+            self._to_queue(events)
+
+    def _to_queue(self, events: list[Event]) -> None:
+        feed = self.queue.feed_data
+        for ev in events:
+            if type(ev) is bytearray:
+                self._message += ev
+            elif ev is END_OF_MESSAGE:
+                data = bytes(self._message)
+                self._message.clear()
+                feed(WSMessage(WSMsgType.BINARY, data, None), len(data))
+            elif isinstance(ev, Ping):
+                feed(WSMessage(WSMsgType.PING, ev.payload, None), len(ev.payload))
+            elif isinstance(ev, Close):
+                # aiohttp's own parser reports a close without a status code as 0.
+                feed(WSMessage(WSMsgType.CLOSE, ev.code or 0, ev.reason), 0)
+            elif isinstance(ev, Pong):
+                feed(WSMessage(WSMsgType.PONG, ev.payload, None), len(ev.payload))
+
+    def eof_received(self) -> bool | None:
+        if self.relay is not None:
+            self.relay.end("client closed")
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.relay is not None:
+            self.relay.end("client closed")
+        self.handler.connection_lost(exc)  # wakes ws.receive() and the drain waiters
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+
 class Relay:
     """Runs both directions until one side closes or ``stop(code, reason)`` is called."""
 
     __slots__ = (
         "_backend",
-        "_task",
+        "_done",
         "_why",
+        "client",
         "client_filter",
         "close_code",
         "close_reason",
@@ -229,7 +378,7 @@ class Relay:
 
     def __init__(
         self,
-        ws: web.WebSocketResponse,
+        ws: ConsoleWebSocket,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         session: Session,
@@ -242,16 +391,16 @@ class Relay:
         self.writer = writer
         self.session = session
         self.client_filter = client_filter
-        transport = request.transport
-        assert transport is not None, "the WebSocket is prepared"
-        self.ws_transport: asyncio.Transport = transport
+        assert ws.client is not None, "the WebSocket is prepared"
+        self.client: ClientReader = ws.client
+        self.ws_transport: asyncio.Transport = ws.client.transport
         self.ws_protocol: Any = request.protocol
-        self.ws_tls = transport.get_extra_info("sslcontext") is not None
+        self.ws_tls = self.ws_transport.get_extra_info("sslcontext") is not None
         self.close_code: int | None = None
         self.close_reason = ""
         self.ended = False
         self._why = ""
-        self._task: asyncio.Task[Any] | None = None
+        self._done: asyncio.Future[None] | None = None
         self._backend: _Backend | None = None
 
     def stop(self, code: int, reason: str) -> None:
@@ -262,37 +411,90 @@ class Relay:
         self.end("stopped")
 
     def end(self, why: str) -> None:
-        """End the relay (first reason wins): stop the down side, interrupt the up side."""
+        """End the relay (first reason wins): stop both directions and wake ``run``."""
         if self.ended:
             return
         self.ended = True
         self._why = why
         if self._backend is not None:
             self._backend.stop()
-        task = self._task
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+        self.client.stop_relay()
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(None)
 
     async def run(self) -> str:
         """Relay until the end; returns why it ended ('client closed', 'server closed', ...)."""
-        self._task = asyncio.current_task()
-        if not self.ended:
-            self._attach()
+        self._done = asyncio.get_running_loop().create_future()
         try:
             if not self.ended:
-                self._why = await self._up()
-                self.end(self._why)
-        except asyncio.CancelledError:
-            task = self._task
-            # Our own interruption: swallow it. Anyone else's cancel goes on up.
-            if task is None or not self.ended or task.uncancel() > 0:
-                raise
+                self._attach()
+            # Messages aiohttp queued before the relay started go first. read() returns at once
+            # while the queue is not empty (unlike ws.receive(), which may wait after a ping).
+            queue = self.client.queue
+            while not self.ended and self.client.queued():
+                self._take(await queue.read())
+            if not self.ended:
+                self.client.start_relay(self)
+                await self._done
         finally:
-            self._task = None
-            self.ended = True  # also when the client filter raised: nothing more goes down
+            self.ended = True  # also when cancelled: nothing more goes either way
+            self.client.stop_relay()
             if self._backend is not None:
                 self._backend.stop()
         return self.close_reason or self._why
+
+    def _take(self, msg: WSMessage) -> None:
+        if msg.type is WSMsgType.BINARY:
+            self.up([bytearray(msg.data)])
+        elif msg.type is WSMsgType.PING:
+            self.up([Ping(msg.data)])
+        elif msg.type is WSMsgType.CLOSE:
+            self.up([Close(msg.data or None, msg.extra or "")])
+
+    def up(self, events: list[Event]) -> None:
+        """Browser -> VNC server, in the browser transport's read callback.
+
+        The pieces of one read (at most CLIENT_READ_SIZE bytes) go out in one write: one send
+        instead of one per frame or part of one. The VNC transport's buffer stays bounded: over
+        its high-water mark, reading the browser's socket pauses until it drains.
+        """
+        if self.ended:
+            return
+        flt = self.client_filter
+        pieces: list[bytes | bytearray] = []
+        n = 0  # bytes from the browser, counted before the view-only filter (as aiohttp's were)
+        for ev in events:
+            if type(ev) is bytearray:
+                n += len(ev)
+                if flt is not None:
+                    try:
+                        ev = flt(ev)  # type: ignore[arg-type,assignment]  # feed() only slices it
+                    except RFBError as exc:
+                        self.stop(1008, f"RFB error: {exc}")
+                        return
+                pieces.append(ev)
+            elif isinstance(ev, Ping):
+                self.ws_transport.write(frame(0xA, ev.payload))
+            elif isinstance(ev, Close):
+                self._write(pieces, n)
+                # The rest goes to aiohttp: ws.close() finds this close as the reply and ends.
+                self.end("client closed")
+                self.client._to_queue([ev])
+                return
+        self._write(pieces, n)
+
+    def _write(self, pieces: list[bytes | bytearray], n: int) -> None:
+        if not n:
+            return  # pings, pongs: not activity (our heartbeat's pongs would keep it alive)
+        s = self.session
+        s.bytes_up += n
+        s.last_activity = time.monotonic()
+        backend = self._backend
+        assert backend is not None
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if data:
+            backend.transport.write(data)
 
     def _attach(self) -> None:
         """Move the VNC socket from its StreamReader to ``_Backend`` (bytes it buffered go first)."""
@@ -321,36 +523,3 @@ class Relay:
                 transport.resume_reading()  # the StreamReader may have paused it at its limit
         if transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
             backend.pause_writing()
-
-    async def _up(self) -> str:
-        ws, s, flt = self.ws, self.session, self.client_filter
-        backend = self._backend
-        assert backend is not None
-        out = backend.transport
-        receive = ws.receive
-        binary = WSMsgType.BINARY
-        while True:
-            msg = await receive()
-            if msg.type is binary:
-                data: bytes = msg.data
-            elif msg.type is WSMsgType.TEXT:
-                # RFB is binary; a text frame means a client we do not understand.
-                self.stop(1003, "text frames are not accepted")
-                return "client sent text"
-            elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                return "client closed"
-            elif msg.type is WSMsgType.ERROR:
-                return f"client error: {ws.exception()}"
-            else:
-                continue
-            s.bytes_up += len(data)
-            s.last_activity = time.monotonic()
-            if flt is not None:
-                data = flt(data)
-                if not data:
-                    continue
-            if self.ended:
-                return self._why
-            out.write(data)
-            if backend._write_waiter is not None or backend._lost:
-                await backend.writable()

@@ -45,7 +45,7 @@ from .health import HealthRunner
 from .listener import AcceptSettings, ConsoleSite, handler_args
 from .metrics import Metrics
 from .query import raw_query_param
-from .relay import STREAM_LIMIT, Relay
+from .relay import STREAM_LIMIT, ConsoleWebSocket, Relay
 from .replay import (
     BadStoreURL,
     GuardedReplayStore,
@@ -425,7 +425,8 @@ class ProxyServer:
 
     async def handle_websocket(self, request: web.Request) -> web.StreamResponse:
         lim = self.cfg.limits
-        ws = web.WebSocketResponse(
+        ws = ConsoleWebSocket(
+            max_message=lim.max_client_message_bytes,  # enforced by ClientReader's parser
             protocols=("binary",),
             max_msg_size=lim.max_client_message_bytes + 1,  # aiohttp refuses a message of exactly its cap
             heartbeat=lim.ping_interval_seconds or None,
@@ -671,7 +672,7 @@ class ProxyServer:
 
     async def _relay(
         self,
-        ws: web.WebSocketResponse,
+        ws: ConsoleWebSocket,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         session: Session,
