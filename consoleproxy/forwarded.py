@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 from .errors import Forbidden
 
-__all__ = ["BadForwardedFor", "Networks", "client_address", "parse_networks"]
+__all__ = ["BadForwardedFor", "Networks", "client_address", "in_networks", "normalized_ip", "parse_networks"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Networks = tuple[Network, ...]
@@ -31,14 +31,21 @@ def parse_networks(cidrs: Iterable[str]) -> Networks:
     return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
 
 
-def _trusted(addr: str, trusted: Networks) -> bool:
+def normalized_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``address`` as an IP (an IPv4-mapped IPv6 peer as IPv4); None when it is not one."""
     try:
-        ip = ipaddress.ip_address(addr)
+        ip = ipaddress.ip_address(address)
     except ValueError:
-        return False
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in trusted)
+        return ip.ipv4_mapped
+    return ip
+
+
+def in_networks(address: str, networks: Networks) -> bool:
+    """Is ``address`` inside one of ``networks`` (e.g. the trusted balancers)?"""
+    ip = normalized_ip(address)
+    return ip is not None and any(ip in net for net in networks)
 
 
 def _parse_entry(entry: str) -> str:
@@ -59,7 +66,7 @@ def _parse_entry(entry: str) -> str:
 
 def client_address(peer: str, headers: Sequence[str], trusted: Networks) -> str:
     """The client's address: ``peer`` unless ``peer`` is trusted and the header names another."""
-    if not headers or not _trusted(peer, trusted):
+    if not headers or not in_networks(peer, trusted):
         return peer
     entries = [e for h in headers for e in h.split(",")]
     if len(entries) > MAX_HOPS:
@@ -68,7 +75,7 @@ def client_address(peer: str, headers: Sequence[str], trusted: Networks) -> str:
         if not entry.strip():
             raise BadForwardedFor("X-Forwarded-For has an empty entry")
         addr = _parse_entry(entry)
-        if not _trusted(addr, trusted):
+        if not in_networks(addr, trusted):
             return addr
     # Every hop is a balancer: the request started inside the balancer tier (e.g. a health check).
     return _parse_entry(entries[0])

@@ -52,6 +52,7 @@ from aiohttp import web
 
 from . import proxyproto
 from .config import Limits
+from .forwarded import Networks, in_networks, normalized_ip, parse_networks
 from .metrics import Metrics
 from .proxyproto import ProxyHeader, ProxyProtocolError
 
@@ -68,7 +69,6 @@ __all__ = [
 
 log = logging.getLogger("consoleproxy.listener")
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Enough for the longest v2 header we accept (proxyproto's 4096-byte body) plus its 16-byte prefix.
 _PEEK_MAX = 16 + 4096
@@ -98,13 +98,10 @@ def source_key(address: str) -> str:
 
     One IPv6 host usually holds a whole /64, so per-address counting would not bound it.
     """
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    ip = normalized_ip(address)
+    if ip is None:
         return address
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
 
@@ -232,7 +229,7 @@ class AcceptSettings:
     request_head_timeout_seconds: float = 10
     max_request_head_bytes: int = 32768
     proxy_protocol: bool = False
-    trusted_proxies: tuple[Network, ...] = ()
+    trusted_proxies: Networks = ()
 
     @classmethod
     def from_config(cls, limits: Limits, proxy_protocol: bool, trusted: Iterable[str]) -> AcceptSettings:
@@ -244,17 +241,11 @@ class AcceptSettings:
             request_head_timeout_seconds=limits.request_head_timeout_seconds,
             max_request_head_bytes=limits.max_request_head_bytes,
             proxy_protocol=proxy_protocol,
-            trusted_proxies=tuple(ipaddress.ip_network(c, strict=False) for c in trusted),
+            trusted_proxies=parse_networks(trusted),
         )
 
     def trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.trusted_proxies)
+        return in_networks(address, self.trusted_proxies)
 
 
 class _Refused(Exception):
@@ -658,13 +649,8 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 
 def _is_loopback(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+    ip = normalized_ip(address)
+    return ip is not None and ip.is_loopback
 
 
 async def read_proxy_header(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> ProxyHeader:
