@@ -167,12 +167,13 @@ async def tcp(p: Proxy, source: str = "127.0.0.1") -> tuple[asyncio.StreamReader
     return await asyncio.open_connection("127.0.0.1", p.port, local_addr=(source, 0))
 
 
-async def reset_at_once(p: Proxy, source: str = "127.0.0.1") -> bool:
-    """Connect and expect the proxy to close without a byte (the RST may beat connect())."""
+async def reset_at_once(p: Proxy, source: str = "127.0.0.1", data: bytes = b"") -> bool:
+    """Connect, send ``data``, and expect a close without a byte (the RST may beat connect())."""
     try:
         r, w = await tcp(p, source)
     except ConnectionResetError:
         return True
+    w.write(data)
     try:
         return await closed_by_peer(r)
     finally:

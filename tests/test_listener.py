@@ -29,7 +29,7 @@ from harness import (
     running_proxy,
     tcp_server,
 )
-from test_limits import QUIET, client_hello, closed_by_peer, refused
+from test_limits import QUIET, client_hello, refused, reset_at_once, tcp
 
 from consoleproxy.cli import main
 from consoleproxy.config import ConfigError, load_config
@@ -166,11 +166,11 @@ async def test_untrusted_source_and_missing_header_are_closed(
     listen = {"tls": True, "proxy_protocol": True, "trusted_proxies": ["127.0.0.2/32"]}
     async with running_proxy(tmp_path, health=QUIET, listen=listen) as p:
         # 127.0.0.1 is not a trusted balancer: closed even with a well-formed header
-        assert await closed_after(p, v2("198.51.100.1"), "127.0.0.1")
+        assert await reset_at_once(p, "127.0.0.1", v2("198.51.100.1"))
         assert refused(p, "untrusted_proxy") == 1
         assert "from 127.0.0.1: PROXY protocol is on and it is not in [listen] trusted_proxies" in caplog.text
         # from the trusted balancer, but a TLS ClientHello where the header should be
-        assert await closed_after(p, client_hello(), "127.0.0.2")
+        assert await reset_at_once(p, "127.0.0.2", client_hello())
         assert refused(p, "proxy_header") == 1
         assert "did not start with a PROXY protocol header" in caplog.text
         # the trusted balancer with a header is served
@@ -183,20 +183,8 @@ async def test_untrusted_source_and_missing_header_are_closed(
         w.close()
 
 
-async def closed_after(p: Proxy, data: bytes, source: str) -> bool:
-    """Send ``data`` and expect a close without a reply (the RST may even beat connect())."""
-    try:
-        r, w = await _open(p, data, source)
-    except ConnectionResetError:
-        return True
-    try:
-        return await closed_by_peer(r)
-    finally:
-        w.close()
-
-
 async def _open(p: Proxy, data: bytes, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    r, w = await asyncio.open_connection("127.0.0.1", p.port, local_addr=(source, 0))
+    r, w = await tcp(p, source)
     w.write(data)
     return r, w
 
@@ -322,7 +310,7 @@ async def test_local_header_from_this_machine_without_trust(tmp_path: Path) -> N
         assert (await r.readline()).startswith(b"HTTP/1.1 200")
         w.close()
         # the same machine claiming a client address is not a balancer we trust
-        assert await closed_after(p, v2("198.51.100.1"), "127.0.0.1")
+        assert await reset_at_once(p, "127.0.0.1", v2("198.51.100.1"))
         assert refused(p, "untrusted_proxy") == 1
         # and the built-in TLS health check speaks that LOCAL header
         from consoleproxy.health import HealthRunner
