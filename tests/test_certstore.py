@@ -781,6 +781,11 @@ _texts = st.one_of(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=_texts, passphrase=st.one_of(st.none(), st.binary(max_size=8)))
 def test_parsers_raise_only_certificate_error(text: str, passphrase: bytes | None) -> None:
+    parsers_raise_only_certificate_error(text, passphrase)
+
+
+def parsers_raise_only_certificate_error(text: str, passphrase: bytes | None) -> None:
+    """Both PEM parsers either return or raise CertificateError naming the item (also test_fuzz)."""
     for call in (
         lambda: parse_certificate_pem(text, "fuzz"),
         lambda: parse_private_key_pem(text, passphrase, "fuzz"),
