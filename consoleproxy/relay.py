@@ -6,13 +6,15 @@ Down (VNC -> browser) runs in the event loop's read callback, with no task and n
 the VNC socket's transport gets a small buffered protocol (``_Backend``) that reads up to
 ``READ_SIZE`` bytes into a buffer shared by all consoles of the thread and writes them, in the same
 callback, as one binary WebSocket frame (a 2-10 byte header, then a view of the buffer) to the
-browser's transport. No allocation and no copy in Python per read.
+browser: over plain TCP header and view go to the socket in one writev(2) (``write_buffers``).
+No allocation and no copy in Python per read.
 
 Up (browser -> VNC) also runs in a read callback: from the WebSocket's 101 on, the browser's
 transport belongs to ``ClientReader``, whose sans-I/O parser (``wsframes``) unmasks and caps the
 client's frames (1009 past ``max_client_message_bytes``). During the RFB handshake it hands whole
 messages to aiohttp's queue (``ws.receive()`` works as usual); in the relay the unmasked pieces of
-one read go to the VNC transport as one write, with no task wake-up and no per-message object;
+one read go to the VNC socket in one writev(2), not joined, with no task wake-up and no
+per-message object;
 when the relay ends it hands frames to aiohttp again so that ``ws.close()`` sees the browser's
 close reply. Messages aiohttp queued before the relay started are taken first, in order.
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import contextlib
+import os
 import struct
 import threading
 import time
@@ -72,6 +75,49 @@ def frame_header(length: int) -> bytes:
     if length < 65536:
         return _H4(0x82, 126, length)
     return _H10(0x82, 127, length)
+
+
+# At most this many buffers go to one writev(2) (Linux's IOV_MAX is 1024); more are joined first.
+MAX_IOV = 64
+
+
+def socket_fd(transport: asyncio.BaseTransport) -> int:
+    """The socket of a plain TCP transport, which ``write_buffers`` may write to; -1 for TLS."""
+    if transport.get_extra_info("ssl_object") is not None:
+        return -1
+    sock = transport.get_extra_info("socket")
+    try:
+        return int(sock.fileno()) if sock is not None else -1
+    except (AttributeError, OSError, ValueError):
+        return -1
+
+
+def write_buffers(transport: asyncio.WriteTransport, fd: int, bufs: list[Any]) -> None:
+    """Write ``bufs`` in order: with one writev(2) when ``fd`` (``socket_fd``) is the transport's
+    socket and the transport holds nothing unsent, else through the transport.
+
+    One system call and one wake-up of the reader for a frame's header and payload, or for all
+    the pieces of one read, without joining them (a copy). What the socket does not take goes to
+    the transport, which buffers it and applies its flow control as usual; an error is left to
+    the transport too (its own write meets it and closes the connection as it always does).
+    """
+    if fd >= 0 and not transport.get_write_buffer_size() and not transport.is_closing():
+        if len(bufs) > MAX_IOV:
+            bufs = [b"".join(bufs)]
+        try:
+            sent = os.writev(fd, bufs)
+        except OSError:  # EAGAIN included: nothing was written
+            sent = 0
+        for b in bufs:
+            n = len(b)
+            if sent >= n:
+                sent -= n
+                continue
+            transport.write(memoryview(b)[sent:] if sent else b)
+            sent = 0
+        return
+    for b in bufs:
+        transport.write(b)
 
 
 # asyncio's SSLProtocol (3.11+) gives every TLS connection its own 256 KiB receive buffer, zeroed
@@ -152,17 +198,14 @@ class _Backend(asyncio.BufferedProtocol):
         if out.is_closing():
             r.end("client closed")
             return
-        if n <= SMALL_FRAME:
-            # Keystrokes' echoes, cursor moves: one write, one TCP segment, one wake-up in the
-            # browser (a separate header would reach it first, alone). Copying a few KiB is cheap.
-            out.write(frame_header(n) + data)
-        elif r.ws_tls:
-            # One pass through the TLS layer: one socket write for header and payload.
-            out.writelines((frame_header(n), data))
+        if r.ws_fd >= 0:
+            # Header and payload in one writev(2): one TCP segment train and one wake-up in the
+            # browser, and the payload is not copied.
+            write_buffers(out, r.ws_fd, [frame_header(n), data])
+        elif n <= SMALL_FRAME:
+            out.write(frame_header(n) + data)  # TLS: one pass through the TLS layer
         else:
-            # Two writes; joining them would copy the payload (writelines joins before 3.12).
-            out.write(frame_header(n))
-            out.write(data)
+            out.writelines((frame_header(n), data))  # TLS: joins before 3.12; one TLS write
         if r.ws_protocol.writing_paused and self._drain_task is None:
             # The browser is slower than the VNC server: stop reading until it catches up.
             self.transport.pause_reading()
@@ -369,10 +412,11 @@ class Relay:
         "ended",
         "reader",
         "session",
+        "vnc_fd",
         "writer",
         "ws",
+        "ws_fd",
         "ws_protocol",
-        "ws_tls",
         "ws_transport",
     )
 
@@ -395,7 +439,8 @@ class Relay:
         self.client: ClientReader = ws.client
         self.ws_transport: asyncio.Transport = ws.client.transport
         self.ws_protocol: Any = request.protocol
-        self.ws_tls = self.ws_transport.get_extra_info("sslcontext") is not None
+        self.ws_fd = socket_fd(self.ws_transport)
+        self.vnc_fd = -1  # set when the VNC socket is attached
         self.close_code: int | None = None
         self.close_reason = ""
         self.ended = False
@@ -492,9 +537,7 @@ class Relay:
         s.last_activity = time.monotonic()
         backend = self._backend
         assert backend is not None
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        if data:
-            backend.transport.write(data)
+        write_buffers(backend.transport, self.vnc_fd, pieces)
 
     def _attach(self) -> None:
         """Move the VNC socket from its StreamReader to ``_Backend`` (bytes it buffered go first)."""
@@ -507,6 +550,7 @@ class Relay:
         buffered.clear()
         eof = self.reader.at_eof()
         transport.set_protocol(backend)
+        self.vnc_fd = socket_fd(transport)
         if hasattr(transport, "max_size"):  # selector transports read this many bytes per recv
             transport.max_size = READ_SIZE
         if hasattr(self.ws_transport, "max_size"):
