@@ -261,13 +261,14 @@ class ConsoleWebSocket(web.WebSocketResponse):
     def __init__(self, *, max_message: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._max_message = max_message
+        self._ping_interval = float(kwargs.get("heartbeat") or 0.0)
 
     def _post_start(self, request: web.BaseRequest, protocol: str | None, writer: Any) -> None:
         handler: Any = request.protocol
         tail: bytes = handler._message_tail  # bytes after the upgrade request, not parsed yet
         handler._message_tail = b""
         super()._post_start(request, protocol, writer)
-        self.client = ClientReader(self, request, self._max_message)
+        self.client = ClientReader(self, request, self._max_message, self._ping_interval)
         if tail:
             self.client.data_received(tail)
 
@@ -282,13 +283,20 @@ class ClientReader(asyncio.BufferedProtocol):
     direction's drain still use.
     """
 
-    def __init__(self, ws: web.WebSocketResponse, request: web.BaseRequest, max_message: int) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, request: web.BaseRequest, max_message: int, heartbeat: float = 0.0
+    ) -> None:
         transport = request.transport
         assert transport is not None
         self.transport: asyncio.Transport = transport
         self.handler: Any = request.protocol
         self.queue: Any = ws._reader  # aiohttp's WebSocketDataQueue (what ws.receive() reads)
         self._on_data: Callable[[], None] | None = self.handler._data_received_cb  # heartbeat
+        # aiohttp's heartbeat reset costs a callback and a loop iteration per read; once in a
+        # quarter of the ping interval (at most a second) is enough: data seen after a ping was
+        # sent is always reported, so a pong (or anything else) still cancels the pong timeout.
+        self._beat_every = min(1.0, heartbeat / 4)
+        self._beat_due = 0.0
         self._parser = FrameParser(max_message)
         self._message = bytearray()  # without a relay: the message being assembled
         self._failed = False
@@ -345,7 +353,10 @@ class ClientReader(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes | memoryview) -> None:
         if self._on_data is not None:
-            self._on_data()
+            now = time.monotonic()
+            if now >= self._beat_due:
+                self._beat_due = now + self._beat_every
+                self._on_data()
         if self._failed:
             return
         try:

@@ -100,6 +100,34 @@ async def _aiohttp_console(ws: aiohttp.ClientWebSocketResponse) -> None:
     assert await read(name_len) == b"echo"
 
 
+async def test_a_busy_client_is_not_pinged_out(tmp_path: Path) -> None:
+    """Data from the browser counts as life (aiohttp's heartbeat is reset, at most a few times per
+    ping interval): a client that keeps typing but never answers a ping stays connected."""
+    async with (
+        running_proxy(tmp_path, limits={"ping_interval_seconds": 0.4}) as p,
+        tcp_server(echo_backend) as port,
+        aiohttp.ClientSession() as http,
+    ):
+        url = p.url(p.token(port=port))
+        async with http.ws_connect(url, autoping=False, ssl=p.client_ssl or False) as ws:
+            await _aiohttp_console(ws)
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 2.0  # five ping intervals
+            echoed = 0
+            while loop.time() < end:
+                await ws.send_bytes(b"k")
+                async with asyncio.timeout(5):
+                    msg = await ws.receive()
+                    while msg.type is aiohttp.WSMsgType.PING:  # not answered, on purpose
+                        msg = await ws.receive()
+                assert msg.type is aiohttp.WSMsgType.BINARY, f"closed after {echoed} echoes: {msg}"
+                assert msg.data == b"k"
+                echoed += 1
+                await asyncio.sleep(0.05)
+            assert echoed >= 20
+            assert not ws.closed
+
+
 async def test_heartbeat_pings_during_the_relay_and_a_silent_client_is_closed(tmp_path: Path) -> None:
     """The proxy's pings (every ping_interval_seconds) still go out while ClientReader owns the
     connection; a client that answers stays, one that does not is closed (aiohttp's pong timeout)."""
