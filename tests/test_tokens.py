@@ -689,3 +689,21 @@ def test_doc_example_runs_and_decodes() -> None:
     assert claims.to_dict() == scope["claims"]
     header = json.loads(base64.urlsafe_b64decode(scope["protected"] + "=="))
     assert header["kid"] == vector_ring.keys[0][0]
+
+
+def test_joserfc_tokens_decode_and_ours_open_with_joserfc(ring: Keyring) -> None:
+    """decode() does the AES-GCM step itself; both directions must agree with the JOSE library."""
+    from joserfc import jwe
+    from joserfc.jwk import OctKey
+
+    kid, key = ring.keys[0]
+    claims = {"host": "10.0.0.5", "port": 5901, "vm": "vm-7", "iat": NOW, "exp": NOW + 60, "jti": "j-lib"}
+    for header in ({"alg": "dir", "enc": "A256GCM", "kid": kid},
+                   {"kid": kid, "enc": "A256GCM", "typ": "JWT", "cty": "JSON", "alg": "dir"}):
+        theirs = jwe.encrypt_compact(header, json.dumps(claims).encode(), OctKey.import_key(key))
+        assert decode(ring, theirs).to_dict() == claims
+    ours = issue(ring, host="10.0.0.9", port=5900, vm="vm-8", now=NOW)
+    opened = jwe.decrypt_compact(ours, OctKey.import_key(key), algorithms=["dir", "A256GCM"])
+    assert opened.plaintext is not None
+    assert json.loads(opened.plaintext)["vm"] == "vm-8"
+    assert decode(ring, ours).vm == "vm-8"
