@@ -794,3 +794,20 @@ def parsers_raise_only_certificate_error(text: str, passphrase: bytes | None) ->
             call()
         except CertificateError as exc:
             assert exc.item == "fuzz"
+
+
+async def test_one_session_ticket_per_tls13_connection(tmp_path: Path) -> None:
+    """openssl s_client counts the NewSessionTicket messages of a real handshake with the proxy."""
+    require_tool("openssl", "openssl")
+    async with running_proxy(tmp_path, listen={"tls": True}) as p:
+        proc = await asyncio.create_subprocess_exec(
+            "openssl", "s_client", "-connect", f"127.0.0.1:{p.port}", "-tls1_3", "-msg", "-quiet", "-ign_eof",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        # A request makes the client read past the handshake: the tickets come before the answer.
+        out_b, _ = await asyncio.wait_for(
+            proc.communicate(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n"), 30
+        )
+    out = out_b.decode(errors="replace")
+    assert re.search(r"HTTP/1.[01] 200", out), out[-2000:]
+    assert out.count("NewSessionTicket") == 1, out[-4000:]
