@@ -78,6 +78,10 @@ async def _backend_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> Non
         await r.readexactly(1)  # ClientInit
         w.write(SERVER_INIT)
         mode, size = struct.unpack(">cQ", await r.readexactly(9))
+        if mode == b"T":  # "D" from a given wall-clock time, so that many consoles start together
+            (start,) = struct.unpack(">d", await r.readexactly(8))
+            await asyncio.sleep(max(0.0, start - time.time()))
+            mode = b"D"
         if mode == b"D":
             view = memoryview(PAYLOAD)
             left = size
@@ -86,6 +90,10 @@ async def _backend_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> Non
                 w.write(view[:n])
                 left -= n
                 await w.drain()
+                # drain() does not yield while the socket takes everything: without this the first
+                # of many consoles could get all its bytes before the others got one chunk. (Real
+                # VNC servers are a process per VM; the kernel interleaves them.)
+                await asyncio.sleep(0)
             await r.read()
         elif mode == b"U":
             left = size
@@ -358,16 +366,17 @@ async def op_multi_down(
         batch = await asyncio.gather(*(Console.open(t, first + i + j, keyring, ctx) for j in range(count)))
         opened.extend(batch)
     rates: list[float] = []
+    # Every console's stream starts at the same instant (the backend waits for it): a request sent
+    # a few ms before the others would otherwise stream alone meanwhile and skew slowest/fastest.
+    start = time.time() + 0.2 + n * 0.002
 
     async def one(c: Console) -> None:
-        t0 = time.perf_counter()
-        await c.send(command(b"D", size))
+        await c.send(command(b"T", size) + struct.pack(">d", start))
         await c.read_count(size)
-        rates.append(size / (time.perf_counter() - t0) / 1e6)
+        rates.append(size / (time.time() - start) / 1e6)
 
-    t0 = time.perf_counter()
     await asyncio.gather(*(one(c) for c in opened))
-    dt = time.perf_counter() - t0
+    dt = time.time() - start
     await asyncio.gather(*(c.close() for c in opened))
     return {"consoles": n, "bytes": n * size, "seconds": dt, "rates": rates}
 
