@@ -78,7 +78,7 @@ def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30) -> No
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"process {proc.args} exited with {proc.returncode}")
+            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
