@@ -245,8 +245,11 @@ class ProxyServer:
             rrunner = web.AppRunner(self._redirect_app(), access_log=None, handle_signals=False)
             await rrunner.setup()
             self._runners.append(rrunner)
-            self._redirect_site = web.TCPSite(
-                rrunner, lst.address, lst.redirect_http_port, reuse_port=self.reuse_port or None
+            # The same accept layer as the console ports (slow heads, floods, per-source rates), but
+            # never a PROXY header: the balancer forwards only the TLS ports.
+            self._redirect_site = ConsoleSite(
+                rrunner, lst.address, lst.redirect_http_port, metrics=self.metrics, backlog=1024,
+                settings=dataclasses.replace(accept, proxy_protocol=False), reuse_port=self.reuse_port,
             )
             await self._redirect_site.start()
         arunner = web.AppRunner(admin_app(self, self.admin_key), access_log=None)

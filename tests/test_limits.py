@@ -375,3 +375,41 @@ async def test_head_timeout_closes_slow_clients(tmp_path: Path) -> None:
         # a request in time is served
         async with tcp_server(echo_backend) as port:
             await console_from(p, port, OTHER)
+
+
+async def test_redirect_port_has_the_same_accept_limits(tmp_path: Path) -> None:
+    """The plain-HTTP redirect port is public too: slow heads and bursts are cut there as well."""
+    from harness import free_port
+
+    http_port = free_port(20000, 30000)
+    lim = {"request_head_timeout_seconds": 0.5, "connections_per_ip_per_second": 0.01, "connection_burst": 3}
+    listen = {"tls": True, "redirect_http_port": http_port}
+    async with running_proxy(tmp_path, health=QUIET, listen=listen, limits=lim) as p:
+        # a redirect in time is served (1 of the burst of 3)
+        r, w = await asyncio.open_connection("127.0.0.1", http_port)
+        w.write(b"GET /console HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(10):
+            assert (await r.readline()).split()[1] == b"301"
+        w.close()
+        # slowloris: a head that never ends is closed at the deadline (2 of 3)
+        r, w = await asyncio.open_connection("127.0.0.1", http_port)
+        w.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: 1")
+        assert await closed_by_peer(r, timeout=5)
+        w.close()
+        assert refused(p, "head_timeout") == 1
+        # the burst: the third is accepted, the fourth is reset before a byte is read
+        _r3, w3 = await asyncio.open_connection("127.0.0.1", http_port)
+        try:
+            r4, w4 = await asyncio.open_connection("127.0.0.1", http_port)
+            assert await closed_by_peer(r4)
+            w4.close()
+        except ConnectionResetError:
+            pass
+        assert refused(p, "rate") == 1
+        w3.close()
+        # another source is not limited
+        r, w = await asyncio.open_connection("127.0.0.1", http_port, local_addr=(OTHER, 0))
+        w.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(10):
+            assert (await r.readline()).split()[1] == b"301"
+        w.close()
