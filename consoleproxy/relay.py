@@ -101,7 +101,9 @@ def write_buffers(transport: asyncio.WriteTransport, fd: int, bufs: list[Any]) -
     the transport, which buffers it and applies its flow control as usual; an error is left to
     the transport too (its own write meets it and closes the connection as it always does).
     """
-    if fd >= 0 and not transport.get_write_buffer_size() and not transport.is_closing():
+    if transport.is_closing():
+        return  # the connection is going away and the relay with it (uvloop raises on a write)
+    if fd >= 0 and not transport.get_write_buffer_size():
         if len(bufs) > MAX_IOV:
             bufs = [b"".join(bufs)]
         try:

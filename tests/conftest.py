@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,29 @@ settings.register_profile(
     "fuzz", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "bounded"))
+
+
+# The relay and the accept layer run on whichever event loop `serve --loop` picks (uvloop when it is
+# installed, the default): these modules' tests run once on each, in the same process.
+BOTH_LOOPS = frozenset({
+    "test_console_path.py", "test_tls_proxy.py", "test_upstream.py", "test_socket_writes.py",
+    "test_drain.py", "test_listener.py",
+})
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    loops: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+    if item.path.name not in BOTH_LOOPS:
+        return loops
+    try:
+        import uvloop
+    except ImportError:
+        if IN_CI:
+            raise pytest.UsageError("uvloop is missing under CI=true (pip install -e '.[test]')") from None
+        return loops
+    return loops | {"uvloop": uvloop.new_event_loop}
 
 
 def require_tool(cmd: str, package: str) -> str:
