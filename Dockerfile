@@ -17,7 +17,8 @@ FROM python:3.11.10-slim-bookworm AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY consoleproxy ./consoleproxy
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# With uvloop: serve's default event loop when it is installed (bench/README.md measures both).
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[uvloop]"
 
 FROM python:3.11.10-slim-bookworm AS runtime
 # ping and traceroute for `consoleproxy diagnose --ping/--traceroute` and POST /api/diagnostics.

@@ -230,7 +230,8 @@ def cmd_url(args: argparse.Namespace) -> int:
 
 
 def _use_loop(name: str) -> None:
-    """``serve --loop``: uvloop is opt-in (bench/README.md); the supervisor passes it to workers."""
+    """``serve --loop``: uvloop when installed unless ``asyncio`` is asked for (bench/README.md has
+    both measured); the supervisor passes the choice to its workers."""
     if name == "asyncio":
         return
     try:
@@ -421,8 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--loop",
         choices=("asyncio", "uvloop", "auto"),
-        default="asyncio",
-        help="event loop: asyncio (default), uvloop (must be installed), auto = uvloop when installed",
+        default="auto",
+        help="event loop: auto (default) = uvloop when installed, else asyncio; uvloop (must be "
+        "installed); asyncio",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -59,7 +59,7 @@ class Supervisor:
     config_path: str | None
     count: int
     cfg: Config
-    loop: str = "asyncio"  # serve --loop, passed on to every worker
+    loop: str = "auto"  # serve --loop, passed on to every worker
     python: str = sys.executable
     workers: list[_Worker] = field(default_factory=list)
     stopping: bool = False

@@ -214,3 +214,9 @@ def test_grafana_dashboard_covers_the_design_metrics_and_names_only_real_ones() 
         assert any(f"consoleproxy_{metric}" in e for e in exprs), f"no panel for {metric}"
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_image_gets_uvloop(stages: list[Stage]) -> None:
+    """serve runs on uvloop when it is installed; the image installs it with the package."""
+    runs = [run for s in stages for run in s.all("RUN") if "pip wheel" in run]
+    assert runs and all('".[uvloop]"' in run for run in runs), runs

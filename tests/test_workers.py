@@ -203,6 +203,23 @@ def test_bad_worker_counts() -> None:
         assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1
 
 
+def _uses_uvloop(pid: int) -> bool:
+    """uvloop's extension is loaded in ``pid`` (serve imports it only to run on it)."""
+    return "uvloop/loop." in Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.parametrize(("args", "uvloop"), [((), True), (("--loop", "asyncio"), False)])
+async def test_serve_runs_on_uvloop_by_default(tmp_path: Path, args: tuple[str, ...], uvloop: bool) -> None:
+    """uvloop is installed with the test extra: serve's default (auto) takes it; asyncio on request."""
+    async with workers(tmp_path, 2, *args) as w, tcp_server(echo_backend) as backend:
+        children = _children(w.proc.pid)
+        assert len(children) == 2
+        for child in children:
+            assert _uses_uvloop(child) is uvloop
+        async with RFBClient.connect(w.url(w.token(backend))) as c:
+            await connect_echo(c)
+
+
 async def test_workers_run_the_chosen_event_loop(tmp_path: Path) -> None:
     async with workers(tmp_path, 2, "--loop", "uvloop") as w, tcp_server(echo_backend) as backend:
         for child in _children(w.proc.pid):
