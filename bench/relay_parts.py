@@ -281,7 +281,10 @@ class Console:
         self.lean: LeanStream | None = None
 
     @classmethod
-    async def open(cls, target: Target, index: int, keyring: Any, ctx: ssl.SSLContext | None) -> Console:
+    async def open(
+        cls, target: Target, index: int, keyring: Any, ctx: ssl.SSLContext | None, url: str | None = None
+    ) -> Console:
+        """``url``: made beforehand (``target.url``) so that issuing the token is not timed."""
         c = cls()
         if target.kind == "tcp":
             c.reader, c.writer = await asyncio.open_connection(target.host, target.port, limit=4 << 20)
@@ -290,7 +293,7 @@ class Console:
             import websockets
 
             c.ws = await websockets.connect(
-                target.url(index, keyring),
+                url or target.url(index, keyring),
                 subprotocols=["binary"],  # type: ignore[list-item]
                 max_size=None,
                 compression=None,
@@ -438,10 +441,14 @@ async def _open_many(
     errors: list[str] = []
     sem = asyncio.Semaphore(parallel)
 
+    # The management server makes tokens, not the browser: issued before the clock starts (and
+    # websockify's single token-file entry costs nothing either).
+    urls = [t.url(first + i, keyring) if t.kind == "ws" else "" for i in range(n)]
+
     async def one(i: int) -> None:
         async with sem:
             try:
-                c = await Console.open(t, first + i, keyring, ctx)
+                c = await Console.open(t, first + i, keyring, ctx, urls[i] or None)
                 await c.send(command(mode))
                 consoles.append(c)
             except Exception as exc:
@@ -473,11 +480,13 @@ async def op_open(
     errors: list[str] = []
     ok = 0
 
+    urls = [t.url(first + i, keyring) if t.kind == "ws" else "" for i in range(n)]  # as in _open_many
+
     async def one(i: int) -> None:
         nonlocal ok
         async with sem:
             try:
-                c = await Console.open(t, first + i, keyring, ctx)
+                c = await Console.open(t, first + i, keyring, ctx, urls[i] or None)
                 ok += 1
                 await c.close()
             except Exception as exc:
