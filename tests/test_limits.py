@@ -413,3 +413,22 @@ async def test_redirect_port_has_the_same_accept_limits(tmp_path: Path) -> None:
         async with asyncio.timeout(10):
             assert (await r.readline()).split()[1] == b"301"
         w.close()
+
+
+async def test_a_slow_second_head_on_a_kept_alive_connection_is_closed(tmp_path: Path) -> None:
+    """Only the first head passes the accept layer's deadline; a later one on the same connection
+    must arrive within keepalive_timeout_seconds of the previous response (aiohttp's keep-alive
+    timer is not reset by a partial head)."""
+    lim = {"keepalive_timeout_seconds": 1, "request_head_timeout_seconds": 30}
+    async with running_proxy(tmp_path, health=QUIET, limits=lim) as p:
+        r, w = await tcp(p)
+        w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive (HTTP/1.1 default)
+        async with asyncio.timeout(10):
+            assert (await r.readline()).split()[1] == b"200"
+            while await r.readline() not in (b"\r\n", b""):
+                pass  # the rest of the head
+        w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: 1")  # never finished
+        async with asyncio.timeout(10):
+            rest = await r.read()  # the body of the first answer, then the close
+        assert not rest.startswith(b"HTTP/"), "the slow second request got an answer"
+        w.close()
