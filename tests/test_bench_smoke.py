@@ -27,6 +27,7 @@ def test_relay_bench_quick_run_writes_results(tmp_path: Path) -> None:
     r = json.loads((out / "relay.json").read_text())
     for label in ("raw TCP", "consoleproxy", "websockify", "consoleproxy TLS", "websockify TLS"):
         assert r["down"][label]["mb_s"] > 0, label
+    for label in ("raw TCP", "consoleproxy", "websockify"):  # round trips: plain only
         assert r["rtt"][label]["p50_us"] > 0, label
     for label in ("consoleproxy", "websockify", "consoleproxy TLS", "websockify TLS"):
         assert r["up"][label]["cpu_s_per_gib"] is not None, label
