@@ -278,10 +278,12 @@ class ConsoleWebSocket(web.WebSocketResponse):
     two parsers: nothing can be lost or read twice when the relay starts.
     """
 
-    client: ClientReader | None = None
+    # Our attributes in slots: aiohttp's own fill this response's __dict__ to a resize.
+    __slots__ = ("_max_message", "_ping_interval", "client")
 
     def __init__(self, *, max_message: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.client: ClientReader | None = None
         self._max_message = max_message
         self._ping_interval = float(kwargs.get("heartbeat") or 0.0)
 
@@ -291,6 +293,16 @@ class ConsoleWebSocket(web.WebSocketResponse):
         handler._message_tail = b""
         super()._post_start(request, protocol, writer)
         self.client = ClientReader(self, request, self._max_message, self._ping_interval)
+        # From here on ClientReader parses every byte: aiohttp's WebSocketReader (2 KiB) and
+        # HTTP request parser are never fed again. Dropped so an idle console does not keep them
+        # (ClientReader.connection_lost does the reader's one remaining job, the queue's EOF;
+        # aiohttp checks both for None: it sets them so itself in connection_lost).
+        # Private attributes of aiohttp 3.x: each is set only when it is there (tests/
+        # test_relay_memory.py fails if aiohttp renames them and the objects are kept again).
+        self._parser = None
+        for name in ("_payload_parser", "_parser"):
+            if getattr(handler, name, None) is not None:
+                setattr(handler, name, None)
         if tail:
             self.client.data_received(tail)
 
@@ -304,6 +316,11 @@ class ClientReader(asyncio.BufferedProtocol):
     end are passed on to aiohttp's handler, which the server's ``ws.close()`` and the down
     direction's drain still use.
     """
+
+    __slots__ = (
+        "_backend_paused", "_beat_due", "_beat_every", "_buf", "_failed", "_message", "_on_data",
+        "_parser", "handler", "queue", "relay", "transport",
+    )
 
     def __init__(
         self, ws: web.WebSocketResponse, request: web.BaseRequest, max_message: int, heartbeat: float = 0.0
@@ -422,7 +439,8 @@ class ClientReader(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.relay is not None:
             self.relay.end("client closed")
-        self.handler.connection_lost(exc)  # wakes ws.receive() and the drain waiters
+        self.handler.connection_lost(exc)  # wakes the drain waiters, cancels the handler
+        self.queue.feed_eof()  # wakes ws.receive(), as aiohttp's (dropped) WebSocketReader did
 
     def pause_writing(self) -> None:
         self.handler.pause_writing()
@@ -583,6 +601,12 @@ class Relay:
         buffered.clear()
         eof = self.reader.at_eof()
         transport.set_protocol(backend)
+        # The StreamReaderProtocol (with a deque and a future: ~1 KiB) is done; the StreamWriter,
+        # kept only to close the socket at the end (close() needs just its transport), was the
+        # last holder. Dropped so an idle console does not keep it.
+        w: Any = self.writer
+        if getattr(w, "_protocol", None) is not None:
+            w._protocol = None
         self.vnc_fd = socket_fd(transport)
         if hasattr(transport, "max_size"):  # selector transports read this many bytes per recv
             transport.max_size = READ_SIZE

@@ -462,6 +462,8 @@ class ProxyServer:
                     old.close(SessionKilled.close_code, "replaced by a newer console for this VM")
                 reader, writer = await self._connect(claims)
                 client_leftover = await self._rfb_handshake(ws, reader, writer, claims, session)
+            # The claims (with the VNC password) are done with: not kept for the console's life.
+            del claims
             result = await self._relay(ws, reader, writer, session, client_leftover, request)
         except TimeoutError:
             result = "handshake timeout"

@@ -26,7 +26,7 @@ class SessionCloser(Protocol):
     def __call__(self, code: int, reason: str) -> None: ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: one per open console, ~40% smaller than with a __dict__
 class Session:
     """One console. Byte counters and ``last_activity`` are updated by the relay."""
 

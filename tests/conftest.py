@@ -31,7 +31,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "bounded"))
 # installed, the default): these modules' tests run once on each, in the same process.
 BOTH_LOOPS = frozenset({
     "test_console_path.py", "test_tls_proxy.py", "test_upstream.py", "test_socket_writes.py",
-    "test_drain.py", "test_listener.py", "test_relay_turns.py",
+    "test_drain.py", "test_listener.py", "test_relay_turns.py", "test_relay_memory.py",
 })
 
 
