@@ -40,11 +40,12 @@ from .errors import ConsoleProxyError
 from .rfb import (
     MAX_REASON_LENGTH,
     MAX_SECURITY_TYPES,
-    MAX_VENCRYPT_SUBTYPES,
     LimitExceeded,
+    RecvBuffer,
     RFBError,
     SecurityType,
     VersionError,
+    decode_reason,
     format_version,
     parse_version,
 )
@@ -173,7 +174,7 @@ class RFBProbe:
     def __init__(self, *, want_certificate: bool = True) -> None:
         self.state = ProbeState.VERSION
         self._want_certificate = want_certificate
-        self._buf = bytearray()
+        self._buf = RecvBuffer()
         self._out = bytearray()
         self.server_version: tuple[int, int] | None = None
         self.security_types: list[int] = []
@@ -199,27 +200,13 @@ class RFBProbe:
     def receive_data(self, data: bytes) -> None:
         if self.state in (ProbeState.DONE, ProbeState.TLS):
             return
-        self._buf += data
+        self._buf.data += data
         while self.state not in (ProbeState.DONE, ProbeState.TLS) and self._step():
             pass
 
-    def _take(self, n: int) -> bytes | None:
-        if len(self._buf) < n:
-            return None
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
-
     def _reason(self, offset: int) -> str | None:
-        if len(self._buf) < offset + 4:
-            return None
-        (n,) = struct.unpack_from(">I", self._buf, offset)
-        if n > MAX_REASON_LENGTH:
-            raise LimitExceeded(f"failure reason is {n} bytes long; at most {MAX_REASON_LENGTH}")
-        raw = self._take(offset + 4 + n)
-        if raw is None:
-            return None
-        return raw[offset + 4 :].decode("utf-8", "replace").strip() or "no reason given"
+        raw = self._buf.take_string(offset, MAX_REASON_LENGTH, "failure reason")
+        return None if raw is None else decode_reason(raw, "no reason given")
 
     def _finish(self, note: str | None = None) -> bool:
         self.state = ProbeState.DONE
@@ -230,10 +217,10 @@ class RFBProbe:
         S = ProbeState
         st = self.state
         if st is S.VERSION:
-            head = bytes(self._buf[:4])
+            head = bytes(self._buf.data[:4])
             if not b"RFB ".startswith(head):
                 raise VersionError(f"peer does not speak RFB: first bytes are {head!r}")
-            raw = self._take(12)
+            raw = self._buf.take(12)
             if raw is None:
                 return False
             major, minor = self.server_version = parse_version(raw)
@@ -246,20 +233,20 @@ class RFBProbe:
         if st is S.SECURITY_33:
             if len(self._buf) < 4:
                 return False
-            (stype,) = struct.unpack_from(">I", self._buf)
+            (stype,) = struct.unpack_from(">I", self._buf.data)
             if stype == 0:
                 reason = self._reason(4)
                 if reason is None:
                     return False
                 self.refused = reason
                 return self._finish()
-            self._take(4)
+            self._buf.take(4)
             self.security_types = [stype]
             return self._finish()
         if st is S.SECURITY_TYPES:
             if not self._buf:
                 return False
-            count = self._buf[0]
+            count = self._buf.data[0]
             if count == 0:
                 reason = self._reason(1)
                 if reason is None:
@@ -268,7 +255,7 @@ class RFBProbe:
                 return self._finish()
             if count > MAX_SECURITY_TYPES:
                 raise LimitExceeded(f"server offers {count} security types; at most {MAX_SECURITY_TYPES}")
-            raw = self._take(1 + count)
+            raw = self._buf.take(1 + count)
             if raw is None:
                 return False
             self.security_types = list(raw[1:])
@@ -278,7 +265,7 @@ class RFBProbe:
             self.state = S.VENCRYPT_VERSION
             return True
         if st is S.VENCRYPT_VERSION:
-            raw = self._take(2)
+            raw = self._buf.take(2)
             if raw is None:
                 return False
             self.vencrypt_version = (raw[0], raw[1])
@@ -288,7 +275,7 @@ class RFBProbe:
             self.state = S.VENCRYPT_ACK
             return True
         if st is S.VENCRYPT_ACK:
-            raw = self._take(1)
+            raw = self._buf.take(1)
             if raw is None:
                 return False
             if raw[0] != 0:
@@ -296,17 +283,10 @@ class RFBProbe:
             self.state = S.VENCRYPT_SUBTYPES
             return True
         if st is S.VENCRYPT_SUBTYPES:
-            if not self._buf:
+            subtypes = self._buf.take_vencrypt_subtypes()
+            if subtypes is None:
                 return False
-            count = self._buf[0]
-            if count > MAX_VENCRYPT_SUBTYPES:
-                raise LimitExceeded(
-                    f"server offers {count} VeNCrypt subtypes; at most {MAX_VENCRYPT_SUBTYPES}"
-                )
-            raw = self._take(1 + 4 * count)
-            if raw is None:
-                return False
-            self.vencrypt_subtypes = list(struct.unpack_from(f">{count}I", raw, 1))
+            self.vencrypt_subtypes = list(subtypes)
             usable = [s for s in _X509_SUBTYPES if s in self.vencrypt_subtypes]
             if not usable or not self._want_certificate:
                 return self._finish(None if usable else "no X.509 subtype: no certificate to show")
@@ -315,7 +295,7 @@ class RFBProbe:
             self.state = S.SUBTYPE_ACK
             return True
         if st is S.SUBTYPE_ACK:
-            raw = self._take(1)
+            raw = self._buf.take(1)
             if raw is None:
                 return False
             if raw[0] != 1:

@@ -62,6 +62,7 @@ __all__ = [
     "LimitExceeded",
     "RFBError",
     "RFBStateError",
+    "RecvBuffer",
     "SecurityType",
     "ServerEvent",
     "ServerHandshake",
@@ -69,6 +70,7 @@ __all__ = [
     "StartTLS",
     "VeNCryptSubtype",
     "VersionError",
+    "decode_reason",
     "format_version",
     "parse_version",
     "vnc_auth_response",
@@ -223,8 +225,8 @@ def vnc_auth_response(password: str, challenge: bytes) -> bytes:
     return encryptor.update(challenge) + encryptor.finalize()
 
 
-class _Buffer:
-    """Bytes received but not yet parsed, with all-or-nothing reads."""
+class RecvBuffer:
+    """Bytes received but not yet parsed, with all-or-nothing reads (also ``diagnose.RFBProbe``'s)."""
 
     def __init__(self) -> None:
         self.data = bytearray()
@@ -252,13 +254,25 @@ class _Buffer:
         del self.data[: offset + 4 + n]
         return out
 
+    def take_vencrypt_subtypes(self) -> tuple[int, ...] | None:
+        """A VeNCrypt subtype list (U8 count, then that many U32), at most MAX_VENCRYPT_SUBTYPES."""
+        if not self.data:
+            return None
+        count = self.data[0]
+        if count > MAX_VENCRYPT_SUBTYPES:
+            raise LimitExceeded(
+                f"VNC server offers {count} VeNCrypt subtypes; at most {MAX_VENCRYPT_SUBTYPES} are accepted"
+            )
+        raw = self.take(1 + 4 * count)
+        return None if raw is None else struct.unpack_from(f">{count}I", raw, 1)
+
     def drain(self) -> bytes:
         out = bytes(self.data)
         self.data.clear()
         return out
 
 
-def _decode_reason(raw: bytes, default: str) -> str:
+def decode_reason(raw: bytes, default: str) -> str:
     text = raw.decode("utf-8", errors="replace").strip()
     return text or default
 
@@ -329,7 +343,7 @@ class ServerHandshake(_Outputs):
         self.state = ServerHandshakeState.VERSION
         self._password = password or None
         self._allow_tls = allow_tls
-        self._buf = _Buffer()
+        self._buf = RecvBuffer()
         super().__init__()
         #: The version the server announced, as sent (e.g. (3, 889) for Apple).
         self.server_version: tuple[int, int] | None = None
@@ -403,7 +417,7 @@ class ServerHandshake(_Outputs):
                 reason = buf.take_string(4, MAX_REASON_LENGTH, "connection failure reason")
                 if reason is None:
                     return False
-                return self._fail(_decode_reason(reason, "VNC server refused the connection"))
+                return self._fail(decode_reason(reason, "VNC server refused the connection"))
             buf.take(4)
             self.security_types = (stype,)
             if stype == SecurityType.NONE:
@@ -424,7 +438,7 @@ class ServerHandshake(_Outputs):
                 reason = buf.take_string(1, MAX_REASON_LENGTH, "connection failure reason")
                 if reason is None:
                     return False
-                return self._fail(_decode_reason(reason, "VNC server refused the connection"))
+                return self._fail(decode_reason(reason, "VNC server refused the connection"))
             if count > MAX_SECURITY_TYPES:
                 raise LimitExceeded(
                     f"VNC server offers {count} security types; at most {MAX_SECURITY_TYPES} are accepted"
@@ -460,18 +474,9 @@ class ServerHandshake(_Outputs):
             self.state = S.VENCRYPT_SUBTYPES
             return True
         if st is S.VENCRYPT_SUBTYPES:
-            if len(buf) < 1:
+            subtypes = buf.take_vencrypt_subtypes()
+            if subtypes is None:
                 return False
-            count = buf.data[0]
-            if count > MAX_VENCRYPT_SUBTYPES:
-                raise LimitExceeded(
-                    f"VNC server offers {count} VeNCrypt subtypes; "
-                    f"at most {MAX_VENCRYPT_SUBTYPES} are accepted"
-                )
-            raw = buf.take(1 + 4 * count)
-            if raw is None:
-                return False
-            subtypes = struct.unpack_from(f">{count}I", raw, 1)
             return self._choose_vencrypt(subtypes)
         if st is S.VENCRYPT_SUBTYPE_ACK:
             raw = buf.take(1)
@@ -493,7 +498,7 @@ class ServerHandshake(_Outputs):
                 reason = buf.take_string(4, MAX_REASON_LENGTH, "SecurityResult failure reason")
                 if reason is None:
                     return False
-                return self._fail(_decode_reason(reason, "authentication failed"))
+                return self._fail(decode_reason(reason, "authentication failed"))
             buf.take(4)  # 3.3 and 3.7: no reason string; the server closes
             if status == 2:
                 return self._fail("authentication failed: too many attempts")
@@ -592,7 +597,7 @@ class ClientHandshake(_Outputs):
     def __init__(self) -> None:
         self.state = ClientHandshakeState.VERSION
         self.version: tuple[int, int] | None = None
-        self._buf = _Buffer()
+        self._buf = RecvBuffer()
         super().__init__(format_version((3, 8)))
 
     def receive_data(self, data: bytes) -> None:
