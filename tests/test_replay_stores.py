@@ -463,14 +463,18 @@ def test_policy_must_be_known() -> None:
 CS_KEYS = CloudStackKeys(bytes(range(16)), bytes(range(100, 116)))
 
 
+def _shared_store_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A store several instances share: a fresh redis-server, or one SQLite file."""
+    if kind == "redis":
+        return str(request.getfixturevalue("redis_server").url)
+    return f"sqlite:///{tmp_path}/replay.db"
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 async def test_cloudstack_token_single_use_across_instances(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    if kind == "redis":
-        url = request.getfixturevalue("redis_server").url
-    else:
-        url = f"sqlite:///{tmp_path}/replay.db"
+    url = _shared_store_url(kind, tmp_path, request)
     # Two instances: each its own store object on the shared backend, as two processes would have.
     stores = [GuardedReplayStore(open_replay_store(url)) for _ in range(2)]
     a, b = (CloudStackValidator(CS_KEYS, s) for s in stores)
@@ -525,10 +529,7 @@ def _errors(server: ProxyServer) -> float:
 async def test_native_token_used_on_one_instance_is_refused_on_another(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    if kind == "redis":
-        url = request.getfixturevalue("redis_server").url
-    else:
-        url = f"sqlite:///{tmp_path}/replay.db"
+    url = _shared_store_url(kind, tmp_path, request)
     keyring = Keyring.generate()
     cluster = {"replay_store": url}
     async with running_proxy(tmp_path, keyring=keyring, cluster=cluster) as p1, \
