@@ -13,21 +13,22 @@ Up (browser -> VNC) also runs in a read callback: from the WebSocket's 101 on, t
 transport belongs to ``ClientReader``, whose sans-I/O parser (``wsframes``) unmasks and caps the
 client's frames (1009 past ``max_client_message_bytes``). During the RFB handshake it hands whole
 messages to aiohttp's queue (``ws.receive()`` works as usual); in the relay the unmasked pieces of
-one read go to the VNC socket in one writev(2), not joined, with no task wake-up and no
-per-message object;
-when the relay ends it hands frames to aiohttp again so that ``ws.close()`` sees the browser's
-close reply. Messages aiohttp queued before the relay started are taken first, in order.
+one read go to the VNC server in one writev(2), not joined, with no task wake-up and no
+per-message object.
+
+The relay outlives aiohttp's request handler: when it starts, aiohttp lets go of the connection
+(``ClientReader.start_relay``) and its handler, request, response and tasks are freed. The relay
+then does what they did: it answers pings, pings a silent browser (``ClientReader.heartbeat``,
+from the server's sweeper), and at the end sends the close frame and waits for the reply.
 
 Backpressure, both ways, without polling:
-- down: when the browser's transport is over its high-water mark (aiohttp's protocol is paused)
-  we pause reading the VNC socket and resume when aiohttp's drain waiter fires; the hypervisor's
-  TCP window then shrinks. Memory per console stays bounded by one read plus the transport's
-  high-water mark.
+- down: when the browser's transport is over its high-water mark (``pause_writing``) we pause
+  reading the VNC socket, and resume on its ``resume_writing``; the hypervisor's TCP window then
+  shrinks. Memory per console stays bounded by one read plus the transport's high-water mark.
 - up: while the VNC transport is over its high-water mark (``pause_writing``) we pause reading
   the browser's socket, and resume on ``resume_writing``.
 
-Per session: this object, the two protocols, and one task (aiohttp's handler, waiting), plus a
-short-lived task only while the down direction waits for the browser to drain.
+Per console: this object, the two protocols, the session and the two transports. No task.
 """
 
 from __future__ import annotations
@@ -46,7 +47,18 @@ from aiohttp import WebSocketError, WSMessage, WSMsgType, web
 
 from .rfb import RFBError
 from .sessions import Session
-from .wsframes import END_OF_MESSAGE, Close, Event, FrameError, FrameParser, Ping, Pong, frame
+from .wsframes import (
+    END_OF_MESSAGE,
+    Close,
+    Event,
+    FrameError,
+    FrameParser,
+    Ping,
+    Pong,
+    close_frame,
+    close_reason,
+    frame,
+)
 
 __all__ = ["READ_SIZE", "STREAM_LIMIT", "ClientReader", "ConsoleWebSocket", "Relay", "frame_header"]
 
@@ -160,21 +172,30 @@ def _read_buffer() -> memoryview:
 
 
 
+# How long a browser has to answer our close frame before its connection is cut (aiohttp's
+# WebSocketResponse default, which the relay kept while aiohttp's handler closed its consoles).
+CLOSE_TIMEOUT = 10.0
+_PING = frame(0x9)
+
+# ClientReader's stages (see its docstring).
+HANDSHAKE, RELAYING, CLOSING = 0, 1, 2
+
+
 class _Backend(asyncio.BufferedProtocol):
     """The VNC socket's protocol during the relay: bytes in -> one WebSocket frame out."""
 
     __slots__ = (
-        "_buf", "_drain_task", "_lost", "_relay", "_turns", "_yielding", "transport", "writing_paused",
+        "_buf", "_lost", "_relay", "_turns", "_yielding", "browser_wait", "transport", "writing_paused",
     )
 
     def __init__(self, relay: Relay, transport: asyncio.Transport) -> None:
         self._relay = relay
         self.transport = transport
-        self._drain_task: asyncio.Task[None] | None = None
         self._lost = False
         self._buf: memoryview | None = None
         self._yielding = False  # reading paused until the loop's next turn (see buffer_updated)
         self._turns = not isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop)
+        self.browser_wait = False  # reading paused until the browser's transport drains
         self.writing_paused = False
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -189,7 +210,7 @@ class _Backend(asyncio.BufferedProtocol):
             # The browser's transport may hold a view of the shared buffer: leave it that one.
             _read_buffers.pop(threading.get_ident(), None)
         if (
-            self._turns and nbytes == len(buf) and self._drain_task is None
+            self._turns and nbytes == len(buf) and not self.browser_wait
             and not self._yielding and not self._relay.ended
         ):
             # A full read: more is waiting. Every other busy console reads once before this one
@@ -202,7 +223,7 @@ class _Backend(asyncio.BufferedProtocol):
 
     def _take_turn(self) -> None:
         self._yielding = False
-        if self._drain_task is None and not self._relay.ended and not self._lost:
+        if not self.browser_wait and not self._relay.ended and not self._lost:
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -228,21 +249,17 @@ class _Backend(asyncio.BufferedProtocol):
             out.write(frame_header(n) + data)  # TLS: one pass through the TLS layer
         else:
             out.writelines((frame_header(n), data))  # TLS: joins before 3.12; one TLS write
-        if r.ws_protocol.writing_paused and self._drain_task is None:
-            # The browser is slower than the VNC server: stop reading until it catches up.
+        if r.client.writing_paused and not self.browser_wait:
+            # The browser is slower than the VNC server: stop reading until it catches up
+            # (``browser_drained``, from the browser transport's resume_writing; no task waits).
+            self.browser_wait = True
             self.transport.pause_reading()
-            self._drain_task = asyncio.ensure_future(self._wait_browser())
 
-    async def _wait_browser(self) -> None:
-        try:
-            await self._relay.ws_protocol._drain_helper()
-        except (ConnectionError, RuntimeError):
-            self._relay.end("client closed")
-            return
-        finally:
-            self._drain_task = None
-        if not self._relay.ended and not self._lost:
-            self.transport.resume_reading()
+    def browser_drained(self) -> None:
+        if self.browser_wait:
+            self.browser_wait = False
+            if not self._yielding and not self._relay.ended and not self._lost:
+                self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         self._relay.end("server closed")
@@ -255,19 +272,12 @@ class _Backend(asyncio.BufferedProtocol):
     # Up direction flow control: the VNC server is slower than the browser -> stop reading it.
     def pause_writing(self) -> None:
         self.writing_paused = True
-        if not self._relay.ended:  # after the end the browser's close reply must still be read
+        if not self._relay.ended:
             self._relay.client.pause_for_backend()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         self._relay.client.resume_for_backend()
-
-    def stop(self) -> None:
-        if self._drain_task is not None:
-            self._drain_task.cancel()
-        if not self._lost:
-            with contextlib.suppress(RuntimeError, AttributeError, NotImplementedError):
-                self.transport.pause_reading()
 
 
 class ConsoleWebSocket(web.WebSocketResponse):
@@ -279,24 +289,23 @@ class ConsoleWebSocket(web.WebSocketResponse):
     """
 
     # Our attributes in slots: aiohttp's own fill this response's __dict__ to a resize.
-    __slots__ = ("_max_message", "_ping_interval", "client")
+    __slots__ = ("_max_message", "client")
 
     def __init__(self, *, max_message: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.client: ClientReader | None = None
         self._max_message = max_message
-        self._ping_interval = float(kwargs.get("heartbeat") or 0.0)
 
     def _post_start(self, request: web.BaseRequest, protocol: str | None, writer: Any) -> None:
         handler: Any = request.protocol
         tail: bytes = handler._message_tail  # bytes after the upgrade request, not parsed yet
         handler._message_tail = b""
         super()._post_start(request, protocol, writer)
-        self.client = ClientReader(self, request, self._max_message, self._ping_interval)
+        self.client = ClientReader(self, request, self._max_message)
         # From here on ClientReader parses every byte: aiohttp's WebSocketReader (2 KiB) and
-        # HTTP request parser are never fed again. Dropped so an idle console does not keep them
-        # (ClientReader.connection_lost does the reader's one remaining job, the queue's EOF;
-        # aiohttp checks both for None: it sets them so itself in connection_lost).
+        # HTTP request parser are never fed again. Dropped so they are not kept while the RFB
+        # handshake runs (ClientReader.connection_lost does the reader's one remaining job, the
+        # queue's EOF; aiohttp checks both for None: it sets them so itself in connection_lost).
         # Private attributes of aiohttp 3.x: each is set only when it is there (tests/
         # test_relay_memory.py fails if aiohttp renames them and the objects are kept again).
         self._parser = None
@@ -308,62 +317,83 @@ class ConsoleWebSocket(web.WebSocketResponse):
 
 
 class ClientReader(asyncio.BufferedProtocol):
-    """The browser connection's protocol from the 101 on; aiohttp's handler still does the rest.
+    """The browser connection's protocol from the 101 on, in three stages:
 
-    Without a relay (during the RFB handshake, and after the relay ended) whole messages, pings,
-    pongs and closes go to aiohttp's queue as its own parser would put them there. During the
-    relay, message pieces go straight to the VNC server. Write flow control and the connection's
-    end are passed on to aiohttp's handler, which the server's ``ws.close()`` and the down
-    direction's drain still use.
+    - ``HANDSHAKE``: aiohttp's handler runs the RFB handshake with ``ws.receive()``. Whole
+      messages, pings, pongs and closes go to aiohttp's queue as its own parser would put them
+      there; write flow control and the connection's end are passed on to aiohttp.
+    - ``RELAYING`` (``start_relay``): aiohttp has let go of the connection; its handler, request
+      and response are gone. Message pieces go straight to the VNC server and pings are answered
+      here; ``heartbeat`` (from the server's sweeper) pings a silent browser.
+    - ``CLOSING`` (``close``): our close frame is out; the browser's reply, or CLOSE_TIMEOUT,
+      ends the connection.
     """
 
     __slots__ = (
-        "_backend_paused", "_beat_due", "_beat_every", "_buf", "_failed", "_message", "_on_data",
-        "_parser", "handler", "queue", "relay", "transport",
+        "_backend_paused", "_buf", "_failed", "_message", "_on_data", "_parser", "_stage",
+        "_timer", "handler", "heard", "ping_sent", "queue", "relay", "transport", "writing_paused",
     )
 
-    def __init__(
-        self, ws: web.WebSocketResponse, request: web.BaseRequest, max_message: int, heartbeat: float = 0.0
-    ) -> None:
+    def __init__(self, ws: web.WebSocketResponse, request: web.BaseRequest, max_message: int) -> None:
         transport = request.transport
         assert transport is not None
         self.transport: asyncio.Transport = transport
         self.handler: Any = request.protocol
         self.queue: Any = ws._reader  # aiohttp's WebSocketDataQueue (what ws.receive() reads)
-        self._on_data: Callable[[], None] | None = self.handler._data_received_cb  # heartbeat
-        # aiohttp's heartbeat reset costs a callback and a loop iteration per read; once in a
-        # quarter of the ping interval (at most a second) is enough: data seen after a ping was
-        # sent is always reported, so a pong (or anything else) still cancels the pong timeout.
-        self._beat_every = min(1.0, heartbeat / 4)
-        self._beat_due = 0.0
+        # aiohttp's heartbeat reset, called per read during the handshake.
+        self._on_data: Callable[[], None] | None = getattr(self.handler, "_data_received_cb", None)
         self._parser = FrameParser(max_message)
-        self._message = bytearray()  # without a relay: the message being assembled
+        self._message = bytearray()  # during the handshake: the message being assembled
+        self._stage = HANDSHAKE
         self._failed = False
         self._backend_paused = False
         self._buf: memoryview | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self.relay: Relay | None = None
+        self.heard = time.monotonic()  # the last read from the browser (the heartbeat's clock)
+        self.ping_sent = 0.0
+        self.writing_paused = bool(self.handler.writing_paused)
         transport.set_protocol(self)
 
-    def queued(self) -> bool:
-        """Messages are waiting in aiohttp's queue (the relay takes them before its own)."""
-        return bool(self.queue._buffer)
+    def start_relay(self, relay: Relay, ws: web.WebSocketResponse) -> tuple[list[WSMessage], bytes]:
+        """Take the connection from aiohttp for ``relay``.
 
-    def start_relay(self, relay: Relay) -> None:
-        """From now on pieces go to ``relay``: first the message begun but not yet queued."""
+        Returns what the browser sent that aiohttp's queue holds (in order) and the start of a
+        message not yet queued; both go to the VNC server before anything read later.
+
+        aiohttp's handler task then ends as soon as the request handler returns, and with it the
+        request, the response, the queue and the handler (~10 KiB a console): the response is
+        marked closed (its heartbeat stops, and aiohttp's finish sends no close frame), the
+        handler no longer holds the transport (its end does not close it) and the server no
+        longer counts it among its connections. Private aiohttp 3.x attributes: tests/
+        test_relay_memory.py fails if one changes and the objects are kept again.
+        """
+        queued = [msg for msg, _size in self.queue._buffer]
+        partial = bytes(self._message)
+        ws_: Any = ws
+        ws_._closed = True  # aiohttp's close() and write_eof() now send nothing
+        ws_._cancel_heartbeat()  # the sweeper's heartbeat takes over (see heartbeat)
+        h = self.handler
+        paused_by_queue = bool(h._reading_paused)
+        h.transport = None
+        # The handler's heartbeat callback is the response's method: a cycle (handler -> response
+        # -> request -> handler) only the cyclic GC could free, long after the handler ended.
+        h._data_received_cb = None
+        if h._keepalive_handle is not None:
+            h._keepalive_handle.cancel()
+            h._keepalive_handle = None
+        if h._manager is not None:
+            h._manager.connection_lost(h, None)  # forgotten once the handler task is done
+        self.handler = self.queue = self._on_data = None
+        self._message = bytearray()
         self.relay = relay
-        if self._message:
-            pending, self._message = self._message, bytearray()
-            relay.up([pending])
-
-    def stop_relay(self) -> None:
-        """Back to aiohttp's queue (it waits for the browser's close reply); reading resumes."""
-        self.relay = None
-        if self._backend_paused:
-            self._backend_paused = False
-            self._resume()
+        self._stage = RELAYING
+        if paused_by_queue and not self._backend_paused:
+            self._resume()  # aiohttp's full queue had paused reading; it is empty now
+        return queued, partial
 
     def pause_for_backend(self) -> None:
-        if not self._backend_paused:
+        if not self._backend_paused and self._stage == RELAYING:
             self._backend_paused = True
             with contextlib.suppress(RuntimeError, AttributeError, NotImplementedError):
                 self.transport.pause_reading()
@@ -376,6 +406,37 @@ class ClientReader(asyncio.BufferedProtocol):
     def _resume(self) -> None:
         with contextlib.suppress(RuntimeError, AttributeError, NotImplementedError):
             self.transport.resume_reading()
+
+    def heartbeat(self, now: float, interval: float) -> None:
+        """Ping a browser silent for ``interval`` s; cut one that sends nothing within
+        ``interval / 2`` s of a ping (aiohttp's heartbeat rule, which held before the relay
+        outlived aiohttp's handler). One sweeper calls this for every console: no timer each."""
+        if self._stage != RELAYING:
+            return
+        sent = self.ping_sent
+        if sent > self.heard:  # our ping is unanswered: nothing read since it went out
+            if now - sent >= interval / 2:
+                self.transport.abort()  # connection_lost ends the relay
+        elif now - self.heard >= interval:
+            self.ping_sent = now
+            self.transport.write(_PING)
+
+    def close(self, code: int, reason: bytes, *, reply: bool = False) -> None:
+        """Send our close frame (the relay has ended) and end the connection when the browser
+        answers, at once when ``reply`` (the browser closed first) or its bytes can no longer be
+        parsed, or after CLOSE_TIMEOUT."""
+        if self._stage == CLOSING:
+            return
+        self._stage = CLOSING
+        self.resume_for_backend()  # the browser's reply must be read
+        t = self.transport
+        if t.is_closing():
+            return
+        t.write(close_frame(code, reason))
+        if reply or self._failed:
+            t.close()
+        else:
+            self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, t.abort)
 
     # -- asyncio.BufferedProtocol ------------------------------------------------------------
 
@@ -391,28 +452,32 @@ class ClientReader(asyncio.BufferedProtocol):
         self.data_received(buf[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
+        self.heard = time.monotonic()
         if self._on_data is not None:
-            now = time.monotonic()
-            if now >= self._beat_due:
-                self._beat_due = now + self._beat_every
-                self._on_data()
+            self._on_data()  # aiohttp's heartbeat, during the handshake
         if self._failed:
             return
         try:
             events = self._parser.feed(data)
         except FrameError as exc:
             self._failed = True
-            relay = self.relay
-            if relay is not None:
-                relay.stop(exc.code, str(exc))
-            # ws.receive() (or ws.close() waiting for a reply) answers with this code.
-            self.queue.set_exception(WebSocketError(exc.code, str(exc)))
+            if self._stage == HANDSHAKE:
+                # ws.receive() (or ws.close() waiting for a reply) answers with this code.
+                self.queue.set_exception(WebSocketError(exc.code, str(exc)))
+            elif self._stage == RELAYING:
+                assert self.relay is not None
+                self.relay.stop(exc.code, str(exc))  # its close frame, then the connection ends
+            else:
+                self.transport.close()
             return
-        relay = self.relay
-        if relay is not None:
-            relay.up(events)
-        else:
+        stage = self._stage
+        if stage == RELAYING:
+            assert self.relay is not None
+            self.relay.up(events)
+        elif stage == HANDSHAKE:
             self._to_queue(events)
+        elif any(type(ev) is Close for ev in events):
+            self.transport.close()  # the browser's reply to our close frame
 
     def _to_queue(self, events: list[Event]) -> None:
         feed = self.queue.feed_data
@@ -432,30 +497,54 @@ class ClientReader(asyncio.BufferedProtocol):
                 feed(WSMessage(WSMsgType.PONG, ev.payload, None), len(ev.payload))
 
     def eof_received(self) -> bool | None:
-        if self.relay is not None:
+        if self._stage == RELAYING:
+            self._stage = CLOSING  # nothing to send a close frame to; the transport closes
+            assert self.relay is not None
             self.relay.end("client closed")
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.relay is not None:
-            self.relay.end("client closed")
-        self.handler.connection_lost(exc)  # wakes the drain waiters, cancels the handler
-        self.queue.feed_eof()  # wakes ws.receive(), as aiohttp's (dropped) WebSocketReader did
+        stage, self._stage = self._stage, CLOSING
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if stage == HANDSHAKE:
+            self.handler.connection_lost(exc)  # wakes the drain waiters, cancels the handler
+            self.queue.feed_eof()  # wakes ws.receive(), as aiohttp's (dropped) WebSocketReader did
+        relay = self.relay
+        if relay is not None:
+            relay.browser_gone()
 
     def pause_writing(self) -> None:
-        self.handler.pause_writing()
+        self.writing_paused = True
+        if self.handler is not None:
+            self.handler.pause_writing()
 
     def resume_writing(self) -> None:
-        self.handler.resume_writing()
+        self.writing_paused = False
+        if self.handler is not None:
+            self.handler.resume_writing()
+        elif self.relay is not None and self.relay._backend is not None:
+            self.relay._backend.browser_drained()
 
 
 class Relay:
-    """Runs both directions until one side closes or ``stop(code, reason)`` is called."""
+    """One console's relay, from ``start`` until either side closes or ``stop(code, reason)``.
+
+    It outlives aiohttp's handler (see ``ClientReader.start_relay``): ``on_end(relay, result)``
+    runs once when the console ends (both directions stop, the VNC socket closes and the close
+    frame goes to the browser), ``on_closed(relay)`` when the browser's connection is gone too.
+    """
 
     __slots__ = (
         "_backend",
-        "_done",
+        "_client_closed",
+        "_on_closed",
+        "_on_end",
+        "_pending",
+        "_vnc",
         "_why",
+        "_writer",
         "client",
         "client_filter",
         "close_code",
@@ -464,10 +553,8 @@ class Relay:
         "reader",
         "session",
         "vnc_fd",
-        "writer",
         "ws",
         "ws_fd",
-        "ws_protocol",
         "ws_transport",
     )
 
@@ -478,67 +565,92 @@ class Relay:
         writer: asyncio.StreamWriter,
         session: Session,
         *,
-        request: web.BaseRequest,
         client_filter: Callable[[bytes], bytes] | None = None,
+        client_leftover: bytes = b"",
+        on_end: Callable[[Relay, str], None] | None = None,
+        on_closed: Callable[[Relay], None] | None = None,
     ) -> None:
-        self.ws = ws
-        self.reader = reader
-        self.writer = writer
+        self.ws: ConsoleWebSocket | None = ws
+        self.reader: asyncio.StreamReader | None = reader
+        self._vnc: Any = writer.transport
+        # Kept only because a StreamWriter closes its transport when collected (3.11.5+).
+        self._writer = writer
         self.session = session
         self.client_filter = client_filter
         assert ws.client is not None, "the WebSocket is prepared"
         self.client: ClientReader = ws.client
         self.ws_transport: asyncio.Transport = ws.client.transport
-        self.ws_protocol: Any = request.protocol
         self.ws_fd = socket_fd(self.ws_transport)
         self.vnc_fd = -1  # set when the VNC socket is attached
         self.close_code: int | None = None
         self.close_reason = ""
         self.ended = False
         self._why = ""
-        self._done: asyncio.Future[None] | None = None
+        self._client_closed = False
+        self._pending = client_leftover  # what the browser sent behind its ClientInit
         self._backend: _Backend | None = None
+        self._on_end = on_end
+        self._on_closed = on_closed
+
+    def start(self) -> None:
+        """Relay from now on, in the two sockets' callbacks: no task waits on a console.
+
+        First what the browser sent during the handshake that the VNC server has not had:
+        bytes behind its ClientInit, messages aiohttp queued, a message begun.
+        """
+        ws, self.ws = self.ws, None
+        assert ws is not None
+        queued, partial = self.client.start_relay(self, ws)
+        self._attach()
+        if self._pending:
+            pending, self._pending = self._pending, b""
+            self.up([bytearray(pending)])
+        for msg in queued:
+            self._take(msg)
+        if partial:
+            self.up([bytearray(partial)])
 
     def stop(self, code: int, reason: str) -> None:
-        """Ask the relay to end; the caller's ``run`` returns and the server sends ``code``."""
+        """End the relay; the browser gets ``code`` and ``reason`` in its close frame."""
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
         self.end("stopped")
 
     def end(self, why: str) -> None:
-        """End the relay (first reason wins): stop both directions and wake ``run``."""
+        """End the console (first reason wins): both directions stop, the VNC socket closes, the
+        browser gets a close frame, then ``on_end``."""
         if self.ended:
             return
         self.ended = True
         self._why = why
-        if self._backend is not None:
-            self._backend.stop()
-        self.client.stop_relay()
-        done = self._done
-        if done is not None and not done.done():
-            done.set_result(None)
+        self._vnc.close()
+        if self.close_code is not None:
+            code, reason = self.close_code, close_reason(self.close_reason or why)
+        elif why == "server closed":
+            code, reason = 1000, b"the VNC server closed the connection"
+        else:
+            code, reason = 1000, b""
+        self.client.close(code, reason, reply=self._client_closed)
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end(self, self.result)
 
-    async def run(self) -> str:
-        """Relay until the end; returns why it ended ('client closed', 'server closed', ...)."""
-        self._done = asyncio.get_running_loop().create_future()
-        try:
-            if not self.ended:
-                self._attach()
-            # Messages aiohttp queued before the relay started go first. read() returns at once
-            # while the queue is not empty (unlike ws.receive(), which may wait after a ping).
-            queue = self.client.queue
-            while not self.ended and self.client.queued():
-                self._take(await queue.read())
-            if not self.ended:
-                self.client.start_relay(self)
-                await self._done
-        finally:
-            self.ended = True  # also when cancelled: nothing more goes either way
-            self.client.stop_relay()
-            if self._backend is not None:
-                self._backend.stop()
+    @property
+    def result(self) -> str:
+        """Why the console ended ('client closed', 'server closed', a stop's reason, ...)."""
         return self.close_reason or self._why
+
+    def browser_gone(self) -> None:
+        """The browser's connection is closed (after our close frame, or unannounced)."""
+        self.end("client closed")
+        on_closed, self._on_closed = self._on_closed, None
+        if on_closed is not None:
+            on_closed(self)
+
+    def abort(self) -> None:
+        """Cut the browser's connection now (shutdown: its close handshake took too long)."""
+        self.ws_transport.abort()
 
     def _take(self, msg: WSMessage) -> None:
         if msg.type is WSMsgType.BINARY:
@@ -574,9 +686,8 @@ class Relay:
                 self.ws_transport.write(frame(0xA, ev.payload))
             elif isinstance(ev, Close):
                 self._write(pieces, n)
-                # The rest goes to aiohttp: ws.close() finds this close as the reply and ends.
+                self._client_closed = True  # our close frame is the reply
                 self.end("client closed")
-                self.client._to_queue([ev])
                 return
         self._write(pieces, n)
 
@@ -586,27 +697,27 @@ class Relay:
         s = self.session
         s.bytes_up += n
         s.last_activity = time.monotonic()
-        backend = self._backend
-        assert backend is not None
-        write_buffers(backend.transport, self.vnc_fd, pieces)
+        write_buffers(self._vnc, self.vnc_fd, pieces)
 
     def _attach(self) -> None:
         """Move the VNC socket from its StreamReader to ``_Backend`` (bytes it buffered go first)."""
-        transport: Any = self.writer.transport
+        transport: Any = self._vnc
         backend = _Backend(self, transport)
         self._backend = backend
         # Bytes the StreamReader holds from the handshake's last read belong to the browser.
-        buffered: bytearray = getattr(self.reader, "_buffer", bytearray())
+        reader, self.reader = self.reader, None  # with its StreamReaderProtocol: done with
+        assert reader is not None
+        buffered: bytearray = getattr(reader, "_buffer", bytearray())
         pending = bytes(buffered)
         buffered.clear()
-        eof = self.reader.at_eof()
+        eof = reader.at_eof()
         transport.set_protocol(backend)
-        # The StreamReaderProtocol (with a deque and a future: ~1 KiB) is done; the StreamWriter,
-        # kept only to close the socket at the end (close() needs just its transport), was the
-        # last holder. Dropped so an idle console does not keep it.
-        w: Any = self.writer
-        if getattr(w, "_protocol", None) is not None:
-            w._protocol = None
+        # The StreamReader and its protocol (~1 KiB) are done; the StreamWriter, kept only for its
+        # transport, was their last holder (and of a finished future).
+        w: Any = self._writer
+        for name in ("_protocol", "_reader", "_complete_fut"):
+            if getattr(w, name, None) is not None:
+                setattr(w, name, None)
         self.vnc_fd = socket_fd(transport)
         if hasattr(transport, "max_size"):  # selector transports read this many bytes per recv
             transport.max_size = READ_SIZE
@@ -614,13 +725,17 @@ class Relay:
             self.ws_transport.max_size = READ_SIZE
         _share_ssl_buffer(self.ws_transport)
         _share_ssl_buffer(transport)
+        if self.client.writing_paused:
+            backend.browser_wait = True  # the handshake's last write is still draining
+            with contextlib.suppress(RuntimeError, AttributeError, NotImplementedError):
+                transport.pause_reading()
         if pending:
             backend.data_received(pending)
         if transport.is_closing() or eof:
             self.end("server closed")
             return
         with contextlib.suppress(RuntimeError, AttributeError, NotImplementedError):
-            if not backend._drain_task:
+            if not backend.browser_wait:
                 transport.resume_reading()  # the StreamReader may have paused it at its limit
         if transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
             backend.pause_writing()

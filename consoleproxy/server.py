@@ -45,7 +45,7 @@ from .health import HealthRunner
 from .listener import AcceptSettings, ConsoleSite, handler_args
 from .metrics import Metrics
 from .query import raw_query_param
-from .relay import STREAM_LIMIT, ConsoleWebSocket, Relay
+from .relay import CLOSE_TIMEOUT, STREAM_LIMIT, ConsoleWebSocket, Relay
 from .replay import (
     BadStoreURL,
     GuardedReplayStore,
@@ -56,23 +56,15 @@ from .replay import (
 from .sessions import Registry, Session
 from .targets import TargetPolicy, check_hostname_syntax, is_ip_address, local_addresses
 from .tokens import Claims, Keyring, TokenValidator
+from .wsframes import close_reason as _reason
 
 __all__ = ["ProxyServer", "run_forever"]
 
 log = logging.getLogger("consoleproxy")
 audit_log = logging.getLogger("consoleproxy.audit")
 
-# WebSocket close reasons are limited to 123 bytes of UTF-8 (RFC 6455 5.5: control frames <= 125).
-_MAX_REASON = 123
 DEV_SUFFIX = "*.consoleproxy.local"
 CERT_RECHECK_SECONDS = 60.0
-
-
-def _reason(text: str) -> bytes:
-    data = text.encode("utf-8")
-    if len(data) <= _MAX_REASON:
-        return data
-    return data[: _MAX_REASON - 3].decode("utf-8", "ignore").encode() + b"..."
 
 
 class ProxyServer:
@@ -133,7 +125,10 @@ class ProxyServer:
         self._runners: list[web.AppRunner] = []
         self._sites: list[ConsoleSite] = []
         self._sweeper: asyncio.Task[None] | None = None
+        # Consoles whose browser connection is open: relaying, or closing (close handshake).
         self._relays: dict[str, Relay] = {}
+        self._relays_gone = asyncio.Event()
+        self._relays_gone.set()
         # Sessions ended since the last /cmd/getstatus, reported once (CloudStack's removedSessions).
         self.removed_sessions: list[str] = []
         self.admin_key: str | None = None
@@ -379,6 +374,12 @@ class ProxyServer:
                 await self._sweeper
         for s in list(self.registry):
             s.close(1001, "proxy shutting down")
+        # Their close handshakes: each ends on the browser's reply or after CLOSE_TIMEOUT.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self._relays_gone.wait()
+        for relay in list(self._relays.values()):
+            relay.abort()
         await self.health.close()
         if self.dns is not None:
             await self.dns.close()
@@ -432,7 +433,7 @@ class ProxyServer:
             max_message=lim.max_client_message_bytes,  # enforced by ClientReader's parser
             protocols=("binary",),
             max_msg_size=lim.max_client_message_bytes + 1,  # aiohttp refuses a message of exactly its cap
-            heartbeat=lim.ping_interval_seconds or None,
+            heartbeat=lim.ping_interval_seconds or None,  # the handshake's; the relay has its own
             compress=False,  # RFB is already compressed where it matters; deflate costs CPU
         )
         await ws.prepare(request)
@@ -440,6 +441,7 @@ class ProxyServer:
         session: Session | None = None
         writer: asyncio.StreamWriter | None = None
         result = "error"
+        relaying = False
         try:
             async with asyncio.timeout(lim.handshake_timeout_seconds):
                 if self.refusing:
@@ -464,7 +466,10 @@ class ProxyServer:
                 client_leftover = await self._rfb_handshake(ws, reader, writer, claims, session)
             # The claims (with the VNC password) are done with: not kept for the console's life.
             del claims
-            result = await self._relay(ws, reader, writer, session, client_leftover, request)
+            # From here the relay owns the console: it ends it (``_relay_ended``) and closes both
+            # sockets; this handler returns at once and aiohttp frees what it kept for it.
+            self._start_relay(ws, reader, writer, session, client_leftover)
+            relaying = True
         except TimeoutError:
             result = "handshake timeout"
             await ws.close(code=4012, message=b"handshake timed out")
@@ -484,10 +489,11 @@ class ProxyServer:
             log.warning("console for %s ended by a socket error: %s", client_ip, exc)
             await ws.close(code=1011, message=_reason("connection to the VNC server failed"))
         finally:
-            if writer is not None:
-                writer.close()
-            if session is not None:
-                self._end(session, result)
+            if not relaying:
+                if writer is not None:
+                    writer.close()
+                if session is not None:
+                    self._end(session, result)
         return ws
 
     def _check_origin(self, request: web.Request) -> None:
@@ -675,41 +681,40 @@ class ProxyServer:
             ctx.check_hostname = False
         return ctx
 
-    async def _relay(
+    def _start_relay(
         self,
         ws: ConsoleWebSocket,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         session: Session,
         client_leftover: bytes,
-        request: web.BaseRequest,
-    ) -> str:
+    ) -> None:
         flt = None
         if session.view_only:
-            msg_filter = rfb.ClientMessageFilter(view_only=True, expect_client_init=False)
-            flt = msg_filter.feed
-        if client_leftover:
             # What a client pipelined behind its ClientInit goes through the same filter.
-            writer.write(flt(client_leftover) if flt else client_leftover)
-        relay = Relay(ws, reader, writer, session, request=request, client_filter=flt)
+            flt = rfb.ClientMessageFilter(view_only=True, expect_client_init=False).feed
+        relay = Relay(
+            ws, reader, writer, session,
+            client_filter=flt,
+            client_leftover=client_leftover,
+            on_end=self._relay_ended,
+            on_closed=self._relay_closed,
+        )
         session.closer = relay.stop
         self._relays[session.id] = relay
+        self._relays_gone.clear()
         self.metrics.sessions_active.inc()
         self._audit("session_start", session)
-        try:
-            why = await relay.run()
-        except rfb.RFBError as exc:
-            relay.close_code, why = 1008, f"RFB error: {exc}"
-        finally:
-            self.metrics.sessions_active.dec()
-            self._relays.pop(session.id, None)
-        if relay.close_code is not None:
-            await ws.close(code=relay.close_code, message=_reason(relay.close_reason or why))
-        elif why == "server closed":
-            await ws.close(message=b"the VNC server closed the connection")
-        else:
-            await ws.close()
-        return why
+        relay.start()
+
+    def _relay_ended(self, relay: Relay, result: str) -> None:
+        self.metrics.sessions_active.dec()
+        self._end(relay.session, result)
+
+    def _relay_closed(self, relay: Relay) -> None:
+        self._relays.pop(relay.session.id, None)
+        if not self._relays:
+            self._relays_gone.set()
 
     def _end(self, session: Session, result: str) -> None:
         if session.closer is not None and len(self.removed_sessions) < 10000:
@@ -737,7 +742,8 @@ class ProxyServer:
         lim = self.cfg.limits
         idle = lim.idle_timeout_seconds
         life = lim.max_lifetime_seconds
-        shortest = min(x for x in (idle, life, 50.0) if x > 0)
+        ping = lim.ping_interval_seconds
+        shortest = min(x for x in (idle, life, ping / 2, 50.0) if x > 0)
         interval = min(max(shortest / 10, 0.05), 5.0)
         next_cert_check = time.monotonic() + CERT_RECHECK_SECONDS
         while True:
@@ -747,6 +753,9 @@ class ProxyServer:
                 # A certificate can expire while we run: readiness and the metric must notice.
                 next_cert_check = now + CERT_RECHECK_SECONDS
                 await asyncio.to_thread(self._certificate_state)
+            if ping:
+                for relay in list(self._relays.values()):
+                    relay.client.heartbeat(now, ping)
             for s in self.registry:
                 if s.closer is None:
                     continue

@@ -18,7 +18,10 @@ from aiohttp._websocket.helpers import websocket_mask
 
 from .errors import ConsoleProxyError
 
-__all__ = ["END_OF_MESSAGE", "Close", "Event", "FrameError", "FrameParser", "Ping", "Pong", "frame"]
+__all__ = [
+    "END_OF_MESSAGE", "Close", "Event", "FrameError", "FrameParser", "Ping", "Pong",
+    "close_frame", "close_reason", "frame",
+]
 
 
 class FrameError(ConsoleProxyError):
@@ -68,6 +71,23 @@ def frame(opcode: int, payload: bytes = b"") -> bytes:
     if n < 65536:
         return bytes((0x80 | opcode, 126)) + _U16.pack(n) + payload
     return bytes((0x80 | opcode, 127)) + _U64.pack(n) + payload
+
+
+# A close frame's reason is at most 123 bytes of UTF-8 (RFC 6455 5.5: control frames <= 125).
+MAX_CLOSE_REASON = 123
+
+
+def close_reason(text: str) -> bytes:
+    """``text`` as a close reason: UTF-8, cut at a character boundary to fit, '...' marking a cut."""
+    data = text.encode("utf-8")
+    if len(data) <= MAX_CLOSE_REASON:
+        return data
+    return data[: MAX_CLOSE_REASON - 3].decode("utf-8", "ignore").encode() + b"..."
+
+
+def close_frame(code: int, reason: bytes = b"") -> bytes:
+    """A server's close frame: status ``code`` and a reason from ``close_reason``."""
+    return frame(_CLOSE, _U16.pack(code) + reason[:MAX_CLOSE_REASON])
 
 
 class FrameParser:

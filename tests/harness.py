@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
@@ -273,3 +274,26 @@ async def echo_backend(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None
 async def connect_echo(c: RFBClient) -> None:
     await c.handshake()
     assert (c.width, c.height, c.name) == (64, 32, b"echo")
+
+
+async def aiohttp_console(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """The client side of the RFB handshake (None security) over an aiohttp WebSocket."""
+    buf = bytearray()
+
+    async def read(n: int) -> bytes:
+        while len(buf) < n:
+            msg = await ws.receive()
+            assert msg.type is aiohttp.WSMsgType.BINARY, msg
+            buf.extend(msg.data)
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
+    await ws.send_bytes(await read(12))
+    (count,) = await read(1)
+    await read(count)
+    await ws.send_bytes(b"\x01")
+    assert await read(4) == bytes(4)
+    await ws.send_bytes(b"\x01")
+    (name_len,) = struct.unpack(">I", (await read(24))[20:])
+    assert await read(name_len) == b"echo"

@@ -45,7 +45,7 @@ def _backend(browser_slow: bool = False) -> tuple[_Backend, FakeTransport, Any]:
         session=SimpleNamespace(bytes_down=0, last_activity=0.0),
         ws_transport=FakeTransport(),
         ws_fd=-1,  # no socket: frames go through the transport's write
-        ws_protocol=SimpleNamespace(writing_paused=browser_slow, _drain_helper=asyncio.Event().wait),
+        client=SimpleNamespace(writing_paused=browser_slow),
         end=lambda why: None,
     )
     vnc = FakeTransport()
@@ -81,12 +81,14 @@ async def test_a_partial_read_does_not_pause() -> None:
 
 
 async def test_a_slow_browser_pauses_until_it_drains_not_for_a_turn() -> None:
-    b, vnc, _ = _backend(browser_slow=True)
+    b, vnc, relay = _backend(browser_slow=True)
     _read(b, READ_SIZE)
     for _ in range(3):
         await asyncio.sleep(0)
     assert vnc.calls == ["pause"] and not vnc.reading  # still waiting for the browser's drain
-    b.stop()
+    relay.client.writing_paused = False
+    b.browser_drained()  # the browser transport's resume_writing
+    assert vnc.calls == ["pause", "resume"] and vnc.reading
 
 
 async def test_no_resume_after_the_relay_ended() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import harness
 import pytest
-from harness import RFBClient, connect_echo, echo_backend, running_proxy, tcp_server
+from harness import RFBClient, aiohttp_console, connect_echo, echo_backend, running_proxy, tcp_server
 from websockets.exceptions import ConnectionClosed
 
 
@@ -77,32 +77,9 @@ async def test_text_frame_in_the_relay_is_1003(tmp_path: Path) -> None:
             assert info.value.rcvd is not None and info.value.rcvd.code == 1003
 
 
-async def _aiohttp_console(ws: aiohttp.ClientWebSocketResponse) -> None:
-    """The client side of the RFB handshake (None security) over an aiohttp WebSocket."""
-    buf = bytearray()
-
-    async def read(n: int) -> bytes:
-        while len(buf) < n:
-            msg = await ws.receive()
-            assert msg.type is aiohttp.WSMsgType.BINARY, msg
-            buf.extend(msg.data)
-        out = bytes(buf[:n])
-        del buf[:n]
-        return out
-
-    await ws.send_bytes(await read(12))
-    (count,) = await read(1)
-    await read(count)
-    await ws.send_bytes(b"\x01")
-    assert await read(4) == bytes(4)
-    await ws.send_bytes(b"\x01")
-    (name_len,) = struct.unpack(">I", (await read(24))[20:])
-    assert await read(name_len) == b"echo"
-
-
 async def test_a_busy_client_is_not_pinged_out(tmp_path: Path) -> None:
-    """Data from the browser counts as life (aiohttp's heartbeat is reset, at most a few times per
-    ping interval): a client that keeps typing but never answers a ping stays connected."""
+    """Data from the browser counts as life (the relay's heartbeat times the last read, of any
+    kind): a client that keeps typing but never answers a ping stays connected."""
     async with (
         running_proxy(tmp_path, limits={"ping_interval_seconds": 0.4}) as p,
         tcp_server(echo_backend) as port,
@@ -110,7 +87,7 @@ async def test_a_busy_client_is_not_pinged_out(tmp_path: Path) -> None:
     ):
         url = p.url(p.token(port=port))
         async with http.ws_connect(url, autoping=False, ssl=p.client_ssl or False) as ws:
-            await _aiohttp_console(ws)
+            await aiohttp_console(ws)
             loop = asyncio.get_running_loop()
             end = loop.time() + 2.0  # five ping intervals
             echoed = 0
@@ -130,7 +107,7 @@ async def test_a_busy_client_is_not_pinged_out(tmp_path: Path) -> None:
 
 async def test_heartbeat_pings_during_the_relay_and_a_silent_client_is_closed(tmp_path: Path) -> None:
     """The proxy's pings (every ping_interval_seconds) still go out while ClientReader owns the
-    connection; a client that answers stays, one that does not is closed (aiohttp's pong timeout)."""
+    connection; a client that answers stays, one that does not is cut (the sweeper's pong timeout)."""
     async with (
         running_proxy(tmp_path, limits={"ping_interval_seconds": 0.4}) as p,
         tcp_server(echo_backend) as port,
@@ -140,7 +117,7 @@ async def test_heartbeat_pings_during_the_relay_and_a_silent_client_is_closed(tm
         ssl = p.client_ssl or False
         # autoping=False: pings reach us; we answer the first two, then stop answering.
         async with http.ws_connect(url, autoping=False, ssl=ssl) as ws:
-            await _aiohttp_console(ws)
+            await aiohttp_console(ws)
             pings = 0
             async with asyncio.timeout(20):
                 while True:
