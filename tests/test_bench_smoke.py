@@ -39,3 +39,14 @@ def test_relay_bench_quick_run_writes_results(tmp_path: Path) -> None:
     table = (out / "relay_table.md").read_text()
     assert "websockify" in table and "| goal |" in table
     assert (out / "relay.png").stat().st_size > 1000
+
+
+def test_idle_memory_script_reports_per_console_sites() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "idle_memory.py"), "-n", "20", "--no-gc", "--top", "5"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    first, *sites = proc.stdout.splitlines()
+    assert first.startswith("20 consoles open (0 failed); heap growth "), first
+    assert len(sites) == 5 and all(" B " in s and ".py:" in s for s in sites), sites
