@@ -705,7 +705,11 @@ class ProxyServer:
         self._relays_gone.clear()
         self.metrics.sessions_active.inc()
         self._audit("session_start", session)
-        relay.start()
+        try:
+            relay.start()
+        except Exception:  # a bug, not the peers': the console still ends (1011) and is counted
+            log.exception("console for %s failed to start relaying", session.client_ip)
+            relay.stop(1011, "internal error")
 
     def _relay_ended(self, relay: Relay, result: str) -> None:
         self.metrics.sessions_active.dec()

@@ -12,13 +12,16 @@ import pytest
 from harness import (
     SERVER_INIT,
     Proxy,
+    RFBClient,
     aiohttp_console,
+    connect_echo,
     echo_backend,
     make_config,
     rfb38_none_handshake,
     running_proxy,
     tcp_server,
 )
+from websockets.exceptions import ConnectionClosed
 
 from consoleproxy import relay
 from consoleproxy.errors import SessionKilled
@@ -150,3 +153,24 @@ async def test_shutdown_sends_1001_and_does_not_wait_past_the_close_timeout(
         assert msg.type is aiohttp.WSMsgType.CLOSE
         assert (msg.data, msg.extra) == (1001, "proxy shutting down")
         assert not server._relays
+
+
+async def test_a_relay_that_fails_to_start_still_ends_the_console(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in starting the relay (after aiohttp let go of the connection) must not leave a
+    console open and uncounted: the browser gets 1011 and the session ends."""
+    def broken(self: relay.Relay) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(relay.Relay, "_attach", broken)
+    async with running_proxy(tmp_path) as p, tcp_server(echo_backend) as port:
+        async with RFBClient.connect(p.url(p.token(port=port))) as c:
+            await connect_echo(c)
+            with pytest.raises(ConnectionClosed) as info:
+                async with asyncio.timeout(10):
+                    await c.ws.recv()
+            assert info.value.rcvd is not None
+            assert (info.value.rcvd.code, info.value.rcvd.reason) == (1011, "internal error")
+        await _wait(lambda: not p.server._relays and not len(p.server.registry))
+        assert 'consoleproxy_sessions_total{result="error"} 1.0' in p.server.metrics.render().decode()
