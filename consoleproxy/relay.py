@@ -171,7 +171,6 @@ def _read_buffer() -> memoryview:
     return view
 
 
-
 # How long a browser has to answer our close frame before its connection is cut (aiohttp's
 # WebSocketResponse default, which the relay kept while aiohttp's handler closed its consoles).
 CLOSE_TIMEOUT = 10.0
