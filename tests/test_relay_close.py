@@ -174,3 +174,60 @@ async def test_a_relay_that_fails_to_start_still_ends_the_console(
             assert (info.value.rcvd.code, info.value.rcvd.reason) == (1011, "internal error")
         await _wait(lambda: not p.server._relays and not len(p.server.registry))
         assert 'consoleproxy_sessions_total{result="error"} 1.0' in p.server.metrics.render().decode()
+
+
+async def test_consoles_ending_every_way_at_once_leave_nothing_behind(tmp_path: Path) -> None:
+    """40 consoles end at the same time, ten each way: the browser closes, the browser's TCP
+    connection drops, an administrator kills it, the VNC server closes. Afterwards no session,
+    relay, active-sessions count or per-console task is left, and every ending was counted."""
+    quit_vnc = asyncio.Event()
+
+    async def backend(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await rfb38_none_handshake(r, w)
+        w.write(SERVER_INIT)
+        if (await r.readexactly(1)) == b"q":  # this console's VNC server will close
+            await quit_vnc.wait()
+            return
+        while await r.read(65536):
+            pass
+
+    limits = {"max_sessions_per_client_ip": 0, "max_handshakes_per_ip": 0, "connections_per_ip_per_second": 0}
+    async with (
+        running_proxy(tmp_path, limits=limits) as p, tcp_server(backend) as port,
+        aiohttp.ClientSession() as http,
+    ):
+        ways = ["browser close", "tcp drop", "kill", "vnc close"] * 10
+        consoles = []
+        for i, way in enumerate(ways):
+            ws = await http.ws_connect(p.url(p.token(port=port, vm=f"vm-{i}")), ssl=p.client_ssl or False)
+            await aiohttp_console(ws)
+            await ws.send_bytes(b"q" if way == "vnc close" else b"k")
+            consoles.append((way, ws))
+        await _wait(lambda: len(p.server._relays) == len(ways))
+        by_ws = {}
+        for s in p.server.registry:
+            by_ws[s.vm] = s.id
+        quit_vnc.set()
+        closing = []
+        for i, (way, ws) in enumerate(consoles):
+            if way == "browser close":
+                closing.append(asyncio.create_task(ws.close()))  # waits for the proxy's reply
+            elif way == "tcp drop":
+                ws._response.connection.transport.abort()  # type: ignore[union-attr]
+            elif way == "kill":
+                assert p.server.kill(by_ws[f"vm-{i}"])
+        async with asyncio.timeout(20):
+            assert all(await asyncio.gather(*closing))
+            for way, ws in consoles:  # the client side sees every other end (answering closes)
+                while way != "browser close" and (await ws.receive()).type not in (
+                    aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.ERROR,
+                ):
+                    pass
+        await _wait(lambda: not p.server._relays and not len(p.server.registry), timeout=20)
+        text = p.server.metrics.render().decode()
+        assert "consoleproxy_sessions_active 0.0" in text
+        assert 'consoleproxy_sessions_total{result="killed"} 10.0' in text
+        assert 'consoleproxy_sessions_total{result="server_closed"} 10.0' in text
+        assert 'consoleproxy_sessions_total{result="client_closed"} 20.0' in text
+        names = [t.get_coro().__qualname__ for t in asyncio.all_tasks()]  # type: ignore[union-attr]
+        assert not [n for n in names if "handle_websocket" in n or "RequestHandler" in n], names
