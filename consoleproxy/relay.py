@@ -329,7 +329,7 @@ class ClientReader(asyncio.BufferedProtocol):
     """
 
     __slots__ = (
-        "_backend_paused", "_buf", "_failed", "_message", "_on_data", "_parser", "_stage",
+        "_backend_paused", "_buf", "_failed", "_message", "_parser", "_stage",
         "_timer", "handler", "heard", "ping_sent", "queue", "relay", "transport", "writing_paused",
     )
 
@@ -339,8 +339,6 @@ class ClientReader(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport = transport
         self.handler: Any = request.protocol
         self.queue: Any = ws._reader  # aiohttp's WebSocketDataQueue (what ws.receive() reads)
-        # aiohttp's heartbeat reset, called per read during the handshake.
-        self._on_data: Callable[[], None] | None = getattr(self.handler, "_data_received_cb", None)
         self._parser = FrameParser(max_message)
         self._message = bytearray()  # during the handshake: the message being assembled
         self._stage = HANDSHAKE
@@ -375,15 +373,15 @@ class ClientReader(asyncio.BufferedProtocol):
         h = self.handler
         paused_by_queue = bool(h._reading_paused)
         h.transport = None
-        # The handler's heartbeat callback is the response's method: a cycle (handler -> response
-        # -> request -> handler) only the cyclic GC could free, long after the handler ended.
+        # A heartbeat callback (aiohttp's heartbeat is off, so none is set) would be a method of the
+        # response: a cycle (handler -> response -> request -> handler) only the cyclic GC frees.
         h._data_received_cb = None
         if h._keepalive_handle is not None:
             h._keepalive_handle.cancel()
             h._keepalive_handle = None
         if h._manager is not None:
             h._manager.connection_lost(h, None)  # forgotten once the handler task is done
-        self.handler = self.queue = self._on_data = None
+        self.handler = self.queue = None
         self._message = bytearray()
         self.relay = relay
         self._stage = RELAYING
@@ -408,9 +406,10 @@ class ClientReader(asyncio.BufferedProtocol):
 
     def heartbeat(self, now: float, interval: float) -> None:
         """Ping a browser silent for ``interval`` s; cut one that sends nothing within
-        ``interval / 2`` s of a ping (aiohttp's heartbeat rule, which held before the relay
-        outlived aiohttp's handler). One sweeper calls this for every console: no timer each."""
-        if self._stage != RELAYING:
+        ``interval / 2`` s of a ping (aiohttp's heartbeat rule). One sweeper calls this for every
+        console, in the RFB handshake and in the relay: no timer each. During the handshake
+        aiohttp writes whole frames in one callback, so a ping never lands inside one."""
+        if self._stage == CLOSING:
             return
         sent = self.ping_sent
         if sent > self.heard:  # our ping is unanswered: nothing read since it went out
@@ -452,8 +451,6 @@ class ClientReader(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes | memoryview) -> None:
         self.heard = time.monotonic()
-        if self._on_data is not None:
-            self._on_data()  # aiohttp's heartbeat, during the handshake
         if self._failed:
             return
         try:

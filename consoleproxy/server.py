@@ -45,7 +45,7 @@ from .health import HealthRunner
 from .listener import AcceptSettings, ConsoleSite, handler_args
 from .metrics import Metrics
 from .query import raw_query_param
-from .relay import CLOSE_TIMEOUT, STREAM_LIMIT, ConsoleWebSocket, Relay
+from .relay import CLOSE_TIMEOUT, STREAM_LIMIT, ClientReader, ConsoleWebSocket, Relay
 from .replay import (
     BadStoreURL,
     GuardedReplayStore,
@@ -127,6 +127,8 @@ class ProxyServer:
         self._sweeper: asyncio.Task[None] | None = None
         # Consoles whose browser connection is open: relaying, or closing (close handshake).
         self._relays: dict[str, Relay] = {}
+        # Browser connections in the RFB handshake (pinged by the sweeper like relaying ones).
+        self._handshaking: set[ClientReader] = set()
         self._relays_gone = asyncio.Event()
         self._relays_gone.set()
         # Sessions ended since the last /cmd/getstatus, reported once (CloudStack's removedSessions).
@@ -433,10 +435,12 @@ class ProxyServer:
             max_message=lim.max_client_message_bytes,  # enforced by ClientReader's parser
             protocols=("binary",),
             max_msg_size=lim.max_client_message_bytes + 1,  # aiohttp refuses a message of exactly its cap
-            heartbeat=lim.ping_interval_seconds or None,  # the handshake's; the relay has its own
+            heartbeat=None,  # the sweeper pings every console from the 101 on (ClientReader.heartbeat)
             compress=False,  # RFB is already compressed where it matters; deflate costs CPU
         )
         await ws.prepare(request)
+        assert ws.client is not None
+        self._handshaking.add(ws.client)
         client_ip = self._peer_ip(request)
         session: Session | None = None
         writer: asyncio.StreamWriter | None = None
@@ -489,6 +493,7 @@ class ProxyServer:
             log.warning("console for %s ended by a socket error: %s", client_ip, exc)
             await ws.close(code=1011, message=_reason("connection to the VNC server failed"))
         finally:
+            self._handshaking.discard(ws.client)
             if not relaying:
                 if writer is not None:
                     writer.close()
@@ -760,6 +765,8 @@ class ProxyServer:
                 next_cert_check = now + CERT_RECHECK_SECONDS
                 await asyncio.to_thread(self._certificate_state)
             if ping:
+                for client in list(self._handshaking):
+                    client.heartbeat(now, ping)
                 for relay in list(self._relays.values()):
                     relay.client.heartbeat(now, ping)
             for s in self.registry:

@@ -136,3 +136,25 @@ async def test_heartbeat_pings_during_the_relay_and_a_silent_client_is_closed(tm
         async with asyncio.timeout(10):
             while len(p.server.registry):
                 await asyncio.sleep(0.01)
+
+
+async def test_a_silent_client_in_the_rfb_handshake_is_pinged_and_cut(tmp_path: Path) -> None:
+    """The sweeper's heartbeat covers the RFB handshake too (aiohttp's own is off): a client that
+    goes silent after the 101 is pinged and, not answering, cut long before the handshake timeout."""
+    limits = {"ping_interval_seconds": 0.4, "handshake_timeout_seconds": 120}
+    async with (
+        running_proxy(tmp_path, limits=limits) as p,
+        tcp_server(echo_backend) as port,
+        aiohttp.ClientSession() as http,
+    ):
+        url = p.url(p.token(port=port))
+        async with http.ws_connect(url, autoping=False, ssl=p.client_ssl or False) as ws:
+            pings = 0
+            async with asyncio.timeout(20):  # far less than the 120 s handshake timeout
+                while (msg := await ws.receive()).type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.PING):
+                    pings += msg.type is aiohttp.WSMsgType.PING  # never answered
+            assert pings >= 1
+            assert msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.ERROR)
+        async with asyncio.timeout(10):
+            while len(p.server.registry) or p.server._handshaking:
+                await asyncio.sleep(0.01)
