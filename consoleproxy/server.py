@@ -476,22 +476,22 @@ class ProxyServer:
             relaying = True
         except TimeoutError:
             result = "handshake timeout"
-            await ws.close(code=4012, message=b"handshake timed out")
+            await self._refuse(ws, 4012, b"handshake timed out")
         except ConsoleError as exc:
             result = exc.reason
             if isinstance(exc, TokenInvalid | Forbidden) or exc.close_code in (4002, 4003):
                 self.metrics.token_rejections_total.labels(exc.reason).inc()
             log.info("console refused for %s: %s (%d)", client_ip, exc, exc.close_code)
-            await ws.close(code=exc.close_code, message=_reason(str(exc)))
+            await self._refuse(ws, exc.close_code, _reason(str(exc)))
         except rfb.RFBError as exc:
             result = "protocol error"
-            await ws.close(code=1002, message=_reason(f"RFB protocol error: {exc}"))
+            await self._refuse(ws, 1002, _reason(f"RFB protocol error: {exc}"))
         except ConnectionError:
             result = "client closed"  # the browser went away mid-handshake; nothing to tell it
         except OSError as exc:  # e.g. a TLS alert from the VNC server after the handshake
             result = "error"
             log.warning("console for %s ended by a socket error: %s", client_ip, exc)
-            await ws.close(code=1011, message=_reason("connection to the VNC server failed"))
+            await self._refuse(ws, 1011, _reason("connection to the VNC server failed"))
         finally:
             self._handshaking.discard(ws.client)
             if not relaying:
@@ -500,6 +500,12 @@ class ProxyServer:
                 if session is not None:
                     self._end(session, result)
         return ws
+
+    async def _refuse(self, ws: ConsoleWebSocket, code: int, message: bytes) -> None:
+        """Close a console that did not reach the relay. Out of the sweeper's pings first: only a
+        close reply is due from the browser now (RFC 6455 5.5.1)."""
+        self._handshaking.discard(ws.client)
+        await ws.close(code=code, message=message)
 
     def _check_origin(self, request: web.Request) -> None:
         """Refuse cross-site WebSockets (a page elsewhere using a victim's token or cookies).

@@ -231,3 +231,20 @@ async def test_consoles_ending_every_way_at_once_leave_nothing_behind(tmp_path: 
         assert 'consoleproxy_sessions_total{result="client_closed"} 20.0' in text
         names = [t.get_coro().__qualname__ for t in asyncio.all_tasks()]  # type: ignore[union-attr]
         assert not [n for n in names if "handle_websocket" in n or "RequestHandler" in n], names
+
+
+async def test_no_ping_follows_the_close_of_a_refused_console(tmp_path: Path) -> None:
+    """A refused console (here a bad token) gets its close frame and then only waits for the
+    reply: the sweeper, which pings consoles in the RFB handshake, leaves it alone."""
+    async with (
+        running_proxy(tmp_path, limits={"ping_interval_seconds": 0.2}) as p, aiohttp.ClientSession() as http,
+    ):
+        url = p.url("not-a-token")
+        ws = await http.ws_connect(url, autoclose=False, autoping=False, ssl=p.client_ssl or False)
+        msg = await ws.receive(timeout=10)
+        assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 4001, msg
+        await asyncio.sleep(1.0)  # five ping intervals of silence from us; no reply to the close
+        later = [m.type for m, _ in ws._reader._buffer]
+        assert aiohttp.WSMsgType.PING not in later, later
+        await ws._writer.close(1000, b"")
+        await _wait(lambda: _connection_ended(ws))
