@@ -7,9 +7,11 @@ order whether the socket takes all, part or none of a write, and errors must rea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -33,7 +35,9 @@ class _Sink(asyncio.Protocol):
         self.paused = False
 
 
-async def _pair(sndbuf: int | None = None) -> tuple[asyncio.Transport, _Sink, socket.socket]:
+@contextlib.asynccontextmanager
+async def _pair(sndbuf: int | None = None) -> AsyncIterator[tuple[asyncio.Transport, _Sink, socket.socket]]:
+    """Our transport on one end of a socketpair, the raw peer socket on the other; both closed after."""
     ours, peer = socket.socketpair()
     if sndbuf is not None:
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
@@ -41,7 +45,11 @@ async def _pair(sndbuf: int | None = None) -> tuple[asyncio.Transport, _Sink, so
     loop = asyncio.get_running_loop()
     transport, proto = await loop.connect_accepted_socket(_Sink, ours)
     peer.setblocking(False)
-    return transport, proto, peer
+    try:
+        yield transport, proto, peer
+    finally:
+        transport.close()
+        peer.close()
 
 
 async def _read_all(peer: socket.socket, n: int) -> bytes:
@@ -60,24 +68,19 @@ def _pieces(count: int, size: int) -> list[bytes]:
 
 
 async def test_everything_fits_goes_in_one_writev() -> None:
-    transport, _, peer = await _pair()
-    try:
+    async with _pair() as (transport, _, peer):
         fd = socket_fd(transport)
         assert fd == transport.get_extra_info("socket").fileno()
         bufs = [b"\x82\x05", memoryview(b"hello"), bytearray(b"!")]
         write_buffers(transport, fd, bufs)
         assert transport.get_write_buffer_size() == 0  # the socket took it all, nothing buffered
         assert await _read_all(peer, 8) == b"\x82\x05hello!"
-    finally:
-        transport.close()
-        peer.close()
 
 
 async def test_partial_writes_leave_the_rest_to_the_transport_in_order() -> None:
     # A small socket buffer: writev takes part of the first call, the rest goes to the transport;
     # later calls see a non-empty transport buffer and queue behind it.
-    transport, proto, peer = await _pair(sndbuf=16 * 1024)
-    try:
+    async with _pair(sndbuf=16 * 1024) as (transport, proto, peer):
         fd = socket_fd(transport)
         first = _pieces(8, 64 * 1024)
         write_buffers(transport, fd, first)
@@ -91,58 +94,41 @@ async def test_partial_writes_leave_the_rest_to_the_transport_in_order() -> None
         write_buffers(transport, fd, second)
         want = b"".join(first) + b"".join(second)
         assert head + await _read_all(peer, len(want) - len(head)) == want
-    finally:
-        transport.close()
-        peer.close()
 
 
 async def test_many_small_pieces_are_joined_not_truncated() -> None:
-    transport, _, peer = await _pair()
-    try:
+    async with _pair() as (transport, _, peer):
         bufs = _pieces(MAX_IOV * 3 + 1, 8)
         write_buffers(transport, socket_fd(transport), bufs)
         want = b"".join(bufs)
         assert await _read_all(peer, len(want)) == want
-    finally:
-        transport.close()
-        peer.close()
 
 
 async def test_empty_pieces_are_harmless() -> None:
-    transport, _, peer = await _pair()
-    try:
+    async with _pair() as (transport, _, peer):
         write_buffers(transport, socket_fd(transport), [b"", b"ab", b"", bytearray(), b"c"])
         assert await _read_all(peer, 3) == b"abc"
         assert transport.get_write_buffer_size() == 0
-    finally:
-        transport.close()
-        peer.close()
 
 
 async def test_a_write_error_reaches_the_protocol_not_the_caller() -> None:
-    transport, proto, peer = await _pair()
-    # The peer resets the connection: writev fails with EPIPE/ECONNRESET.
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    peer.close()
-    try:
+    async with _pair() as (transport, proto, peer):
+        # The peer resets the connection: writev fails with EPIPE/ECONNRESET.
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()
         for _ in range(3):  # the first write after a reset may still be accepted by the kernel
             write_buffers(transport, socket_fd(transport), [b"x" * 65536])
             await asyncio.sleep(0)
         exc = await asyncio.wait_for(proto.lost, 10)
         assert isinstance(exc, OSError)
-    finally:
-        transport.close()
 
 
 async def test_no_direct_writes_to_a_closing_transport() -> None:
-    transport, _, peer = await _pair()
-    try:
+    async with _pair() as (transport, _, peer):
         transport.close()
         write_buffers(transport, socket_fd(transport), [b"late"])
         peer.settimeout(5)
         assert await asyncio.to_thread(peer.recv, 16) == b""  # closed, and "late" never sent
-    finally:
-        peer.close()
 
 
 class _FakeTLS:
@@ -170,11 +156,7 @@ def test_no_socket_no_fd() -> None:
 
 @pytest.mark.parametrize("size", [1, 125, 126, 65535, 65536, 1 << 20])
 async def test_large_single_buffers_round_trip(size: int) -> None:
-    transport, _, peer = await _pair(sndbuf=32 * 1024)
-    try:
+    async with _pair(sndbuf=32 * 1024) as (transport, _, peer):
         data = os.urandom(size)
         write_buffers(transport, socket_fd(transport), [b"H", memoryview(data)])
         assert await _read_all(peer, size + 1) == b"H" + data
-    finally:
-        transport.close()
-        peer.close()
