@@ -60,7 +60,10 @@ from .wsframes import (
     frame,
 )
 
-__all__ = ["READ_SIZE", "STREAM_LIMIT", "ClientReader", "ConsoleWebSocket", "Relay", "frame_header"]
+__all__ = [
+    "CLOSE_TIMEOUT", "MAX_IOV", "READ_SIZE", "STREAM_LIMIT", "ClientReader", "ConsoleWebSocket", "Relay",
+    "frame_header", "socket_fd", "write_buffers",
+]
 
 # Bytes asked of a socket per read. Large reads mean few WebSocket frames and little Python work
 # per byte; a full-screen update is often several hundred KiB. Only a plain (selector) transport
