@@ -29,6 +29,13 @@ Backpressure, both ways, without polling:
   the browser's socket, and resume on ``resume_writing``.
 
 Per console: this object, the two protocols, the session and the two transports. No task.
+
+An ended console is freed by reference counting, at once: in a process holding thousands of idle
+consoles a full collection is rare, and every console left in a cycle until then kept ~26 KiB
+(TLS). So no link is left pointing back: the relay lets go of ``_Backend`` when it ends, the
+reader of its transport (over TLS the transport's protocol holds the reader's bound methods) and
+of the relay when the browser's connection is lost, and the server of the session's closer
+(tests/test_relay_freed.py, with the collector off, for every way a console ends).
 """
 
 from __future__ import annotations
@@ -339,7 +346,9 @@ class ClientReader(asyncio.BufferedProtocol):
     def __init__(self, ws: web.WebSocketResponse, request: web.BaseRequest, max_message: int) -> None:
         transport = request.transport
         assert transport is not None
-        self.transport: asyncio.Transport = transport
+        # Dropped once the connection is lost: over TLS the transport's protocol holds this
+        # reader's bound methods, a cycle only the cycle collector would free.
+        self.transport: asyncio.Transport | None = transport
         self.handler: Any = request.protocol
         self.queue: Any = ws._reader  # aiohttp's WebSocketDataQueue (what ws.receive() reads)
         self._parser = FrameParser(max_message)
@@ -393,10 +402,11 @@ class ClientReader(asyncio.BufferedProtocol):
         return queued, partial
 
     def pause_for_backend(self) -> None:
-        if not self._backend_paused and self._stage == RELAYING:
+        t = self.transport
+        if not self._backend_paused and self._stage == RELAYING and t is not None:
             self._backend_paused = True
             with contextlib.suppress(RuntimeError, AttributeError, NotImplementedError):
-                self.transport.pause_reading()
+                t.pause_reading()
 
     def resume_for_backend(self) -> None:
         if self._backend_paused:
@@ -404,23 +414,26 @@ class ClientReader(asyncio.BufferedProtocol):
             self._resume()
 
     def _resume(self) -> None:
-        with contextlib.suppress(RuntimeError, AttributeError, NotImplementedError):
-            self.transport.resume_reading()
+        t = self.transport
+        if t is not None:
+            with contextlib.suppress(RuntimeError, AttributeError, NotImplementedError):
+                t.resume_reading()
 
     def heartbeat(self, now: float, interval: float) -> None:
         """Ping a browser silent for ``interval`` s; cut one that sends nothing within
         ``interval / 2`` s of a ping (aiohttp's heartbeat rule). One sweeper calls this for every
         console, in the RFB handshake and in the relay: no timer each. During the handshake
         aiohttp writes whole frames in one callback, so a ping never lands inside one."""
-        if self._stage == CLOSING:
+        t = self.transport
+        if self._stage == CLOSING or t is None:
             return
         sent = self.ping_sent
         if sent > self.heard:  # our ping is unanswered: nothing read since it went out
             if now - sent >= interval / 2:
-                self.transport.abort()  # connection_lost ends the relay
+                t.abort()  # connection_lost ends the relay
         elif now - self.heard >= interval:
             self.ping_sent = now
-            self.transport.write(_PING)
+            t.write(_PING)
 
     def close(self, code: int, reason: bytes, *, reply: bool = False) -> None:
         """Send our close frame (the relay has ended) and end the connection when the browser
@@ -431,7 +444,7 @@ class ClientReader(asyncio.BufferedProtocol):
         self._stage = CLOSING
         self.resume_for_backend()  # the browser's reply must be read
         t = self.transport
-        if t.is_closing():
+        if t is None or t.is_closing():
             return
         t.write(close_frame(code, reason))
         if reply or self._failed:
@@ -466,7 +479,7 @@ class ClientReader(asyncio.BufferedProtocol):
             elif self._stage == RELAYING:
                 assert self.relay is not None
                 self.relay.stop(exc.code, str(exc))  # its close frame, then the connection ends
-            else:
+            elif self.transport is not None:
                 self.transport.close()
             return
         stage = self._stage
@@ -475,7 +488,7 @@ class ClientReader(asyncio.BufferedProtocol):
             self.relay.up(events)
         elif stage == HANDSHAKE:
             self._to_queue(events)
-        elif any(type(ev) is Close for ev in events):
+        elif self.transport is not None and any(type(ev) is Close for ev in events):
             self.transport.close()  # the browser's reply to our close frame
 
     def _to_queue(self, events: list[Event]) -> None:
@@ -510,7 +523,10 @@ class ClientReader(asyncio.BufferedProtocol):
         if stage == HANDSHAKE:
             self.handler.connection_lost(exc)  # wakes the drain waiters, cancels the handler
             self.queue.feed_eof()  # wakes ws.receive(), as aiohttp's (dropped) WebSocketReader did
-        relay = self.relay
+        # The connection is over: let go of everything that points back here, so this console
+        # is freed by reference counting, not left for a full collection (see Relay.release).
+        self.transport = None
+        relay, self.relay = self.relay, None
         if relay is not None:
             relay.browser_gone()
 
@@ -523,8 +539,8 @@ class ClientReader(asyncio.BufferedProtocol):
         self.writing_paused = False
         if self.handler is not None:
             self.handler.resume_writing()
-        elif self.relay is not None and self.relay._backend is not None:
-            self.relay._backend.browser_drained()
+        elif self.relay is not None:
+            self.relay.browser_drained()
 
 
 class Relay:
@@ -577,6 +593,8 @@ class Relay:
         self.session = session
         self.client_filter = client_filter
         assert ws.client is not None, "the WebSocket is prepared"
+        if ws.client.transport is None:  # lost right after the handshake's last read
+            raise ConnectionResetError("the browser closed its connection")
         self.client: ClientReader = ws.client
         self.ws_transport: asyncio.Transport = ws.client.transport
         self.ws_fd = socket_fd(self.ws_transport)
@@ -623,6 +641,9 @@ class Relay:
             return
         self.ended = True
         self._why = why
+        # _Backend keeps pointing here until the VNC socket's connection_lost; the relay lets go
+        # of it now, so the two are no cycle (freed by reference counting, not a full collection).
+        self._backend = None
         self._vnc.close()
         if self.close_code is not None:
             code, reason = self.close_code, close_reason(self.close_reason or why)
@@ -650,6 +671,11 @@ class Relay:
     def abort(self) -> None:
         """Cut the browser's connection now (shutdown: its close handshake took too long)."""
         self.ws_transport.abort()
+
+    def browser_drained(self) -> None:
+        """The browser's transport is below its low-water mark again: read the VNC server."""
+        if self._backend is not None:
+            self._backend.browser_drained()
 
     def _take(self, msg: WSMessage) -> None:
         if msg.type is WSMsgType.BINARY:

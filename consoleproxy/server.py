@@ -724,7 +724,10 @@ class ProxyServer:
 
     def _relay_ended(self, relay: Relay, result: str) -> None:
         self.metrics.sessions_active.dec()
-        self._end(relay.session, result)
+        session = relay.session
+        self._end(session, result)
+        # The closer is the relay's bound method: the session and the relay would be a cycle.
+        session.closer = None
 
     def _relay_closed(self, relay: Relay) -> None:
         self._relays.pop(relay.session.id, None)
