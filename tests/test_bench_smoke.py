@@ -1,4 +1,5 @@
-"""A small run of the relay benchmark (bench/relay_bench.py --quick) so its code cannot rot.
+"""Small runs of the benchmarks (bench/relay_bench.py and bench/churn.py with --quick) so their code
+cannot rot.
 
 Tiny sizes, every scenario, both proxies and raw TCP; checks that it completes and writes the
 JSON, the table and the chart with every section filled. No timing is asserted.
@@ -50,3 +51,20 @@ def test_idle_memory_script_reports_per_console_sites() -> None:
     first, *sites = proc.stdout.splitlines()
     assert first.startswith("20 consoles open (0 failed); heap growth "), first
     assert len(sites) == 5 and all(" B " in s and ".py:" in s for s in sites), sites
+
+
+def test_churn_bench_quick_run_reports_waves_and_the_collection_pause(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "churn.py"), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads((out / "churn.json").read_text())
+    for key in ("tls", "plain"):
+        rows = r[key]["rows"]
+        assert [row["wave"] for row in rows] == [0, 1, 2], rows
+        assert all(row["rss_kib"] > 0 and row["tracked"] > 0 for row in rows)
+        assert isinstance(r[key]["rss_growth_kib_per_ended_console"], float)
+    assert r["gc_pause"]["consoles"] == 10 and r["gc_pause"]["seconds"] > 0
+    assert "| TLS | 2 x 5 |" in proc.stdout and "One full collection with 10 idle" in proc.stdout
