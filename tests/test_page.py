@@ -541,25 +541,30 @@ async def test_korean_keys_and_layout_typing_reach_the_server(web: Web) -> None:
                         ExtendedKeyEvent(True, XK_HANGUL_HANJA, LANG2),
                         ExtendedKeyEvent(False, XK_HANGUL_HANJA, LANG2)]
 
-        # The physical 한/영 key, whatever code the browser reports; with "Right Alt is 한/영",
-        # Right Alt too: press and release at once, the keyup swallowed.
+        # The physical 한/영 key, whatever code the browser reports: a Korean keyboard sends only a
+        # keydown, and the guest gets press and release at once. With "Right Alt is 한/영", Right
+        # Alt is 한/영 too (noVNC alone would send Right Alt, 0xb8), its keyup swallowed. The 한자
+        # button last: nothing else reached the guest in between.
         await page.click("#toggle-type")
         await page.check("#ralt-hangul")
         await page.focus("#screen canvas")
         n = len(scancodes(demo.events))
-        for code, key in (("Lang1", "HangulMode"), ("HangulMode", "HangulMode"), ("AltRight", "Alt")):
+        for code, key, types in (("Lang1", "HangulMode", ["keydown"]),
+                                 ("HangulMode", "HangulMode", ["keydown"]),
+                                 ("AltRight", "Alt", ["keydown", "keyup"])):
             await page.evaluate(
-                """([code, key]) => {
+                """([code, key, types]) => {
                     const c = document.querySelector('#screen canvas');
-                    for (const type of ['keydown', 'keyup']) {
+                    for (const type of types) {
                         const init = {code, key, bubbles: true, cancelable: true};
                         c.dispatchEvent(new KeyboardEvent(type, init));
                     }
                 }""",
-                [code, key],
+                [code, key, types],
             )
-        await wait_keys(demo, n + 6)
-        assert scancodes(demo.events)[n:] == taps("lang1", "lang1", "lang1")
+        await page.click("#send-hanja")
+        await wait_keys(demo, n + 8)
+        assert scancodes(demo.events)[n:] == [*taps("lang1", "lang1", "lang1"), (LANG2, True), (LANG2, False)]
 
         # Type text in Korean: layout ko (the default for a Korean page), the guest IME in English.
         await pw_expect(page.locator("#type-layout")).to_have_value("ko")
@@ -600,4 +605,95 @@ async def test_korean_keys_and_layout_typing_reach_the_server(web: Web) -> None:
         ARTIFACTS.mkdir(exist_ok=True)
         await page.click("#toggle-type")
         await page.screenshot(path=str(ARTIFACTS / "page-korean-type-text.png"))
+        br.assert_clean()
+
+
+@pytest.mark.integration
+async def test_long_paste_is_paced_with_progress_pause_and_cancel(web: Web) -> None:
+    text = ("abc def ghi\n" * 834)[:10_000]
+    keysyms = [0xFF0D if ch == "\n" else ord(ch) for ch in text]
+    async with demo_server() as demo, web.proxy() as p, web.browser(p) as br:
+        page = br.page
+        await page.goto(console_url(p, p.token(port=demo.port, password=demo.password), language="en"))
+        await br.wait_state("connected")
+        await page.click("#toggle-type")
+        await page.select_option("#type-layout", "us")
+        await page.select_option("#type-rate", "500")
+        await page.fill("#type-text", text)
+        await page.click("#type-send")
+        await pw_expect(page.locator("#type-progress-row")).to_be_visible()
+        await wait_keys(demo, 100)
+        # The page answers while it types, and the text goes out paced, not all at once.
+        await page.click("#type-pause")
+        await pw_expect(page.locator("#type-pause")).to_have_text("Resume")
+        result = page.locator("#type-result")
+        await pw_expect(result).to_have_text(re.compile(r"^Paused after \d+ of 10000 keys\.$"))
+        paused_at = int((await result.text_content() or "").split()[2])
+        assert 50 <= paused_at < 10_000
+        assert int(await page.locator("#type-progress").get_attribute("value") or -1) == paused_at
+        got = await wait_keys(demo, 2 * paused_at)
+        assert got == [(k, down) for k in keysyms[:paused_at] for down in (True, False)]
+
+        await page.click("#type-pause")  # resume
+        await wait_keys(demo, 2 * paused_at + 20)
+        await page.click("#type-cancel")
+        await pw_expect(result).to_have_text(re.compile(r"^Cancelled after \d+ of 10000 keys\.$"))
+        cancelled_at = int((await result.text_content() or "").split()[2])
+        assert paused_at < cancelled_at < 10_000
+        await pw_expect(page.locator("#type-progress-row")).to_be_hidden()
+        # A marker after the cancel: what came before it is exactly the first keys, each released.
+        await page.click("#send-hanja")
+        got = await wait_keys(demo, 2 * cancelled_at + 2)
+        assert got == [(k, down) for k in keysyms[:cancelled_at] for down in (True, False)] + [
+            (XK_HANGUL_HANJA, True), (XK_HANGUL_HANJA, False)]
+        br.assert_clean()
+
+
+PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True,
+         "device_scale_factor": 3}
+
+
+@pytest.mark.integration
+async def test_phone_toolbar_and_on_screen_keyboard(web: Web) -> None:
+    async with demo_server() as demo, web.proxy() as p, web.browser(p, locale="ko-KR", **PHONE) as br:
+        page = br.page
+        await page.goto(console_url(p, p.token(port=demo.port, password=demo.password)))
+        await br.wait_state("connected")
+        # Phone width: every control of the toolbar is on the screen, nothing scrolls sideways.
+        shown = """() => [...document.querySelectorAll('#bar button, #bar select, #bar summary')]
+            .filter(el => el.offsetParent !== null && !el.closest('details:not([open]) > div'))
+            .map(el => {
+                const r = el.getBoundingClientRect();
+                return [el.id || el.textContent, r.left, r.right];
+            })"""
+        boxes = await page.evaluate(shown)
+        assert len(boxes) >= 12, boxes
+        assert all(left >= 0 and right <= 390 for _, left, right in boxes), boxes
+        assert await page.evaluate("document.documentElement.scrollWidth") <= 390
+        await page.tap("#fkeys-menu summary")  # the Ctrl+Alt+F… menu fits too
+        boxes = await page.evaluate(shown)
+        assert len([b for b in boxes if str(b[0]).startswith("send-caf")]) == 12
+        assert all(left >= 0 and right <= 390 for _, left, right in boxes), boxes
+        await page.tap("#fkeys-menu summary")
+
+        # The keyboard button focuses the hidden input (a phone shows its keyboard for it).
+        await pw_expect(page.locator("#osk")).to_have_text("키보드")
+        await page.tap("#osk")
+        await pw_expect(page.locator("#osk")).to_have_attribute("aria-pressed", "true")
+        assert await page.evaluate("document.activeElement.id") == "osk-input"
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "page-phone.png"))
+
+        # Typed text goes to the console key by key; Enter and Backspace as keys; Hangul from
+        # the phone's keyboard with the 한/영 toggles (the Type text layout is ko on a Korean page).
+        await page.keyboard.type("ls -la")
+        await page.keyboard.press("Enter")
+        await page.keyboard.press("Backspace")
+        await page.keyboard.insert_text("한")
+        want = [*taps("l", "s", " "), (0x0C, True), (0x0C, False), *taps("l", "a"),
+                (0x1C, True), (0x1C, False), (0x0E, True), (0x0E, False),
+                *taps("lang1", "g", "k", "s", "lang1")]
+        await wait_keys(demo, len(want))
+        assert scancodes(demo.events) == want
+        assert await page.locator("#osk-input").input_value() == ""
         br.assert_clean()
