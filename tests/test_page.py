@@ -697,3 +697,21 @@ async def test_phone_toolbar_and_on_screen_keyboard(web: Web) -> None:
         assert scancodes(demo.events) == want
         assert await page.locator("#osk-input").input_value() == ""
         br.assert_clean()
+
+
+@pytest.mark.integration
+async def test_proxy_drops_the_lang_releases_of_the_page_for_a_drop_token(web: Web) -> None:
+    """With the token's lang_key_release "drop", the guest gets the presses of 한/영 and 한자 from
+    the page's buttons and no release, and every other key as it was sent."""
+    async with demo_server() as demo, web.proxy() as p, web.browser(p) as br:
+        page = br.page
+        token = p.token(port=demo.port, password=demo.password, lang_key_release="drop")
+        await page.goto(console_url(p, token, language="en"))
+        await br.wait_state("connected")
+        await page.click("#send-hanyeong")
+        await page.click("#send-hanja")
+        await page.click("#sticky-win")  # a marker: press and release of Win both pass
+        await page.click("#sticky-win")
+        await wait_keys(demo, 4)
+        assert scancodes(demo.events) == [(LANG1, True), (LANG2, True), (0xDB, True), (0xDB, False)]
+        br.assert_clean()
