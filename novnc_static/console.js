@@ -339,7 +339,7 @@ function setupKeys() {
         });
     }
     $("send-hanyeong").addEventListener("click", () => {
-        sendEvents(tap(LANG1));
+        sendLangKey(LANG1);
         refocus();
     });
     $("send-hanja").addEventListener("click", () => {
@@ -377,6 +377,16 @@ function langKeyFor(e) {
     return null;
 }
 
+// 한/영 or 한자, press and release. 한/영 flips the guest IME's mode, so the Type text dialog's
+// "input mode right now" follows it.
+function sendLangKey(key) {
+    if (sendEvents(tap(key)) && key === LANG1) {
+        const ime = $("type-ime");
+        ime.value = ime.value === "ko" ? "en" : "ko";
+        clearPending();
+    }
+}
+
 let imeHintTimer = null;
 
 function showImeHint() {
@@ -393,7 +403,7 @@ function setupKoreanKeys() {
             e.preventDefault();
             e.stopPropagation();
             if (!e.repeat) {
-                sendEvents(tap(key));
+                sendLangKey(key);
             }
             return;
         }

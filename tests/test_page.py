@@ -543,15 +543,16 @@ async def test_korean_keys_and_layout_typing_reach_the_server(web: Web) -> None:
 
         # The physical 한/영 key, whatever code the browser reports: a Korean keyboard sends only a
         # keydown, and the guest gets press and release at once. With "Right Alt is 한/영", Right
-        # Alt is 한/영 too (noVNC alone would send Right Alt, 0xb8), its keyup swallowed. The 한자
-        # button last: nothing else reached the guest in between.
+        # Alt is 한/영 and Right Ctrl is 한자 (noVNC alone would send Right Alt 0xb8 and Right Ctrl
+        # 0x9d), their keyups swallowed. The 한자 button last: nothing else reached the guest.
         await page.click("#toggle-type")
         await page.check("#ralt-hangul")
         await page.focus("#screen canvas")
         n = len(scancodes(demo.events))
         for code, key, types in (("Lang1", "HangulMode", ["keydown"]),
                                  ("HangulMode", "HangulMode", ["keydown"]),
-                                 ("AltRight", "Alt", ["keydown", "keyup"])):
+                                 ("AltRight", "Alt", ["keydown", "keyup"]),
+                                 ("ControlRight", "Control", ["keydown", "keyup"])):
             await page.evaluate(
                 """([code, key, types]) => {
                     const c = document.querySelector('#screen canvas');
@@ -563,11 +564,18 @@ async def test_korean_keys_and_layout_typing_reach_the_server(web: Web) -> None:
                 [code, key, types],
             )
         await page.click("#send-hanja")
-        await wait_keys(demo, n + 8)
-        assert scancodes(demo.events)[n:] == [*taps("lang1", "lang1", "lang1"), (LANG2, True), (LANG2, False)]
+        await wait_keys(demo, n + 10)
+        lang2 = [(LANG2, True), (LANG2, False)]
+        assert scancodes(demo.events)[n:] == [*taps("lang1", "lang1", "lang1"), *lang2, *lang2]
 
-        # Type text in Korean: layout ko (the default for a Korean page), the guest IME in English.
+        # Type text in Korean: layout ko (the default for a Korean page). The dialog's idea of the
+        # guest IME's mode followed the four 한/영 presses (not 한자): English, as at the start.
         await pw_expect(page.locator("#type-layout")).to_have_value("ko")
+        await pw_expect(page.locator("#type-ime")).to_have_value("en")
+        n = len(scancodes(demo.events))
+        await page.click("#send-hanyeong")
+        await pw_expect(page.locator("#type-ime")).to_have_value("ko")
+        await wait_keys(demo, n + 2)
         await page.select_option("#type-ime", "en")
         await page.fill("#type-text", "안녕하세요 abc")
         n = len(scancodes(demo.events))
