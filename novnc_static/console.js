@@ -474,7 +474,8 @@ function setupTypeDialog() {
             // Listed before anything is sent; nothing is dropped silently.
             const name = layout.options[layout.selectedIndex].textContent;
             const note = $("type-untypable");
-            note.textContent = t("type.untypable", { layout: name, chars: plan.untypable.join(" ") });
+            const chars = plan.untypable.map(shownChar).join(" ");
+            note.textContent = t("type.untypable", { layout: name, chars });
             note.hidden = false;
             pendingPlan = plan;
             $("type-anyway").hidden = plan.strokes.length === 0;
@@ -503,6 +504,14 @@ function setupTypeDialog() {
         }
     });
     $("type-cancel").addEventListener("click", () => stopTyping(true));
+}
+
+// A character as the untypable list shows it: invisible ones (controls, odd spaces) as U+XXXX.
+function shownChar(ch) {
+    if (/^[\p{C}\p{Z}]$/u.test(ch)) {
+        return "U+" + ch.codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
+    }
+    return ch;
 }
 
 function clearPending() {

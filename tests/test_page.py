@@ -592,11 +592,11 @@ async def test_korean_keys_and_layout_typing_reach_the_server(web: Web) -> None:
         await page.click("#type-send")
         await wait_keys(demo, n + len(ZEYZ_DE))
         assert scancodes(demo.events)[n:] == ZEYZ_DE
-        # Hangul has no keys on a German layout: listed, nothing sent.
-        await page.fill("#type-text", "ü 한")
+        # Hangul has no keys on a German layout: listed (invisible ones by code), nothing sent.
+        await page.fill("#type-text", "ü 한\u00a0")
         await page.click("#type-send")
         await pw_expect(page.locator("#type-untypable")).to_have_text(
-            "독일어 배열로는 다음 문자를 입력할 수 없어 건너뜁니다: 한")
+            "독일어 배열로는 다음 문자를 입력할 수 없어 건너뜁니다: 한 U+00A0")  # no-break space
 
         # While the local IME composes (key "Process", keyCode 229), a hint says what to do.
         await page.evaluate(
