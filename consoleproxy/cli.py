@@ -109,6 +109,11 @@ def _add_token_args(p: argparse.ArgumentParser, *, port_flag: str = "--port", re
     p.add_argument("--client-ip", type=_ip, help="bind the token to this browser address")
     p.add_argument("--view-only", action="store_true", help="drop keyboard and mouse input")
     p.add_argument("--max-duration", type=_positive_int, help="session lifetime cap in seconds")
+    p.add_argument(
+        "--lang-key-release",
+        choices=("send", "drop"),
+        help="send or drop the release of the Korean 한/영 and 한자 keys (default: [input] of the proxy)",
+    )
     p.add_argument("--keys", default="keys.json", help="keyring file (keys.json)")
 
 
@@ -144,6 +149,7 @@ def _issue_from_args(args: argparse.Namespace) -> list[str]:
                 client_ip=args.client_ip,
                 view_only=args.view_only,
                 max_duration=args.max_duration,
+                lang_key_release=args.lang_key_release,
             )
             for _ in range(getattr(args, "count", 1))
         ]

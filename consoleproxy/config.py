@@ -227,6 +227,15 @@ class Page:
 
 
 @dataclass(frozen=True)
+class Input:
+    # "drop": drop the release of the Korean Lang1 (한/영) and Lang2 (한자) keys on their way to
+    # the VNC server, for guests whose hypervisor turns that release into a second press (QEMU
+    # before its 2023 PS/2 fix, with Windows guests). The native token claim `lang_key_release`
+    # overrides this for one console. Costs nothing per console with "send" (no filter at all).
+    lang_key_release: str = field(default="send", metadata=_opt(_choice("send", "drop")))
+
+
+@dataclass(frozen=True)
 class Dns:
     enabled: bool = field(default=False, metadata=_opt())
     listen: str = field(default="0.0.0.0:53", metadata=_opt(_hostport))
@@ -294,6 +303,7 @@ class Config:
     origin: Origin = field(default_factory=Origin)
     drain: Drain = field(default_factory=Drain)
     page: Page = field(default_factory=Page)
+    input: Input = field(default_factory=Input)
     dns: Dns = field(default_factory=Dns)
     cluster: Cluster = field(default_factory=Cluster)
     health: Health = field(default_factory=Health)

@@ -11,7 +11,9 @@ security handshake (the SecurityResult of section 7.1.3); the initialisation mes
 * ``ClientHandshake``: we are the RFB *server* of the browser (noVNC). It offers version 3.8 and the
   single security type None: the VNC password never reaches the browser.
 * ``ClientMessageFilter``: parses the browser's client-to-server messages (section 7.5 and the
-  common extensions) so that a view-only console can drop input without losing message framing.
+  common extensions) so that a view-only console can drop input without losing message framing,
+  and so that the release of the Korean Lang1 (한/영) and Lang2 (한자) keys can be dropped for
+  guests whose hypervisor turns that release into a second press (``[input] lang_key_release``).
 * ``vnc_auth_response``: the DES challenge response of section 7.2.2.
 
 Like the handshakes of python-websockets and h11, the state machines never touch a socket: the
@@ -47,6 +49,10 @@ from .errors import ConsoleProxyError
 
 __all__ = [
     "DEFAULT_MAX_CUT_TEXT",
+    "LANG1_KEYCODE",
+    "LANG1_KEYSYM",
+    "LANG2_KEYCODE",
+    "LANG2_KEYSYM",
     "MAX_NAME_LENGTH",
     "MAX_REASON_LENGTH",
     "MAX_SECURITY_TYPES",
@@ -95,6 +101,15 @@ MAX_VENCRYPT_SUBTYPES = 64
 DEFAULT_MAX_CUT_TEXT = 1024 * 1024
 """Default bound of one ClientCutText message from the browser (bytes). The filter streams cut
 text without buffering it, so this bounds what the VNC server is asked to buffer, not us."""
+
+LANG1_KEYCODE = 0x72
+"""QEMU key code (XT scan code, as in QEMU's and noVNC's keycode tables) of Lang1, the Korean
+한/영 key (Linux KEY_HANGEUL, browser ``code`` "Lang1"). A Korean PS/2 keyboard sends only its make
+code (set 2: 0xF2) and never a release."""
+LANG2_KEYCODE = 0x71
+"""QEMU key code of Lang2, the Korean 한자 key (Linux KEY_HANJA, set 2 make code 0xF1, no release)."""
+LANG1_KEYSYM = 0xFF31  # XK_Hangul: what a keysym-only client sends for 한/영
+LANG2_KEYSYM = 0xFF34  # XK_Hangul_Hanja: the same for 한자
 
 VERSION_LENGTH = 12  # "RFB xxx.yyy\n"
 _VERSION_RE = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
@@ -697,6 +712,17 @@ _FIXED = {
 }
 
 
+def _is_lang_release(h: bytes) -> bool:
+    """Whether the whole message at the start of ``h`` releases Lang1 (한/영) or Lang2 (한자)."""
+    if h[0] == _KEY_EVENT:
+        (keysym,) = struct.unpack_from(">I", h, 4)
+        return h[1] == 0 and keysym in (LANG1_KEYSYM, LANG2_KEYSYM)
+    if h[0] == _QEMU and h[1] == 0:
+        down, _keysym, keycode = struct.unpack_from(">HII", h, 2)
+        return down == 0 and keycode in (LANG1_KEYCODE, LANG2_KEYCODE)
+    return False
+
+
 def server_init_name_length(fixed: bytes) -> int:
     """The name length from ServerInit's fixed part (RFC 6143 7.3.2), checked against our bound.
 
@@ -728,6 +754,15 @@ class ClientMessageFilter:
     PointerEvent is 6 bytes, or 7 with bit 7 of the button mask set once the client has asked for
     the ExtendedMouseButtons pseudo-encoding (-316) in SetEncodings: noVNC masks bit 7 until the
     server confirms the extension, and sets it on every extended event after that.
+
+    With ``drop_lang_release`` the release of Lang1 (한/영) and Lang2 (한자) is dropped, and nothing
+    else: a QEMU extended key event (255, subtype 0) whose down-flag is 0 and whose key code is
+    ``LANG1_KEYCODE`` or ``LANG2_KEYCODE``, and a plain KeyEvent (4) whose down-flag is 0 and whose
+    keysym is ``LANG1_KEYSYM`` or ``LANG2_KEYSYM`` (QEMU maps those keysyms to the same keys). A real
+    Korean keyboard has no release for these keys; QEMU before its 2023 fix ("ps2: Don't send key
+    release event for Lang1, Lang2 keys") sent one anyway, which Windows reads as a second press.
+    Deciding needs the whole 12-byte extended key event (8-byte KeyEvent), so at most that much is
+    held between feeds.
     """
 
     def __init__(
@@ -736,10 +771,13 @@ class ClientMessageFilter:
         view_only: bool = True,
         max_cut_text: int = DEFAULT_MAX_CUT_TEXT,
         expect_client_init: bool = True,
+        drop_lang_release: bool = False,
     ) -> None:
         self.view_only = view_only
+        self.drop_lang_release = drop_lang_release
         self.max_cut_text = max_cut_text
-        self.dropped = 0  # messages dropped so far
+        self.dropped = 0  # messages dropped so far (input of a view-only console, Lang releases)
+        self.lang_releases_dropped = 0
         self._client_init = expect_client_init
         self._header = bytearray()  # start of a message whose length is not known yet
         self._remaining = 0  # bytes of the current message still to pass or drop
@@ -777,6 +815,9 @@ class ClientMessageFilter:
             self._header.clear()
             mtype = peek[0]
             drop = self.view_only and self._is_input(peek)
+            if not drop and self.drop_lang_release and _is_lang_release(peek):
+                drop = True
+                self.lang_releases_dropped += 1
             self._dropping = drop
             if drop:
                 self.dropped += 1
@@ -815,6 +856,8 @@ class ClientMessageFilter:
         t = h[0]
         fixed = _FIXED.get(t)
         if fixed is not None:
+            if t == _KEY_EVENT and self.drop_lang_release and len(h) < fixed:
+                return None  # the keysym decides whether it is a Lang release
             return fixed
         if t == _POINTER_EVENT:
             if len(h) < 2:
@@ -839,6 +882,8 @@ class ClientMessageFilter:
             if len(h) < 2:
                 return None
             if h[1] == 0:
+                if self.drop_lang_release and len(h) < 12:
+                    return None  # the key code decides whether it is a Lang release
                 return 12  # extended key event
             if h[1] == 1:
                 if len(h) < 4:

@@ -471,11 +471,13 @@ class ProxyServer:
                     old.close(SessionKilled.close_code, "replaced by a newer console for this VM")
                 reader, writer = await self._connect(claims)
                 client_leftover = await self._rfb_handshake(ws, reader, writer, claims, session)
+            # The token's claim, else [input]: drop the Lang1/Lang2 releases for this console?
+            drop_lang = (claims.lang_key_release or self.cfg.input.lang_key_release) == "drop"
             # The claims (with the VNC password) are done with: not kept for the console's life.
             del claims
             # From here the relay owns the console: it ends it (``_relay_ended``) and closes both
             # sockets; this handler returns at once and aiohttp frees what it kept for it.
-            self._start_relay(ws, reader, writer, session, client_leftover)
+            self._start_relay(ws, reader, writer, session, client_leftover, drop_lang_release=drop_lang)
             relaying = True
         except TimeoutError:
             result = "handshake timeout"
@@ -703,11 +705,17 @@ class ProxyServer:
         writer: asyncio.StreamWriter,
         session: Session,
         client_leftover: bytes,
+        *,
+        drop_lang_release: bool = False,
     ) -> None:
         flt = None
-        if session.view_only:
+        if session.view_only or drop_lang_release:
             # What a client pipelined behind its ClientInit goes through the same filter.
-            flt = rfb.ClientMessageFilter(view_only=True, expect_client_init=False).feed
+            flt = rfb.ClientMessageFilter(
+                view_only=session.view_only,
+                drop_lang_release=drop_lang_release,
+                expect_client_init=False,
+            ).feed
         relay = Relay(
             ws, reader, writer, session,
             client_filter=flt,

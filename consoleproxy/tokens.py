@@ -39,6 +39,7 @@ __all__ = [
     "ALG",
     "ENC",
     "KEY_BYTES",
+    "LANG_KEY_RELEASE",
     "MAX_TOKEN_BYTES",
     "Claims",
     "Keyring",
@@ -116,7 +117,8 @@ def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 _REQUIRED = ("host", "port", "vm", "exp", "iat", "jti")
-_OPTIONAL = ("password", "name", "client_ip", "view_only", "max_duration")
+_OPTIONAL = ("password", "name", "client_ip", "view_only", "max_duration", "lang_key_release")
+LANG_KEY_RELEASE = ("send", "drop")  # values of the claim and of [input] lang_key_release
 _KNOWN = frozenset(_REQUIRED + _OPTIONAL)
 _MAX_TIME = 2**53  # JavaScript-safe integers; far beyond any real date
 
@@ -136,6 +138,8 @@ class Claims:
     client_ip: str | None = None
     view_only: bool = False
     max_duration: int | None = None
+    # "send" or "drop": overrides [input] lang_key_release for this console; None = the config's.
+    lang_key_release: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form: required claims always, optional ones only when set."""
@@ -157,6 +161,8 @@ class Claims:
             d["view_only"] = True
         if self.max_duration is not None:
             d["max_duration"] = self.max_duration
+        if self.lang_key_release is not None:
+            d["lang_key_release"] = self.lang_key_release
         return d
 
     def masked_dict(self) -> dict[str, Any]:
@@ -237,6 +243,11 @@ class Claims:
             isinstance(max_duration, int) and not isinstance(max_duration, bool) and max_duration > 0
         ):
             raise TokenInvalid("claim 'max_duration' must be a positive integer (seconds)")
+        lang_key_release = d.get("lang_key_release")
+        if lang_key_release is not None and (
+            not isinstance(lang_key_release, str) or lang_key_release not in LANG_KEY_RELEASE
+        ):
+            raise TokenInvalid("claim 'lang_key_release' must be \"send\" or \"drop\"")
 
         return cls(
             host=host,
@@ -250,6 +261,7 @@ class Claims:
             client_ip=client_ip,
             view_only=view_only,
             max_duration=max_duration,
+            lang_key_release=lang_key_release,
         )
 
 
@@ -430,6 +442,7 @@ def issue(
     client_ip: str | None = None,
     view_only: bool = False,
     max_duration: int | None = None,
+    lang_key_release: str | None = None,
     now: int | None = None,
 ) -> str:
     """Mint a token with the keyring's first key. Bad arguments raise ``ValueError``."""
@@ -446,6 +459,8 @@ def issue(
             raise ValueError(f"client_ip {client_ip!r} is not an IP address") from None
     if max_duration is not None and (not _is_int(max_duration) or max_duration <= 0):
         raise ValueError(f"max_duration must be a positive number of seconds, got {max_duration}")
+    if lang_key_release is not None and lang_key_release not in LANG_KEY_RELEASE:
+        raise ValueError(f"lang_key_release must be 'send' or 'drop', got {lang_key_release!r}")
     iat = int(time.time()) if now is None else now
     claims = Claims(
         host=host,
@@ -459,6 +474,7 @@ def issue(
         client_ip=client_ip,
         view_only=view_only,
         max_duration=max_duration,
+        lang_key_release=lang_key_release,
     )
     try:
         Claims.from_dict(claims.to_dict())  # the same checks decode applies: never mint a dud

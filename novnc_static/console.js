@@ -18,11 +18,17 @@
 import RFB from "/novnc/core/rfb.js";
 import { initLogging } from "/novnc/core/util/logging.js";
 import { pickLanguage, translator } from "./i18n.js";
-import { XK, ctrlAltF, keyEventsForText, typedCount } from "./keys.js";
+import { XK, ctrlAltF } from "./keys.js";
+import { LANG1, LANG2, LAYOUTS, planTyping, tap } from "./typing.js";
 
 // Close codes the proxy sends on purpose (DESIGN.md 8); each has its own message.
 const KNOWN_CODES = [4001, 4002, 4003, 4004, 4008, 4010, 4011, 4012, 4013, 1001, 1000, 1006];
-const MAX_TYPE_CHARS = 8192;
+const MAX_TYPE_CHARS = 20000; // the textarea's maxlength too
+// Typing is paced (keys per second, chosen in the dialog) and waits while the WebSocket has more
+// than this much unsent: a long paste neither blocks the page nor floods the guest.
+const TYPE_TICK_MS = 50;
+const TYPE_MAX_BUFFERED = 16 * 1024;
+const STORE = "consoleproxy."; // localStorage keys: remembered per browser
 
 // --- query parameters ------------------------------------------------------------------------
 
@@ -115,7 +121,7 @@ function translatePage() {
 }
 
 // Buttons that send input work only while connected.
-const INPUT_BUTTONS = "#keys button, #type-send, #clipboard-send";
+const INPUT_BUTTONS = "#keys button, #type-send, #type-anyway, #clipboard-send";
 
 function setStatus(state, key, vars, reason) {
     for (const el of document.querySelectorAll(INPUT_BUTTONS)) {
@@ -146,6 +152,7 @@ function setTitle(name) {
 // --- the connection ------------------------------------------------------------------------------
 
 let rfb = null;
+let socket = null; // our WebSocket under noVNC (its bufferedAmount paces typing)
 let closeInfo = null;
 let desktopName = "";
 let connected = false;
@@ -197,6 +204,7 @@ function connect() {
         setStatus("error", "status.nowebsocket", null, e.message);
         return;
     }
+    socket = ws;
     ws.addEventListener("close", (e) => {
         closeInfo = { code: e.code, reason: e.reason };
         if (!connected && (e.code >= 4000 || e.code === 1001)) {
@@ -229,6 +237,7 @@ function connect() {
             initLogging("warn");
         }
         releaseSticky(false);
+        stopTyping(false);
         showClosed(closeInfo, e.detail.clean);
         rfb = null;
     });
@@ -329,19 +338,317 @@ function setupKeys() {
             refocus();
         });
     }
-    $("type-send").addEventListener("click", () => {
-        let text = $("type-text").value.slice(0, MAX_TYPE_CHARS);
-        if ($("type-enter").checked) {
-            text += "\n";
-        }
-        if (sendEvents(keyEventsForText(text))) {
-            $("type-result").textContent = t("type.sent", { count: typedCount(text) });
-        }
+    $("send-hanyeong").addEventListener("click", () => {
+        sendLangKey(LANG1);
+        refocus();
+    });
+    $("send-hanja").addEventListener("click", () => {
+        sendEvents(tap(LANG2));
+        refocus();
     });
     $("clipboard-send").addEventListener("click", () => {
         if (rfb && connected && !viewOnly) {
             rfb.clipboardPasteFrom($("clipboard-text").value);
             $("clipboard-result").textContent = t("clip.sent");
+        }
+    });
+}
+
+// --- Korean keys, IME hint ------------------------------------------------------------------------
+
+// The physical 한/영 and 한자 keys, whatever `code` the browser reports for them; with "Right Alt
+// is 한/영" also Right Alt and Right Ctrl. They are sent as Lang1/Lang2 press and release at once
+// (a Korean keyboard sends no release) and kept from noVNC, which would send them as they came.
+function langKeyFor(e) {
+    if (e.code === "Lang1" || e.code === "HangulMode" || e.key === "HangulMode") {
+        return LANG1;
+    }
+    if (e.code === "Lang2" || e.code === "HanjaMode" || e.key === "HanjaMode") {
+        return LANG2;
+    }
+    if ($("ralt-hangul").checked) {
+        if (e.code === "AltRight") {
+            return LANG1;
+        }
+        if (e.code === "ControlRight") {
+            return LANG2;
+        }
+    }
+    return null;
+}
+
+// 한/영 or 한자, press and release. 한/영 flips the guest IME's mode, so the Type text dialog's
+// "input mode right now" follows it.
+function sendLangKey(key) {
+    if (sendEvents(tap(key)) && key === LANG1) {
+        const ime = $("type-ime");
+        ime.value = ime.value === "ko" ? "en" : "ko";
+        clearPending();
+    }
+}
+
+let imeHintTimer = null;
+
+function showImeHint() {
+    $("ime-hint").hidden = false;
+    clearTimeout(imeHintTimer);
+    imeHintTimer = setTimeout(() => { $("ime-hint").hidden = true; }, 10000);
+}
+
+function setupKoreanKeys() {
+    // Capture phase on the screen's container: runs before noVNC's listeners on its canvas.
+    screen.addEventListener("keydown", (e) => {
+        const key = langKeyFor(e);
+        if (key !== null) {
+            e.preventDefault();
+            e.stopPropagation();
+            if (!e.repeat) {
+                sendLangKey(key);
+            }
+            return;
+        }
+        if (e.key === "Process" || e.keyCode === 229) {
+            showImeHint(); // the local IME is composing: its keys never reach the guest as keys
+        }
+    }, true);
+    screen.addEventListener("keyup", (e) => {
+        if (langKeyFor(e) !== null) {
+            e.preventDefault();
+            e.stopPropagation();
+        }
+    }, true);
+    screen.addEventListener("compositionstart", showImeHint, true);
+    $("ime-hint-close").addEventListener("click", () => {
+        $("ime-hint").hidden = true;
+        refocus();
+    });
+    const ralt = $("ralt-hangul");
+    ralt.checked = localStorage.getItem(STORE + "rightAltHangul") === "1";
+    ralt.addEventListener("change", () => {
+        localStorage.setItem(STORE + "rightAltHangul", ralt.checked ? "1" : "0");
+    });
+}
+
+// --- Type text: layouts, Korean, pacing -----------------------------------------------------------
+
+let typing = null; // the job in progress: {plan, next, korean, timer, paused, credit}
+let pendingPlan = null; // a plan with untypable characters, waiting for "Type the rest"
+
+function typeOptions() {
+    return { layout: $("type-layout").value, korean: $("type-ime").value === "ko" };
+}
+
+function showImeRow() {
+    $("type-ime-row").hidden = $("type-layout").value !== "ko";
+}
+
+function setupTypeDialog() {
+    const layout = $("type-layout");
+    const saved = localStorage.getItem(STORE + "typeLayout");
+    layout.value = LAYOUTS.includes(saved) ? saved : (lang === "ko" ? "ko" : "us");
+    const rate = $("type-rate");
+    const savedRate = localStorage.getItem(STORE + "typeRate");
+    if (savedRate && [...rate.options].some((o) => o.value === savedRate)) {
+        rate.value = savedRate;
+    }
+    showImeRow();
+    layout.addEventListener("change", () => {
+        localStorage.setItem(STORE + "typeLayout", layout.value);
+        showImeRow();
+        clearPending();
+    });
+    $("type-ime").addEventListener("change", clearPending);
+    $("type-text").addEventListener("input", clearPending);
+    rate.addEventListener("change", () => localStorage.setItem(STORE + "typeRate", rate.value));
+
+    $("type-send").addEventListener("click", () => {
+        if (typing) {
+            return;
+        }
+        let text = $("type-text").value.slice(0, MAX_TYPE_CHARS);
+        if ($("type-enter").checked) {
+            text += "\n";
+        }
+        const plan = planTyping(text, typeOptions());
+        if (plan.untypable.length) {
+            // Listed before anything is sent; nothing is dropped silently.
+            const name = layout.options[layout.selectedIndex].textContent;
+            const note = $("type-untypable");
+            const chars = plan.untypable.map(shownChar).join(" ");
+            note.textContent = t("type.untypable", { layout: name, chars });
+            note.hidden = false;
+            pendingPlan = plan;
+            $("type-anyway").hidden = plan.strokes.length === 0;
+            return;
+        }
+        startTyping(plan);
+    });
+    $("type-anyway").addEventListener("click", () => {
+        if (pendingPlan && !typing) {
+            const plan = pendingPlan;
+            clearPending();
+            startTyping(plan);
+        }
+    });
+    $("type-pause").addEventListener("click", () => {
+        if (!typing) {
+            return;
+        }
+        typing.paused = !typing.paused;
+        $("type-pause").textContent = t(typing.paused ? "type.resume" : "type.pause");
+        if (typing.paused) {
+            clearTimeout(typing.timer);
+            showProgress("type.paused");
+        } else {
+            typing.timer = setTimeout(typeTick, 0);
+        }
+    });
+    $("type-cancel").addEventListener("click", () => stopTyping(true));
+}
+
+// A character as the untypable list shows it: invisible ones (controls, odd spaces) as U+XXXX.
+function shownChar(ch) {
+    if (/^[\p{C}\p{Z}]$/u.test(ch)) {
+        return "U+" + ch.codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
+    }
+    return ch;
+}
+
+function clearPending() {
+    pendingPlan = null;
+    $("type-untypable").hidden = true;
+    $("type-anyway").hidden = true;
+}
+
+function showProgress(key) {
+    const { plan, next } = typing;
+    const progress = $("type-progress");
+    progress.max = Math.max(plan.strokes.length, 1);
+    progress.value = next;
+    $("type-result").textContent = t(key, { done: next, total: plan.strokes.length });
+}
+
+function startTyping(plan) {
+    if (!rfb || !connected || viewOnly) {
+        return;
+    }
+    if (plan.strokes.length === 0) {
+        $("type-result").textContent = t("type.nothing");
+        return;
+    }
+    typing = { plan, next: 0, korean: typeOptions().korean, timer: null, paused: false, credit: 0 };
+    $("type-send").disabled = true;
+    $("type-pause").textContent = t("type.pause");
+    $("type-progress-row").hidden = false;
+    showProgress("type.progress");
+    typing.timer = setTimeout(typeTick, 0);
+}
+
+// Sends what the chosen speed allows since the last tick, whole strokes only.
+function typeTick() {
+    const job = typing;
+    if (!job || job.paused) {
+        return;
+    }
+    const rate = Number($("type-rate").value) || 100;
+    job.credit = Math.min(job.credit + rate * TYPE_TICK_MS / 1000, Math.max(rate, 1));
+    if (socket && socket.bufferedAmount > TYPE_MAX_BUFFERED) {
+        job.credit = Math.min(job.credit, 1); // the network is behind: wait for it
+    } else {
+        while (job.credit >= 1 && job.next < job.plan.strokes.length) {
+            if (!sendEvents(job.plan.strokes[job.next])) {
+                stopTyping(false);
+                return;
+            }
+            job.next++;
+            job.credit -= 1;
+        }
+    }
+    if (job.next >= job.plan.strokes.length) {
+        typing = null;
+        $("type-progress-row").hidden = true;
+        $("type-send").disabled = !connected;
+        $("type-result").textContent = t("type.sent", { count: job.plan.typed });
+        return;
+    }
+    showProgress("type.progress");
+    job.timer = setTimeout(typeTick, TYPE_TICK_MS);
+}
+
+// Stops typing between strokes (no key is left held); with `report`, on the user's request, the
+// guest IME is switched back to the mode it was in when typing started.
+function stopTyping(report) {
+    const job = typing;
+    if (!job) {
+        return;
+    }
+    clearTimeout(job.timer);
+    typing = null;
+    const modes = job.plan.modes;
+    if (report && job.next > 0 && modes[job.next - 1] !== job.korean) {
+        sendEvents(tap(LANG1));
+    }
+    $("type-progress-row").hidden = true;
+    $("type-send").disabled = !connected;
+    if (report) {
+        $("type-result").textContent = t("type.cancelled", { done: job.next, total: job.plan.strokes.length });
+    }
+}
+
+// --- on-screen keyboard (touch devices) -----------------------------------------------------------
+
+// A hidden text input: focusing it brings up the device's keyboard; what is typed into it is sent
+// to the console at once (with the Type text dialog's layout), then the input is emptied. Keys
+// that put no text into an input (Enter, Backspace) are sent from keydown.
+const OSK_KEYS = {
+    Enter: [XK.Return, "Enter"],
+    Backspace: [0xff08, "Backspace"],
+    Tab: [XK.Tab, "Tab"],
+    Escape: [0xff1b, "Escape"],
+    ArrowLeft: [0xff51, "ArrowLeft"],
+    ArrowUp: [0xff52, "ArrowUp"],
+    ArrowRight: [0xff53, "ArrowRight"],
+    ArrowDown: [0xff54, "ArrowDown"],
+};
+
+function setupOnScreenKeyboard() {
+    const input = $("osk-input");
+    const button = $("osk");
+    let composing = false;
+    const flush = () => {
+        const text = input.value;
+        input.value = "";
+        if (text) {
+            const plan = planTyping(text, typeOptions());
+            for (const stroke of plan.strokes) {
+                sendEvents(stroke);
+            }
+        }
+    };
+    button.addEventListener("click", () => {
+        if (document.activeElement === input) {
+            input.blur();
+            return;
+        }
+        input.focus({ preventScroll: true });
+    });
+    input.addEventListener("focus", () => button.setAttribute("aria-pressed", "true"));
+    input.addEventListener("blur", () => button.setAttribute("aria-pressed", "false"));
+    input.addEventListener("compositionstart", () => { composing = true; });
+    input.addEventListener("compositionend", () => {
+        composing = false;
+        flush();
+    });
+    input.addEventListener("input", () => {
+        if (!composing) {
+            flush();
+        }
+    });
+    input.addEventListener("keydown", (e) => {
+        const key = OSK_KEYS[e.key];
+        if (key && !composing) {
+            e.preventDefault();
+            sendEvents(tap(key));
         }
     });
 }
@@ -421,6 +728,9 @@ function main() {
         $("help-viewonly").hidden = false;
     }
     setupKeys();
+    setupKoreanKeys();
+    setupTypeDialog();
+    setupOnScreenKeyboard();
     setupPanels();
     $("connect").addEventListener("click", connect);
     if (falsy(params.get("autoconnect"))) {

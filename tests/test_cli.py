@@ -46,6 +46,7 @@ async def test_token_issue_validates_to_exact_claims(tmp_path: Path, keys: Path)
     assert before <= claims.iat <= int(time.time())
     assert claims.exp == claims.iat + 60
     assert claims.password is None and claims.client_ip is None and not claims.view_only
+    assert claims.lang_key_release is None
     # a second validation of the same token: 4003
     with pytest.raises(TokenAlreadyUsed) as used:
         await v.validate(token)
@@ -132,3 +133,15 @@ def test_bad_arguments_exit_2_with_one_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert needle.lower() in err.lower(), err
+
+
+async def test_token_issue_lang_key_release(tmp_path: Path, keys: Path) -> None:
+    r = run("token", "issue", "--host", "10.0.0.5", "--port", "5901", "--lang-key-release", "drop",
+            "--keys", "k.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    v = TokenValidator(Keyring.load(keys), MemoryReplayStore(), skew_seconds=30)
+    assert (await v.validate(r.stdout.strip())).lang_key_release == "drop"
+    bad = run("token", "issue", "--host", "10.0.0.5", "--port", "5901", "--lang-key-release", "off",
+              "--keys", "k.json", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "--lang-key-release: invalid choice: 'off'" in bad.stderr

@@ -52,6 +52,9 @@ def test_relative_paths_anchor_at_config_dir(tmp_path: Path) -> None:
         ("[listen]\nports = [70000]\n", "[listen] ports"),
         ("[listen]\ntls = 1\n", "[listen] tls: expected true or false, got 1"),
         ("[dns]\nlisten = \"53\"\n", "[dns] listen: expected ADDRESS:PORT"),
+        ('[input]\nlang_key_release = "swallow"\n',
+         "[input] lang_key_release: expected one of 'send', 'drop', got 'swallow'"),
+        ("[input]\nlang_key_release = true\n", "[input] lang_key_release: expected"),
         ("[limits\n", "not valid TOML"),
         ("limits = 3\n", "[limits] must be a table"),
         ('[tls]\ndomain_suffix = "a.b"\nfqdn = "c.d"\n', "domain_suffix or fqdn, not both"),
@@ -91,3 +94,13 @@ def test_port_range() -> None:
     for bad in ("", "a-b", "0-5", "5-", "70000"):
         with pytest.raises(ValueError):
             parse_port_range(bad)
+
+
+def test_input_lang_key_release_default_file_and_env(tmp_path: Path) -> None:
+    assert load_config(env={}).input.lang_key_release == "send"
+    p = write(tmp_path, '[input]\nlang_key_release = "drop"\n')
+    assert load_config(p, env={}).input.lang_key_release == "drop"
+    env = {"CONSOLEPROXY_INPUT_LANG_KEY_RELEASE": "send"}
+    assert load_config(p, env=env).input.lang_key_release == "send"
+    with pytest.raises(ConfigError, match=r"CONSOLEPROXY_INPUT_LANG_KEY_RELEASE.*one of 'send', 'drop'"):
+        load_config(env={"CONSOLEPROXY_INPUT_LANG_KEY_RELEASE": "Drop"})

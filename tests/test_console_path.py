@@ -484,3 +484,36 @@ async def test_huge_desktop_name_refused_before_relaying(tmp_path: Path) -> None
                 await c.handshake()  # ServerInit never reaches the browser
             assert await c.close_code() == 1002
             assert "desktop name is 4294967295 bytes" in c.close_reason
+
+
+LANG1_PRESS = struct.pack(">BBHII", 255, 0, 1, 0xFF31, 0x72)
+LANG1_RELEASE = struct.pack(">BBHII", 255, 0, 0, 0xFF31, 0x72)
+LANG2_RELEASE = struct.pack(">BBHII", 255, 0, 0, 0xFF34, 0x71)
+A_PRESS = struct.pack(">BBHII", 255, 0, 1, 0x61, 0x1E)
+A_RELEASE = struct.pack(">BBHII", 255, 0, 0, 0x61, 0x1E)
+
+
+@pytest.mark.parametrize(
+    ("config", "claim", "dropped"),
+    [
+        (None, None, False),  # the default is "send"
+        ("drop", None, True),
+        ("send", "drop", True),  # the token's claim overrides [input]
+        ("drop", "send", False),
+    ],
+)
+async def test_lang_key_release_option_and_claim(
+    tmp_path: Path, config: str | None, claim: str | None, dropped: bool
+) -> None:
+    sections = {"input": {"lang_key_release": config}} if config else {}
+    async with running_proxy(tmp_path, **sections) as p, tcp_server(echo_backend) as port:
+        token = p.token(port=port, **({"lang_key_release": claim} if claim else {}))
+        async with RFBClient.connect(p.url(token)) as c:
+            await connect_echo(c)
+            sent = LANG1_PRESS + LANG1_RELEASE + A_PRESS + A_RELEASE + LANG2_RELEASE
+            # Split inside the messages: the proxy frames across WebSocket messages.
+            for i in range(0, len(sent), 7):
+                await c.send(sent[i : i + 7])
+            await c.send(A_PRESS)  # a marker: everything before it has been filtered
+            want = LANG1_PRESS + A_PRESS + A_RELEASE if dropped else sent
+            assert await c.read_exact(len(want) + len(A_PRESS)) == want + A_PRESS

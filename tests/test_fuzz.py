@@ -12,6 +12,7 @@ import asyncio
 import base64
 import datetime as dt
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -258,6 +259,35 @@ def test_rfb_client_side_random(prefix: bytes, chunks: list[bytes], accept: bool
                 hs.accept() if accept else hs.reject(reason)
     except rfb.RFBError:
         pass
+
+
+def _filtered(f: rfb.ClientMessageFilter, chunks: list[bytes]) -> bytes | type[Exception]:
+    try:
+        return b"".join(f.feed(c) for c in chunks)
+    except rfb.RFBError as exc:  # LimitExceeded is one
+        return type(exc)
+
+
+@example(data=b"\x04\x00", cuts=[])  # a KeyEvent's start: held until its keysym is known
+@given(data=st.binary(max_size=600), cuts=st.lists(st.integers(0, 600), max_size=12))
+def test_client_filter_lang_release_random(data: bytes, cuts: list[int]) -> None:
+    """Random client bytes: dropping the Lang releases frames exactly as relaying everything
+    does (the same named error, or none), and drops only whole 12- or 8-byte key messages."""
+    bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    chunks = [data[i:j] for i, j in itertools.pairwise(bounds)]
+    plain = rfb.ClientMessageFilter(view_only=False, expect_client_init=False)
+    lang = rfb.ClientMessageFilter(view_only=False, drop_lang_release=True, expect_client_init=False)
+    a, b = _filtered(plain, chunks), _filtered(lang, chunks)
+    if isinstance(a, bytes) and isinstance(b, bytes):
+        assert lang.dropped == lang.lang_releases_dropped
+        held = len(lang._header) - len(plain._header)  # the start of a key message, undecided
+        assert 0 <= held < 12
+        gone = len(a) - len(b) - held  # bytes of dropped messages
+        assert 8 * lang.dropped <= gone <= 12 * lang.dropped
+        if lang.dropped == 0:
+            assert b == a[: len(b)]
+    else:
+        assert a == b, (a, b)
 
 
 @given(length=st.integers(rfb.MAX_REASON_LENGTH + 1, 2**32 - 1), where=st.sampled_from(["33", "37", "38"]))

@@ -125,8 +125,10 @@ class Web:
             self.nss.trust(p.server.dev_ca)
             yield p
 
-    def browser(self, p: Proxy, locale: str = "en-US") -> contextlib.AbstractAsyncContextManager[Browser]:
-        return browser(p, locale, home=self.nss.home if self.nss is not None else None)
+    def browser(
+        self, p: Proxy, locale: str = "en-US", **context: Any
+    ) -> contextlib.AbstractAsyncContextManager[Browser]:
+        return browser(p, locale, home=self.nss.home if self.nss is not None else None, **context)
 
 
 @pytest.fixture(params=["plain", "tls"])
@@ -198,15 +200,19 @@ class Browser:
 
 
 @contextlib.asynccontextmanager
-async def browser(p: Proxy, locale: str = "en-US", home: Path | None = None) -> AsyncIterator[Browser]:
-    """Chromium on a page of ``p``; with ``home`` as HOME (whose .pki/nssdb holds the trust)."""
+async def browser(
+    p: Proxy, locale: str = "en-US", home: Path | None = None, **context: Any
+) -> AsyncIterator[Browser]:
+    """Chromium on a page of ``p``; with ``home`` as HOME (whose .pki/nssdb holds the trust);
+    ``context``: Playwright context options (a phone's viewport, touch) over the desktop default."""
     chromium = require_tool("chromium", "chromium")
     env = {**os.environ, "HOME": str(home)} if home is not None else None
     async with async_playwright() as pw:
         b = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, env=env,
                                      timeout=30_000)
         try:
-            ctx = await b.new_context(locale=locale, viewport={"width": 1100, "height": 640})
+            options: dict[str, Any] = {"viewport": {"width": 1100, "height": 640}, **context}
+            ctx = await b.new_context(locale=locale, **options)
             page = await ctx.new_page()
             page.set_default_timeout(TIMEOUT_MS)
             br = Browser(page, origin(p))
@@ -271,13 +277,12 @@ def shifted(keysym: int) -> list[tuple[int, bool]]:
     return [(SHIFT_L, True), *press(keysym), (SHIFT_L, False)]
 
 
-# "Hello, 세상! 123" as the page types it (novnc_static/keys.js): US-keyboard ASCII with the shifted
-# keysym inside Shift_L, and characters outside Latin-1 as X11 Unicode keysyms 0x01000000 | U+XXXX.
+# "Hello, 세상! 123" typed for a US guest (novnc_static/typing.js): 세 and 상 cannot be typed on a US
+# layout, so the page lists them and, on "Type the rest", types the others, ASCII with the shifted
+# keysym inside Shift_L.
 HELLO_KEYS = [
     *shifted(ord("H")), *press(ord("e")), *press(ord("l")), *press(ord("l")), *press(ord("o")),
     *press(ord(",")), *press(ord(" ")),
-    *press(0x0100C138),  # 세 U+C138
-    *press(0x0100C0C1),  # 상 U+C0C1
     *shifted(ord("!")), *press(ord(" ")), *press(ord("1")), *press(ord("2")), *press(ord("3")),
 ]
 
@@ -317,24 +322,27 @@ async def test_type_text_and_key_buttons_reach_the_server(web: Web) -> None:
         await br.wait_state("connected")
         page = br.page
 
-        # "Type text": the note about Unicode keysyms is shown with the box.
+        # "Type text" for a US guest: what a US layout cannot type is listed before anything is
+        # sent, and typed only on "Type the rest", without those characters.
         await page.click("#toggle-type")
-        await pw_expect(page.locator("#type-unicode-note")).to_have_text(
-            "Characters that are not on a US keyboard (for example Korean) are sent as Unicode key "
-            "symbols; guests that use a US keyboard layout may not type them."
-        )
+        await pw_expect(page.locator("#type-layout")).to_have_value("us")  # English page, new browser
         await page.fill("#type-text", "Hello, 세상! 123")
         await page.click("#type-send")
+        await pw_expect(page.locator("#type-untypable")).to_have_text(
+            "These characters cannot be typed with the English (US) layout and will be skipped: 세 상"
+        )
+        assert key_events(demo.events) == []
+        await page.click("#type-anyway")
         got = await wait_keys(demo, len(HELLO_KEYS))
         assert got == HELLO_KEYS
-        # The demo server asks for QEMU extended key events: US-keyboard keys carry their scan
-        # code (Shift_L 0x2a, H 0x23, 1 0x02); 세 and 상 have none and come as plain KeyEvents.
+        # The demo server asks for QEMU extended key events: every key carries its scan code
+        # (Shift_L 0x2a, H 0x23, 1 0x02).
         typed = [ev for ev in demo.events if isinstance(ev, KeyEvent | ExtendedKeyEvent)]
         assert [(ev.keysym, ev.keycode) for ev in typed[:2]] == [(SHIFT_L, 0x2A), (ord("H"), 0x23)]
-        assert [(ev.keysym, ev.keycode) for ev in typed[20:22]] == [(SHIFT_L, 0x2A), (ord("!"), 0x02)]
-        assert [type(ev) for ev in typed[16:20]] == [KeyEvent] * 4
-        assert all(type(ev) is ExtendedKeyEvent for ev in typed[:16] + typed[20:32])
-        await pw_expect(page.locator("#type-result")).to_have_text("Typed 14 characters.")
+        assert [(ev.keysym, ev.keycode) for ev in typed[16:18]] == [(SHIFT_L, 0x2A), (ord("!"), 0x02)]
+        assert all(type(ev) is ExtendedKeyEvent for ev in typed)
+        await pw_expect(page.locator("#type-result")).to_have_text("Typed 12 characters.")
+        await pw_expect(page.locator("#type-untypable")).to_be_hidden()
         ARTIFACTS.mkdir(exist_ok=True)
         await page.screenshot(path=str(ARTIFACTS / "page-demo-type-text.png"))
 
@@ -475,3 +483,243 @@ async def test_https_page_fails_without_the_trusted_ca(tmp_path: Path, nss_trust
             assert resp is not None and resp.ok
             await br.wait_state("error")  # loaded: no token, the page says so
             br.assert_clean()
+
+
+# --- Korean, layouts, the on-screen keyboard (issue 20) ------------------------------------------
+
+XK_HANGUL, XK_HANGUL_HANJA = 0xFF31, 0xFF34
+LANG1, LANG2 = 0x72, 0x71  # QEMU key codes (XT) of Lang1 (한/영) and Lang2 (한자)
+# XT scan codes of the US key positions used below.
+XT = {
+    "q": 0x10, "w": 0x11, "e": 0x12, "r": 0x13, "t": 0x14, "y": 0x15, "u": 0x16, "i": 0x17, "o": 0x18,
+    "p": 0x19, "a": 0x1E, "s": 0x1F, "d": 0x20, "f": 0x21, "g": 0x22, "h": 0x23, "j": 0x24, "k": 0x25,
+    "l": 0x26, "z": 0x2C, "x": 0x2D, "c": 0x2E, "v": 0x2F, "b": 0x30, "n": 0x31, "m": 0x32,
+    " ": 0x39, "shift": 0x2A, "lang1": LANG1,
+}
+
+
+def scancodes(events: list[Any]) -> list[tuple[int, bool]]:
+    """(scan code, down) of the QEMU extended key events; a plain KeyEvent fails the test."""
+    keys = [ev for ev in events if isinstance(ev, KeyEvent | ExtendedKeyEvent)]
+    assert all(isinstance(ev, ExtendedKeyEvent) for ev in keys), keys
+    return [(ev.keycode, ev.down) for ev in keys if isinstance(ev, ExtendedKeyEvent)]
+
+
+def taps(*names: str) -> list[tuple[int, bool]]:
+    out: list[tuple[int, bool]] = []
+    for name in names:
+        out += [(XT[name], True), (XT[name], False)]
+    return out
+
+
+# "안녕하세요 abc" to a Korean guest whose IME is in English: 한/영, the dubeolsik keys of
+# 안 (d k s) 녕 (s u d) 하 (g k) 세 (t p) 요 (d y), Space (same in both modes), 한/영, a b c.
+ANNYEONG_ABC = [
+    *taps("lang1", "d", "k", "s", "s", "u", "d", "g", "k", "t", "p", "d", "y", " "),
+    *taps("lang1", "a", "b", "c"),
+]
+# "Zeyz" to a German guest: Z and Y swap places on QWERTZ.
+ZEYZ_DE = [(XT["shift"], True), *taps("y"), (XT["shift"], False), *taps("e", "z", "y")]
+
+
+@pytest.mark.integration
+async def test_korean_keys_and_layout_typing_reach_the_server(web: Web) -> None:
+    async with demo_server() as demo, web.proxy() as p, web.browser(p, locale="ko-KR") as br:
+        page = br.page
+        await page.goto(console_url(p, p.token(port=demo.port, password=demo.password)))
+        await br.wait_state("connected")
+        assert (await br.status()).endswith("연결됨")
+
+        # The 한/영 and 한자 buttons: Lang1 / Lang2 as QEMU extended key events, press and release.
+        await pw_expect(page.locator("#send-hanyeong")).to_have_text("한/영")
+        await pw_expect(page.locator("#send-hanja")).to_have_text("한자")
+        await page.click("#send-hanyeong")
+        await page.click("#send-hanja")
+        await wait_keys(demo, 4)
+        keys = [ev for ev in demo.events if isinstance(ev, KeyEvent | ExtendedKeyEvent)]
+        assert keys == [ExtendedKeyEvent(True, XK_HANGUL, LANG1), ExtendedKeyEvent(False, XK_HANGUL, LANG1),
+                        ExtendedKeyEvent(True, XK_HANGUL_HANJA, LANG2),
+                        ExtendedKeyEvent(False, XK_HANGUL_HANJA, LANG2)]
+
+        # The physical 한/영 key, whatever code the browser reports: a Korean keyboard sends only a
+        # keydown, and the guest gets press and release at once. With "Right Alt is 한/영", Right
+        # Alt is 한/영 and Right Ctrl is 한자 (noVNC alone would send Right Alt 0xb8 and Right Ctrl
+        # 0x9d), their keyups swallowed. The 한자 button last: nothing else reached the guest.
+        await page.click("#toggle-type")
+        await page.check("#ralt-hangul")
+        await page.focus("#screen canvas")
+        n = len(scancodes(demo.events))
+        for code, key, types in (("Lang1", "HangulMode", ["keydown"]),
+                                 ("HangulMode", "HangulMode", ["keydown"]),
+                                 ("AltRight", "Alt", ["keydown", "keyup"]),
+                                 ("ControlRight", "Control", ["keydown", "keyup"])):
+            await page.evaluate(
+                """([code, key, types]) => {
+                    const c = document.querySelector('#screen canvas');
+                    for (const type of types) {
+                        const init = {code, key, bubbles: true, cancelable: true};
+                        c.dispatchEvent(new KeyboardEvent(type, init));
+                    }
+                }""",
+                [code, key, types],
+            )
+        await page.click("#send-hanja")
+        await wait_keys(demo, n + 10)
+        lang2 = [(LANG2, True), (LANG2, False)]
+        assert scancodes(demo.events)[n:] == [*taps("lang1", "lang1", "lang1"), *lang2, *lang2]
+
+        # Type text in Korean: layout ko (the default for a Korean page). The dialog's idea of the
+        # guest IME's mode followed the four 한/영 presses (not 한자): English, as at the start.
+        await pw_expect(page.locator("#type-layout")).to_have_value("ko")
+        await pw_expect(page.locator("#type-ime")).to_have_value("en")
+        n = len(scancodes(demo.events))
+        await page.click("#send-hanyeong")
+        await pw_expect(page.locator("#type-ime")).to_have_value("ko")
+        await wait_keys(demo, n + 2)
+        await page.select_option("#type-ime", "en")
+        await page.fill("#type-text", "안녕하세요 abc")
+        n = len(scancodes(demo.events))
+        await page.click("#type-send")
+        await wait_keys(demo, n + len(ANNYEONG_ABC))
+        assert scancodes(demo.events)[n:] == ANNYEONG_ABC
+        await pw_expect(page.locator("#type-result")).to_have_text("9개 문자를 입력했습니다.")
+
+        # A German guest: "Zeyz" on QWERTZ keys; the layout is remembered by the browser.
+        await page.select_option("#type-layout", "de")
+        await pw_expect(page.locator("#type-ime-row")).to_be_hidden()
+        await page.fill("#type-text", "Zeyz")
+        n = len(scancodes(demo.events))
+        await page.click("#type-send")
+        await wait_keys(demo, n + len(ZEYZ_DE))
+        assert scancodes(demo.events)[n:] == ZEYZ_DE
+        # Hangul has no keys on a German layout: listed (invisible ones by code), nothing sent.
+        await page.fill("#type-text", "ü 한\u00a0")
+        await page.click("#type-send")
+        await pw_expect(page.locator("#type-untypable")).to_have_text(
+            "독일어 배열로는 다음 문자를 입력할 수 없어 건너뜁니다: 한 U+00A0")  # no-break space
+
+        # While the local IME composes (key "Process", keyCode 229), a hint says what to do.
+        await page.evaluate(
+            """() => document.querySelector('#screen canvas').dispatchEvent(
+                new KeyboardEvent('keydown', {key: 'Process', keyCode: 229, bubbles: true}))"""
+        )
+        await pw_expect(page.locator("#ime-hint")).to_be_visible()
+        assert "한/영" in (await page.locator("#ime-hint-text").text_content() or "")
+
+        await page.goto(console_url(p, p.token(port=demo.port, password=demo.password)))  # single use
+        await br.wait_state("connected")
+        await pw_expect(page.locator("#type-layout")).to_have_value("de")
+        await pw_expect(page.locator("#ralt-hangul")).to_be_checked()
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.click("#toggle-type")
+        await page.screenshot(path=str(ARTIFACTS / "page-korean-type-text.png"))
+        br.assert_clean()
+
+
+@pytest.mark.integration
+async def test_long_paste_is_paced_with_progress_pause_and_cancel(web: Web) -> None:
+    text = ("abc def ghi\n" * 834)[:10_000]
+    keysyms = [0xFF0D if ch == "\n" else ord(ch) for ch in text]
+    async with demo_server() as demo, web.proxy() as p, web.browser(p) as br:
+        page = br.page
+        await page.goto(console_url(p, p.token(port=demo.port, password=demo.password), language="en"))
+        await br.wait_state("connected")
+        await page.click("#toggle-type")
+        await page.select_option("#type-layout", "us")
+        await page.select_option("#type-rate", "500")
+        await page.fill("#type-text", text)
+        await page.click("#type-send")
+        await pw_expect(page.locator("#type-progress-row")).to_be_visible()
+        await wait_keys(demo, 100)
+        # The page answers while it types, and the text goes out paced, not all at once.
+        await page.click("#type-pause")
+        await pw_expect(page.locator("#type-pause")).to_have_text("Resume")
+        result = page.locator("#type-result")
+        await pw_expect(result).to_have_text(re.compile(r"^Paused after \d+ of 10000 keys\.$"))
+        paused_at = int((await result.text_content() or "").split()[2])
+        assert 50 <= paused_at < 10_000
+        assert int(await page.locator("#type-progress").get_attribute("value") or -1) == paused_at
+        got = await wait_keys(demo, 2 * paused_at)
+        assert got == [(k, down) for k in keysyms[:paused_at] for down in (True, False)]
+
+        await page.click("#type-pause")  # resume
+        await wait_keys(demo, 2 * paused_at + 20)
+        await page.click("#type-cancel")
+        await pw_expect(result).to_have_text(re.compile(r"^Cancelled after \d+ of 10000 keys\.$"))
+        cancelled_at = int((await result.text_content() or "").split()[2])
+        assert paused_at < cancelled_at < 10_000
+        await pw_expect(page.locator("#type-progress-row")).to_be_hidden()
+        # A marker after the cancel: what came before it is exactly the first keys, each released.
+        await page.click("#send-hanja")
+        got = await wait_keys(demo, 2 * cancelled_at + 2)
+        assert got == [(k, down) for k in keysyms[:cancelled_at] for down in (True, False)] + [
+            (XK_HANGUL_HANJA, True), (XK_HANGUL_HANJA, False)]
+        br.assert_clean()
+
+
+PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True,
+         "device_scale_factor": 3}
+
+
+@pytest.mark.integration
+async def test_phone_toolbar_and_on_screen_keyboard(web: Web) -> None:
+    async with demo_server() as demo, web.proxy() as p, web.browser(p, locale="ko-KR", **PHONE) as br:
+        page = br.page
+        await page.goto(console_url(p, p.token(port=demo.port, password=demo.password)))
+        await br.wait_state("connected")
+        # Phone width: every control of the toolbar is on the screen, nothing scrolls sideways.
+        shown = """() => [...document.querySelectorAll('#bar button, #bar select, #bar summary')]
+            .filter(el => el.offsetParent !== null && !el.closest('details:not([open]) > div'))
+            .map(el => {
+                const r = el.getBoundingClientRect();
+                return [el.id || el.textContent, r.left, r.right];
+            })"""
+        boxes = await page.evaluate(shown)
+        assert len(boxes) >= 12, boxes
+        assert all(left >= 0 and right <= 390 for _, left, right in boxes), boxes
+        assert await page.evaluate("document.documentElement.scrollWidth") <= 390
+        await page.tap("#fkeys-menu summary")  # the Ctrl+Alt+F… menu fits too
+        boxes = await page.evaluate(shown)
+        assert len([b for b in boxes if str(b[0]).startswith("send-caf")]) == 12
+        assert all(left >= 0 and right <= 390 for _, left, right in boxes), boxes
+        await page.tap("#fkeys-menu summary")
+
+        # The keyboard button focuses the hidden input (a phone shows its keyboard for it).
+        await pw_expect(page.locator("#osk")).to_have_text("키보드")
+        await page.tap("#osk")
+        await pw_expect(page.locator("#osk")).to_have_attribute("aria-pressed", "true")
+        assert await page.evaluate("document.activeElement.id") == "osk-input"
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "page-phone.png"))
+
+        # Typed text goes to the console key by key; Enter and Backspace as keys; Hangul from
+        # the phone's keyboard with the 한/영 toggles (the Type text layout is ko on a Korean page).
+        await page.keyboard.type("ls -la")
+        await page.keyboard.press("Enter")
+        await page.keyboard.press("Backspace")
+        await page.keyboard.insert_text("한")
+        want = [*taps("l", "s", " "), (0x0C, True), (0x0C, False), *taps("l", "a"),
+                (0x1C, True), (0x1C, False), (0x0E, True), (0x0E, False),
+                *taps("lang1", "g", "k", "s", "lang1")]
+        await wait_keys(demo, len(want))
+        assert scancodes(demo.events) == want
+        assert await page.locator("#osk-input").input_value() == ""
+        br.assert_clean()
+
+
+@pytest.mark.integration
+async def test_proxy_drops_the_lang_releases_of_the_page_for_a_drop_token(web: Web) -> None:
+    """With the token's lang_key_release "drop", the guest gets the presses of 한/영 and 한자 from
+    the page's buttons and no release, and every other key as it was sent."""
+    async with demo_server() as demo, web.proxy() as p, web.browser(p) as br:
+        page = br.page
+        token = p.token(port=demo.port, password=demo.password, lang_key_release="drop")
+        await page.goto(console_url(p, token, language="en"))
+        await br.wait_state("connected")
+        await page.click("#send-hanyeong")
+        await page.click("#send-hanja")
+        await page.click("#sticky-win")  # a marker: press and release of Win both pass
+        await page.click("#sticky-win")
+        await wait_keys(demo, 4)
+        assert scancodes(demo.events) == [(LANG1, True), (LANG2, True), (0xDB, True), (0xDB, False)]
+        br.assert_clean()

@@ -694,3 +694,104 @@ def test_server_init_name_length_bounded() -> None:
         rfb.server_init_name_length(fixed + struct.pack(">I", 0xFFFFFFFF))
     with pytest.raises(rfb.RFBError, match="24 bytes"):
         rfb.server_init_name_length(fixed)
+
+
+# -- ClientMessageFilter: dropping the release of Lang1 (한/영) and Lang2 (한자) ------------------
+
+LANG1, LANG2 = rfb.LANG1_KEYCODE, rfb.LANG2_KEYCODE
+XK_HANGUL, XK_HANGUL_HANJA = rfb.LANG1_KEYSYM, rfb.LANG2_KEYSYM
+
+
+def qemu_key(down: int, keysym: int, keycode: int) -> bytes:
+    return struct.pack(">BBHII", 255, 0, down, keysym, keycode)
+
+
+def key_event(down: int, keysym: int) -> bytes:
+    return struct.pack(">BBxxI", 4, down, keysym)
+
+
+def is_lang_release(message: bytes) -> bool:
+    """The reference: which whole messages the option must drop (decoded here, not by the filter)."""
+    if message[0] == 255 and message[1] == 0:
+        down, _sym, code = struct.unpack(">HII", message[2:])
+        return down == 0 and code in (0x72, 0x71)
+    if message[0] == 4:
+        (sym,) = struct.unpack(">I", message[4:])
+        return message[1] == 0 and sym in (0xFF31, 0xFF34)
+    return False
+
+
+def test_lang_keycodes_are_qemus() -> None:
+    # QEMU's qcodes lang1/lang2 as XT numbers (keycodemapdb; noVNC's xtscancodes.js "Lang1": 0x72,
+    # "Lang2": 0x71); the keysyms are X11's XK_Hangul and XK_Hangul_Hanja.
+    assert (LANG1, LANG2, XK_HANGUL, XK_HANGUL_HANJA) == (0x72, 0x71, 0xFF31, 0xFF34)
+
+
+def test_filter_drops_only_the_lang_releases_byte_level() -> None:
+    press1, release1 = qemu_key(1, XK_HANGUL, LANG1), qemu_key(0, XK_HANGUL, LANG1)
+    press2, release2 = qemu_key(1, XK_HANGUL_HANJA, LANG2), qemu_key(0, XK_HANGUL_HANJA, LANG2)
+    a_down, a_up = qemu_key(1, 0x61, 0x1E), qemu_key(0, 0x61, 0x1E)
+    plain_down, plain_up = key_event(1, XK_HANGUL), key_event(0, XK_HANGUL)
+    fbur = struct.pack(">BBHHHH", 3, 0, 0, 0, 8, 8)
+    f = ClientMessageFilter(view_only=False, drop_lang_release=True)
+    stream = b"\x01" + press1 + release1 + a_down + a_up + press2 + release2 + plain_down + plain_up + fbur
+    assert f.feed(stream) == b"\x01" + press1 + a_down + a_up + press2 + plain_down + fbur
+    assert (f.dropped, f.lang_releases_dropped) == (3, 3)
+    # Near misses pass: a release of another key with the Hangul keysym, a Lang key code pressed
+    # with another down-flag value, set-2 make codes (0xF2/0xF1) and the E0-prefixed forms.
+    near = [qemu_key(0, XK_HANGUL, 0x38), qemu_key(2, 0, LANG1), qemu_key(0, 0, 0xF2),
+            qemu_key(0, 0, 0xF1), qemu_key(0, 0, 0xE072), qemu_key(0, 0, 0x72 | 0x80),
+            key_event(0, 0xFF32), key_event(2, XK_HANGUL_HANJA)]
+    assert f.feed(b"".join(near)) == b"".join(near)
+    # Without the option the same stream passes byte for byte.
+    g = ClientMessageFilter(view_only=False)
+    assert g.feed(stream) == stream
+
+
+def test_filter_lang_release_split_anywhere_is_held_then_dropped() -> None:
+    release = qemu_key(0, XK_HANGUL, LANG1)
+    other = qemu_key(0, 0x62, 0x30)
+    for cut in range(1, 12):
+        f = ClientMessageFilter(view_only=False, drop_lang_release=True, expect_client_init=False)
+        assert f.feed(release[:cut]) == b""
+        assert f.feed(release[cut:] + other[:cut]) == b""  # the other's key code is not known yet
+        assert f.feed(other[cut:]) == other
+        assert f.lang_releases_dropped == 1
+
+
+def test_filter_view_only_and_lang_release_together() -> None:
+    f = ClientMessageFilter(view_only=True, drop_lang_release=True, expect_client_init=False)
+    fbur = struct.pack(">BBHHHH", 3, 0, 0, 0, 8, 8)
+    assert f.feed(qemu_key(0, XK_HANGUL, LANG1) + qemu_key(1, 0x61, 0x1E) + fbur) == fbur
+    assert (f.dropped, f.lang_releases_dropped) == (2, 0)  # dropped as input first
+
+
+LANG_MESSAGES = st.one_of(
+    st.tuples(
+        st.sampled_from([0, 1, 2, 0x100]),
+        st.sampled_from([0, XK_HANGUL, XK_HANGUL_HANJA, 0x61, 0xFFE9]),
+        st.sampled_from([LANG1, LANG2, 0xF1, 0xF2, 0x38, 0xB8, 0xE072, 0x1D, 0, 0x72_00]),
+    ).map(lambda t: qemu_key(*t)),
+    st.tuples(st.sampled_from([0, 1, 0x80]), st.sampled_from([XK_HANGUL, XK_HANGUL_HANJA, 0xFF32, 0x61])).map(
+        lambda t: key_event(*t)
+    ),
+)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    msgs=st.lists(st.one_of(MESSAGES.map(lambda m: m[1]), LANG_MESSAGES), max_size=30),
+    cuts=st.lists(st.integers(0, 10**6), max_size=40),
+)
+def test_filter_lang_release_drops_exactly_those_releases_any_split(
+    msgs: list[bytes], cuts: list[int]
+) -> None:
+    """Fuzzed: across arbitrary splits of the client byte stream, the output is the input without
+    exactly the Lang1/Lang2 releases, and those only."""
+    stream = b"\x01" + b"".join(msgs)
+    expected = b"\x01" + b"".join(m for m in msgs if not is_lang_release(m))
+    f = ClientMessageFilter(view_only=False, drop_lang_release=True)
+    out = b"".join(f.feed(c) for c in _split(stream, cuts))
+    assert out == expected
+    assert f.lang_releases_dropped == f.dropped == sum(map(is_lang_release, msgs))
+    assert len(f._header) == 0  # nothing held back at a message boundary

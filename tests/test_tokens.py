@@ -242,6 +242,9 @@ def test_iv_must_be_96_bits(ring: Keyring) -> None:
         (claims_json(view_only=1), "claim 'view_only'"),
         (claims_json(max_duration=0), "claim 'max_duration'"),
         (claims_json(max_duration=True), "claim 'max_duration'"),
+        (claims_json(lang_key_release="Drop"), "claim 'lang_key_release' must be \"send\" or \"drop\""),
+        (claims_json(lang_key_release=True), "claim 'lang_key_release'"),
+        (claims_json(lang_key_release=["drop"]), "claim 'lang_key_release'"),
         (claims_json(nbf=NOW), "unknown claim 'nbf'"),
     ],
 )
@@ -257,6 +260,17 @@ def test_null_optional_claims_mean_unset(ring: Keyring) -> None:
     claims = decode(ring, craft(key, {"alg": "dir", "enc": "A256GCM", "kid": kid}, payload))
     assert (claims.password, claims.name, claims.client_ip, claims.view_only, claims.max_duration) == (
         None, None, None, False, None)
+
+
+@pytest.mark.parametrize("value", ["send", "drop", None])
+def test_lang_key_release_claim_round_trips(ring: Keyring, value: str | None) -> None:
+    claims = decode(ring, issue(ring, host="h", port=5900, lang_key_release=value, now=NOW))
+    assert claims.lang_key_release == value
+    assert ("lang_key_release" in claims.to_dict()) is (value is not None)
+    kid, key = ring.keys[0]
+    payload = claims_json(lang_key_release=value)
+    crafted = craft(key, {"alg": "dir", "enc": "A256GCM", "kid": kid}, payload)
+    assert decode(ring, crafted).lang_key_release == value
 
 
 def _token_of_length(ring: Keyring, target: int) -> str | None:
@@ -328,7 +342,8 @@ json_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(["alg", "enc", "kid", "zip", "typ", "x"]), json_values),
        st.dictionaries(st.sampled_from(["host", "port", "vm", "exp", "iat", "jti", "password", "name",
-                                        "client_ip", "view_only", "max_duration", "y"]), json_values))
+                                        "client_ip", "view_only", "max_duration", "lang_key_release",
+                                        "y"]), json_values))
 def test_random_authentic_headers_and_claims_only_raise_token_invalid(
     header: dict[str, Any], claims: dict[str, Any]
 ) -> None:
@@ -616,6 +631,7 @@ def test_bad_keyring_files(tmp_path: Path, text: str, message: str) -> None:
         ({"client_ip": "nope"}, "client_ip 'nope' is not an IP address"),
         ({"host": ""}, "host must be a non-empty string"),
         ({"max_duration": 0}, "max_duration must be a positive"),
+        ({"lang_key_release": "off"}, "lang_key_release must be 'send' or 'drop', got 'off'"),
         ({"host": "a b"}, "claim 'host'"),
     ],
 )
