@@ -524,7 +524,7 @@ class ClientReader(asyncio.BufferedProtocol):
             self.handler.connection_lost(exc)  # wakes the drain waiters, cancels the handler
             self.queue.feed_eof()  # wakes ws.receive(), as aiohttp's (dropped) WebSocketReader did
         # The connection is over: let go of everything that points back here, so this console
-        # is freed by reference counting, not left for a full collection (see Relay.release).
+        # is freed by reference counting, not left for a full collection (module docstring).
         self.transport = None
         relay, self.relay = self.relay, None
         if relay is not None:
