@@ -15,8 +15,9 @@ A ticket has two layers, so that a running console keeps no VNC password in memo
   a fresh one every third of the window, so a ticket in the page is never older than that.
 
 Single use (:func:`used_key`): one key a generation, ``resume:<sid>:<gen>``, goes into the
-shared replay store when a resume succeeds, and when a console ends in a way that must not come
-back (administrator, replaced, idle, lifetime, the VNC server closed). Every ticket a connection
+shared replay store when a resume has reached the VNC server (before any RFB to the page), and
+when a console ends in a way that must not come back (administrator, replaced, idle, lifetime,
+the VNC server closed). Every ticket a connection
 was given shares its generation, so refreshed tickets do not add chances: a generation resumes
 once, on any instance.
 

@@ -505,7 +505,6 @@ class ProxyServer:
                 if wants_resume and not _query(request, "token"):
                     assert keys is not None
                     ticket = await self._receive_ticket(ws, keys, client_ip)
-                    await self._use_ticket(ticket, request)
                     claims = await self._check_target(_ticket_claims(ticket))
                 else:
                     claims = await self._validate(request, client_ip)
@@ -523,8 +522,12 @@ class ProxyServer:
                     self._resume_state(session, ticket)
                 self._idle.clear()
                 for old in self.registry.add(session):
+                    if ticket is not None and old.resume_id == ticket.sid:
+                        old.resume_id = None  # its own resumed connection: no mark as used
                     old.close(SessionKilled.close_code, "replaced by a newer console for this VM")
                 reader, writer = await self._connect(claims)
+                if ticket is not None:
+                    await self._use_ticket(ticket, request)
                 client_leftover = await self._rfb_handshake(ws, reader, writer, claims, session)
                 if wants_resume and keys is not None:
                     session.resume_body = seal_body(keys, _ticket_body(session, claims))
@@ -592,10 +595,10 @@ class ProxyServer:
         session.started_mono = time.monotonic() - age
 
     async def _use_ticket(self, ticket: TicketBody, request: web.Request) -> None:
-        """Single use, cluster-wide: the generation's key goes into the shared store before
-        anything else happens for the ticket. A resume that then fails (VNC server unreachable)
-        has spent it: the store can only add, and a check after the RFB handshake would show the
-        page a console for a moment before refusing it."""
+        """Single use, cluster-wide: the generation's key goes into the shared store once the VNC
+        server has accepted the connection, before the browser gets a byte of RFB. So a resume
+        that fails to reach the VNC server (a storm after a lost instance: connect timeouts) can
+        be retried with the same ticket, and a refused one never shows the page a console."""
         window = self.cfg.resume.window_seconds
         # Tickets of this generation expire at most a window after the last one was sent; the
         # key outlives them (an old connection still open elsewhere is cut by the heartbeat).
@@ -604,7 +607,8 @@ class ProxyServer:
         old = self._by_resume.get(ticket.sid)
         if old is not None:
             # The same console's half-open connection here (not yet cut by the heartbeat): this
-            # one replaces it, before the limits count it (per_vm_policy "reject").
+            # one replaces it. (Under per_vm_policy "reject" the limits refused this one (4008)
+            # while it was open; the page retries until the heartbeat has cut it.)
             old.close(SessionKilled.close_code, "replaced by its resumed connection")
         after = _query(request, "after")
         cause = "drain" if after == "1001" else "network" if after in ("1005", "1006") else "other"

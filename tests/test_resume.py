@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from harness import Proxy, RFBClient, connect_echo, echo_backend, running_proxy, tcp_server
+from harness import Proxy, RFBClient, connect_echo, echo_backend, free_port, running_proxy, tcp_server
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -279,3 +279,19 @@ async def test_tickets_are_refreshed_and_never_logged(
     for record in caplog.records:
         line = record.getMessage()
         assert not any(t in line or t.split(".")[-1][:40] in line for t in seen), line
+
+
+async def test_a_resume_that_could_not_reach_the_vnc_server_can_be_retried(tmp_path: Path) -> None:
+    async with running_proxy(tmp_path, limits={"connect_timeout_seconds": 2}) as p:
+        port = free_port(20000, 40000)  # nothing listens there yet: 4010
+        body = TicketBody(sid="y", gen=0, host="127.0.0.1", port=port, vm="vm-1", started=int(time.time()))
+        ticket = _ticket(body, exp=int(time.time()) + 60, ring=p.keyring)
+        code, _ = await _refused(p, ticket)
+        assert code == 4010
+        # the VNC server is back: the same ticket resumes (it was not spent on the failure)
+        server = await asyncio.start_server(echo_backend, "127.0.0.1", port)
+        try:
+            async with resumed(p, ticket) as again:
+                await connect_echo(again)
+        finally:
+            server.close()
