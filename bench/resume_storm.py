@@ -10,7 +10,7 @@ capped at 8 s, jittered 0.5-1.5x) and resumes on B with its ticket; it counts as
 after an echo round trip. Reported: time from the kill to 50%, 99% and 100% relaying again on B,
 B's peak CPU (over 0.25 s samples), and consoles lost (not back within the resume window).
 
-    .venv/bin/python bench/resume_storm.py [--consoles 2000] [--window 120]
+    .venv/bin/python bench/resume_storm.py [--consoles 2000] [--window 120] [--store redis|sqlite]
 
 Writes bench/results/resume_storm.json. The clients run in this process (uvloop when installed).
 """
@@ -249,13 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=120)
     ap.add_argument("--store", choices=["sqlite", "redis"], default="redis",
                     help="the shared replay store (redis: redis-server from Debian)")
+    ap.add_argument("--out", type=Path, default=HERE / "results", help="where resume_storm.json goes")
     args = ap.parse_args(argv)
     parts.raise_nofile()
     parts.install_uvloop()
     with tempfile.TemporaryDirectory(prefix="resume-storm-") as tmp:
         result = asyncio.run(run(args.consoles, args.window, Path(tmp), args.store))
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
     (out / "resume_storm.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0 if result["lost"] == 0 else 1

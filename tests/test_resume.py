@@ -295,3 +295,17 @@ async def test_a_resume_that_could_not_reach_the_vnc_server_can_be_retried(tmp_p
                 await connect_echo(again)
         finally:
             server.close()
+
+
+async def test_lifetime_counts_from_the_first_start(tmp_path: Path) -> None:
+    async with running_proxy(tmp_path, limits={"max_lifetime_seconds": 60}) as p, \
+            tcp_server(echo_backend) as port:
+        # a console first opened an hour ago: its resume is over its lifetime at once
+        body = TicketBody(sid="z", gen=0, host="127.0.0.1", port=port, vm="vm-1",
+                          started=int(time.time()) - 3600)
+        async with resumed(p, _ticket(body, exp=int(time.time()) + 60, ring=p.keyring)) as c:
+            await connect_echo(c)
+            given = await c.ticket()
+            assert await c.close_code() == 4012
+        # and the ticket that console was given does not bring it back
+        assert await _refused(p, given) == (4005, "resume ticket already used")
