@@ -1,0 +1,180 @@
+"""[acme] against a real Pebble whose DNS is our responder (DESIGN.md section 10, issue 22)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from cryptography import x509
+
+from conftest import require_tool
+from harness import Proxy, RFBClient, echo_backend, running_proxy, tcp_server
+from pebble_helpers import Pebble, free_port, free_udp_tcp_port, pebble_server, wait_for
+
+pytestmark = pytest.mark.integration
+
+ZONE = "cp.example.com"
+
+
+def acme_sections(pebble: Pebble, dns_port: int, redirect: int, **acme: Any) -> dict[str, dict[str, Any]]:
+    return {
+        "listen": {"tls": True, "redirect_http_port": redirect},
+        "tls": {"domain_suffix": f"*.{ZONE}"},
+        "dns": {"enabled": True, "listen": f"127.0.0.1:{dns_port}", "zone": ZONE},
+        "acme": {
+            "enabled": True,
+            "directory": pebble.directory,
+            "ca_bundle": str(pebble.ca_bundle),
+            "roots": str(pebble.roots),
+            "check_interval_seconds": 0.2,
+            "retry_base_seconds": 1,
+            **acme,
+        },
+    }
+
+
+async def s_client(port: int, servername: str, cafile: Path) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", servername,
+        "-verify_hostname", servername, "-CAfile", str(cafile), "-verify_return_error",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out_b, _ = await asyncio.wait_for(proc.communicate(), 30)
+    out = out_b.decode(errors="replace")
+    assert proc.returncode == 0, out
+    assert "Verify return code: 0 (ok)" in out, out
+    return out
+
+
+async def served_fingerprint(port: int, servername: str, cafile: Path) -> str:
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    _r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=servername)
+    der = w.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    w.close()
+    return hashlib.sha256(der).hexdigest()
+
+
+def issued(p: Proxy) -> bool:
+    assert p.server.acme is not None
+    return p.server.acme.state.last_result == "issued"
+
+
+async def test_dns01_wildcard_from_pebble_is_served_and_verifies(tmp_path: Path, caplog: Any) -> None:
+    """DNS-01 for *.zone answered by our responder; openssl verifies 1-2-3-4.zone against Pebble's root."""
+    require_tool("openssl", "openssl")
+    caplog.set_level(logging.DEBUG)
+    dns_port, redirect = free_udp_tcp_port(), free_port()
+    async with pebble_server(tmp_path, dns_port=dns_port, http_port=redirect) as pebble:
+        async with running_proxy(tmp_path, **acme_sections(pebble, dns_port, redirect)) as p:
+            await wait_for(lambda: issued(p), 60, "the first ACME certificate")
+            out = await s_client(p.port, f"1-2-3-4.{ZONE}", pebble.roots)
+            assert re.search(r"Pebble Intermediate", out), out
+            assert p.server.certificate_problem is None
+            store = p.server.certstore
+            assert store is not None
+            paths = store.live_paths(f"*.{ZONE}")
+            assert paths is not None
+            leaf = x509.load_pem_x509_certificate(paths[0].read_bytes())
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            assert san.get_values_for_type(x509.DNSName) == [f"*.{ZONE}"]
+            # The challenge record is withdrawn once the order is done.
+            assert p.server.challenges is not None
+            assert p.server.challenges.txt(f"_acme-challenge.{ZONE}") == []
+            async with aiohttp.ClientSession() as s:
+                r = await s.get(p.admin + "/metrics", headers=p.admin_headers)
+                text = await r.text()
+            assert 'consoleproxy_acme_renewals_total{result="issued"} 1.0' in text
+            # Keys: 0600 on disk, and no key material in any log line.
+            account = store.directory / "acme" / "account-key.pem"
+            for path in (account, paths[1]):
+                assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+            secrets_b64 = [
+                line
+                for path in (account, paths[1])
+                for line in path.read_text().splitlines()
+                if line and not line.startswith("-----")
+            ]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "acme: ordering" in logged
+    for line in secrets_b64:
+        assert line not in logged
+
+
+async def test_http01_fqdn_on_the_redirect_port(tmp_path: Path) -> None:
+    """HTTP-01 for an FQDN: Pebble fetches the key authorization from our redirect port."""
+    require_tool("openssl", "openssl")
+    dns_port, redirect = free_udp_tcp_port(), free_port()
+    fqdn = f"127-0-0-1.{ZONE}"  # our responder resolves it to 127.0.0.1 for Pebble
+    async with pebble_server(tmp_path, dns_port=dns_port, http_port=redirect) as pebble:
+        sections = acme_sections(pebble, dns_port, redirect, challenge="http-01")
+        sections["tls"] = {"fqdn": fqdn}
+        async with running_proxy(tmp_path, **sections) as p:
+            await wait_for(lambda: issued(p), 60, "the HTTP-01 certificate")
+            await s_client(p.port, fqdn, pebble.roots)
+            assert p.server.challenges is not None
+            assert p.server.challenges.snapshot()["http"] == []
+            # Anything else on the redirect port still redirects.
+            async with aiohttp.ClientSession() as s:
+                r = await s.get(f"http://127.0.0.1:{redirect}/.well-known/acme-challenge/nope",
+                                allow_redirects=False)
+                assert r.status == 404
+                r = await s.get(f"http://127.0.0.1:{redirect}/console", allow_redirects=False)
+                assert r.status == 301
+
+
+async def test_renewal_of_a_short_lived_certificate_while_a_console_relays(tmp_path: Path) -> None:
+    """Pebble issues 60-second certificates; the proxy renews before expiry; a console keeps relaying."""
+    dns_port, redirect = free_udp_tcp_port(), free_port()
+    async with (
+        pebble_server(tmp_path, dns_port=dns_port, http_port=redirect, validity_seconds=60) as pebble,
+        tcp_server(echo_backend) as vnc,
+    ):
+        # Due 52 s before expiry: 8 s after issuance.
+        sections = acme_sections(pebble, dns_port, redirect, renew_before_days=52 / 86400)
+        async with running_proxy(tmp_path, **sections) as p:
+            await wait_for(lambda: issued(p), 60, "the first certificate")
+            host = f"10-0-0-1.{ZONE}"
+            first = await served_fingerprint(p.port, host, pebble.roots)
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=str(pebble.roots))
+            url = f"wss://{host}:{p.port}/websockify?token={p.token(port=vnc)}"
+            async with RFBClient.connect(url, ssl=ctx, server_hostname=host,
+                                         host="127.0.0.1", port=p.port) as c:
+                await c.handshake()
+                sent = bytearray()
+                got = bytearray()
+                n = 0
+                renewed = False
+
+                async def swapped() -> bool:
+                    return await served_fingerprint(p.port, host, pebble.roots) != first
+
+                async with asyncio.timeout(60):
+                    while not renewed:
+                        chunk = bytes([n % 251]) * 4096 + n.to_bytes(4, "big")
+                        n += 1
+                        await c.send(chunk)
+                        sent += chunk
+                        got += await c.read_exact(len(chunk))
+                        renewed = await swapped()
+                    for _ in range(3):  # and after the swap, on the same connection
+                        chunk = bytes(range(256)) * 16
+                        await c.send(chunk)
+                        sent += chunk
+                        got += await c.read_exact(len(chunk))
+                assert got == sent
+            assert p.server.acme is not None
+            assert p.server.acme.state.orders >= 2
+            store = p.server.certstore
+            assert store is not None
+            assert any(e["type"] == "previous" for e in store.list())  # the old bundle kept for rollback
