@@ -177,7 +177,8 @@ class AcmeState:
     last_error: str | None = None
     last_attempt: float | None = None
     next_attempt: float = 0.0
-    orders: int = 0
+    orders: int = 0  # attempts that held the lock and talked to the CA
+    issued: int = 0  # of those, certificates that went live
     ordering: bool = False
     live: dict[str, Any] = field(default_factory=dict)
 
@@ -236,6 +237,7 @@ class AcmeManager:
             "live": s.live,
             "ordering": s.ordering,
             "orders": s.orders,
+            "issued": s.issued,
             "failures": s.failures,
             "last_result": s.last_result,
             "last_error": s.last_error,
@@ -367,6 +369,7 @@ class AcmeManager:
                 s.ordering = False
             s.failures, s.next_attempt = 0, 0.0
             s.last_result, s.last_error = "issued", None
+            s.issued += 1
             self.metrics.acme_renewals_total.labels(result="issued").inc()
             self.on_installed()
             live = await asyncio.to_thread(self._live)
