@@ -22,12 +22,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from conftest import require_tool
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-
-from conftest import require_tool
 
 
 def free_port() -> int:
@@ -109,7 +108,9 @@ class Pebble:
                 await self.proc.wait()
 
 
-async def wait_for(cond: Callable[[], bool] | Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+async def wait_for(
+    cond: Callable[[], bool] | Callable[[], Awaitable[bool]], timeout: float, what: str
+) -> None:
     """Poll ``cond`` every 50 ms until true; fail naming ``what`` after ``timeout`` seconds."""
     try:
         async with asyncio.timeout(timeout):
@@ -126,7 +127,7 @@ async def wait_for(cond: Callable[[], bool] | Callable[[], Awaitable[bool]], tim
 
 def _get(url: str, ca: Path) -> bytes:
     ctx = ssl.create_default_context(cafile=str(ca))
-    with urllib.request.urlopen(url, context=ctx, timeout=5) as resp:  # noqa: S310
+    with urllib.request.urlopen(url, context=ctx, timeout=5) as resp:
         data: bytes = resp.read()
         return data
 

@@ -12,9 +12,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from cryptography import x509
-
 from conftest import require_tool
+from cryptography import x509
 from harness import Proxy, RFBClient, echo_backend, running_proxy, tcp_server
 from pebble_helpers import Pebble, free_port, free_udp_tcp_port, pebble_server, wait_for
 
