@@ -177,6 +177,7 @@ class AcmeState:
     last_error: str | None = None
     last_attempt: float | None = None
     next_attempt: float = 0.0
+    backoff_seconds: float = 0.0  # the wait chosen after the last failure
     orders: int = 0  # attempts that held the lock and talked to the CA
     issued: int = 0  # of those, certificates that went live
     ordering: bool = False
@@ -243,6 +244,7 @@ class AcmeManager:
             "last_error": s.last_error,
             "last_attempt": _iso(s.last_attempt),
             "next_attempt": _iso(s.next_attempt) if s.failures else None,
+            "backoff_seconds": s.backoff_seconds if s.failures else None,
         }
 
     def problem(self) -> str | None:
@@ -340,6 +342,7 @@ class AcmeManager:
             if not force and not self._due(live):
                 return  # renewed while we waited for the lock
             s = self.state
+            s.live = live
             s.last_attempt = time.time()
             try:
                 if not await self._take_lock(live.get("fingerprint") or "none"):
@@ -360,6 +363,7 @@ class AcmeManager:
                     retry_after=err.retry_after,
                 )
                 s.next_attempt = time.time() + delay
+                s.backoff_seconds = delay
                 s.last_result, s.last_error = err.result, str(err)
                 self.metrics.acme_renewals_total.labels(result=err.result).inc()
                 log.error("acme: order for %s failed (%s): %s; the live certificate stays; "

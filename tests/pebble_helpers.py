@@ -109,9 +109,10 @@ class Pebble:
 
 
 async def wait_for(
-    cond: Callable[[], bool] | Callable[[], Awaitable[bool]], timeout: float, what: str
+    cond: Callable[[], bool] | Callable[[], Awaitable[bool]], timeout: float, what: str,
+    interval: float = 0.05,
 ) -> None:
-    """Poll ``cond`` every 50 ms until true; fail naming ``what`` after ``timeout`` seconds."""
+    """Poll ``cond`` every ``interval`` s until true; fail naming ``what`` after ``timeout`` seconds."""
     try:
         async with asyncio.timeout(timeout):
             while True:
@@ -120,7 +121,7 @@ async def wait_for(
                     r = await r
                 if r:
                     return
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(interval)
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout:g} s waiting for {what}") from None
 

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import re
+import ssl
 import stat
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,16 @@ import aiohttp
 import pytest
 from conftest import require_tool
 from cryptography import x509
-from harness import Proxy, RFBClient, echo_backend, running_proxy, tcp_server
+from cryptography.hazmat.primitives import hashes
+from harness import Proxy, RFBClient, echo_backend, make_config, running_proxy, tcp_server
 from pebble_helpers import Pebble, free_port, free_udp_tcp_port, pebble_server, wait_for
+
+from consoleproxy.acme_orders import AcmeManager
+from consoleproxy.acme_policy import ChallengeRecords
+from consoleproxy.certstore import CertStore
+from consoleproxy.devcert import ensure_dev_certificate
+from consoleproxy.dns import DnsServer, DnsSettings
+from consoleproxy.metrics import Metrics
 
 pytestmark = pytest.mark.integration
 
@@ -53,8 +62,6 @@ async def s_client(port: int, servername: str, cafile: Path) -> str:
 
 
 async def served_fingerprint(port: int, servername: str, cafile: Path) -> str:
-    import ssl
-
     ctx = ssl.create_default_context(cafile=str(cafile))
     _r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=servername)
     der = w.get_extra_info("ssl_object").getpeercert(binary_form=True)
@@ -143,8 +150,6 @@ async def test_renewal_of_a_short_lived_certificate_while_a_console_relays(tmp_p
             await wait_for(lambda: issued(p), 60, "the first certificate")
             host = f"10-0-0-1.{ZONE}"
             first = await served_fingerprint(p.port, host, pebble.roots)
-            import ssl
-
             ctx = ssl.create_default_context(cafile=str(pebble.roots))
             url = f"wss://{host}:{p.port}/websockify?token={p.token(port=vnc)}"
             async with RFBClient.connect(url, ssl=ctx, server_hostname=host,
@@ -181,3 +186,102 @@ async def test_renewal_of_a_short_lived_certificate_while_a_console_relays(tmp_p
             store = p.server.certstore
             assert store is not None
             assert any(e["type"] == "previous" for e in store.list())  # the old bundle kept for rollback
+
+
+class WrongTxt(ChallengeRecords):
+    """Publishes a TXT value that is not the key authorization's digest."""
+
+    def add_txt(self, name: str, value: str) -> None:
+        super().add_txt(name, "wrong-" + value)
+
+
+async def test_failures_keep_the_live_certificate_name_the_error_and_back_off(
+    tmp_path: Path, caplog: Any
+) -> None:
+    """A wrong TXT value, then Pebble stopped: the live bundle stays, each error is named, waits double."""
+    caplog.set_level(logging.INFO)
+    dns_port, redirect = free_udp_tcp_port(), free_port()
+    store = CertStore(tmp_path / "certs")
+    ensure_dev_certificate(store.directory, f"*.{ZONE}")
+    live_before = store.live_paths(f"*.{ZONE}")
+    assert live_before is not None
+    chain_before = live_before[0].read_bytes()
+    records = WrongTxt()
+    metrics = Metrics()
+    installs: list[int] = []
+    async with (
+        pebble_server(tmp_path, dns_port=dns_port, http_port=redirect) as pebble,
+        DnsServer(DnsSettings(zone=ZONE, listen=f"127.0.0.1:{dns_port}"), challenges=records),
+    ):
+        cfg = make_config(tmp_path, **acme_sections(pebble, dns_port, redirect))
+        manager = AcmeManager(
+            cfg, store, records, lock=None, metrics=metrics, on_installed=lambda: installs.append(1)
+        )
+        status = await manager.renew_now()
+        assert status["last_result"] == "challenge_failed", status
+        assert "urn:ietf:params:acme:error:" in status["last_error"], status
+        assert f"{ZONE} dns-01" in status["last_error"], status
+        assert (status["failures"], status["backoff_seconds"]) == (1, 1.0)
+        assert manager.problem() is None  # the live certificate is far from expiry: still ready
+
+        await pebble.stop()
+        status = await manager.renew_now()
+        assert status["last_result"] == "unreachable", status
+        assert "unreachable" in status["last_error"]
+        assert (status["failures"], status["backoff_seconds"]) == (2, 2.0)  # doubled
+
+    live_after = store.live_paths(f"*.{ZONE}")
+    assert live_after is not None and live_after[0].read_bytes() == chain_before
+    assert installs == []
+    text = metrics.render().decode()
+    assert 'consoleproxy_acme_renewals_total{result="challenge_failed"} 1.0' in text
+    assert 'consoleproxy_acme_renewals_total{result="unreachable"} 1.0' in text
+    lines = [r.getMessage() for r in caplog.records if "failed (" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "failed (challenge_failed)" in lines[0] and "the live certificate stays" in lines[0]
+
+
+async def test_two_instances_one_order_both_serve_it(tmp_path: Path) -> None:
+    """A shared store directory and SQLite replay store: one instance orders, both serve the bundle.
+
+    Pebble asks instance B's DNS responder, while A (started first) usually holds the lock: the
+    TXT record then reaches B through the shared challenge file.
+    """
+    dns_a, dns_b, redirect = free_udp_tcp_port(), free_udp_tcp_port(), free_port()
+    shared = tmp_path / "shared-certs"
+    replay = f"sqlite:///{tmp_path / 'replay.db'}"
+    async with pebble_server(tmp_path, dns_port=dns_b, http_port=redirect) as pebble:
+        sa = acme_sections(pebble, dns_a, free_port())
+        sb = acme_sections(pebble, dns_b, redirect)
+        for sec in (sa, sb):
+            sec["tls"]["store"] = str(shared)
+            sec["cluster"] = {"replay_store": replay}
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        async with (
+            running_proxy(tmp_path / "a", **sa) as a,
+            running_proxy(tmp_path / "b", keyring=a.keyring, **sb) as b,
+        ):
+            ma, mb = a.server.acme, b.server.acme
+            assert ma is not None and mb is not None
+            await wait_for(lambda: ma.state.issued + mb.state.issued == 1, 60, "one certificate")
+            store = CertStore(shared)
+
+            async def both_serve_it() -> bool:
+                paths = store.live_paths(f"*.{ZONE}")
+                assert paths is not None
+                leaf = x509.load_pem_x509_certificate(paths[0].read_bytes())
+                want = leaf.fingerprint(hashes.SHA256()).hex()
+                try:
+                    fa = await served_fingerprint(a.port, f"1-2-3-4.{ZONE}", pebble.roots)
+                    fb = await served_fingerprint(b.port, f"1-2-3-4.{ZONE}", pebble.roots)
+                except ssl.SSLCertVerificationError:
+                    return False  # still the development certificate
+                return fa == fb == want
+
+            # Two handshakes a poll: slow enough for the per-address connection rate limit.
+            await wait_for(both_serve_it, 30, "both instances to serve the new certificate", interval=0.3)
+            assert ma.state.orders + mb.state.orders == 1  # exactly one order reached the CA
+            installer = mb if ma.state.issued else ma
+            text = (a if installer is ma else b).server.metrics.render().decode()
+            assert 'consoleproxy_acme_renewals_total{result="installed"} 1.0' in text
