@@ -61,6 +61,8 @@ from .acme_policy import (
     ChallengeRecords,
     challenge_txt_name,
     directory_url,
+    near_expiry,
+    order_lock_keys,
     order_names,
     renew_at,
     retry_delay,
@@ -70,7 +72,7 @@ from .config import Config
 from .metrics import Metrics
 from .replay import ReplayStore, ReplayStoreUnavailable
 
-__all__ = ["AcmeManager", "AcmeState", "classify_error", "complete_chain", "near_expiry"]
+__all__ = ["AcmeManager", "AcmeState", "classify_error", "complete_chain"]
 
 log = logging.getLogger("consoleproxy.acme")
 
@@ -129,11 +131,6 @@ def complete_chain(chain: list[x509.Certificate], roots: list[x509.Certificate])
         "rejected",
         f"no trusted root issued '{top.issuer.rfc4514_string()}'; add it to [acme] roots",
     )
-
-
-def near_expiry(not_before: dt.datetime, not_after: dt.datetime, now: dt.datetime) -> bool:
-    """Less than a tenth of the lifetime left (9 days of a 90-day certificate): /readyz cares."""
-    return not_after - now < (not_after - not_before) / 10
 
 
 def _load_roots(path: Path | None) -> list[x509.Certificate]:
@@ -386,13 +383,12 @@ class AcmeManager:
         if self.lock is None:
             return True
         window = 2 * self.settings.order_timeout_seconds
-        slot = int(time.time() // window)
-        base = f"acme-order:{self.key}:{live_fp}:"
-        expires = (slot + 2) * window + 60
-        if not await self.lock.add(base + str(slot), expires):
+        now = time.time()
+        current, following = order_lock_keys(self.key, live_fp, now, window)
+        expires = now + 2 * window + 60
+        if not await self.lock.add(current, expires):
             return False
-        # The next slot too: an order running across the boundary must not be doubled.
-        await self.lock.add(base + str(slot + 1), expires)
+        await self.lock.add(following, expires)
         return True
 
     # -- the protocol (worker thread) -------------------------------------------------------------

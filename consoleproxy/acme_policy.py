@@ -20,7 +20,6 @@ import json
 import os
 import secrets
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -35,6 +34,8 @@ __all__ = [
     "ChallengeRecords",
     "challenge_txt_name",
     "directory_url",
+    "near_expiry",
+    "order_lock_keys",
     "order_names",
     "renew_at",
     "retry_delay",
@@ -144,10 +145,21 @@ def retry_delay(
     return delay
 
 
-@dataclass(frozen=True)
-class _Snapshot:
-    txt: dict[str, list[str]]
-    http: dict[str, str]
+def near_expiry(not_before: dt.datetime, not_after: dt.datetime, now: dt.datetime) -> bool:
+    """Less than a tenth of the lifetime left (9 days of a 90-day certificate): /readyz cares."""
+    return not_after - now < (not_after - not_before) / 10
+
+
+def order_lock_keys(key: str, live_fingerprint: str, now: float, window: float) -> tuple[str, str]:
+    """Keys of the one-orderer lock in the shared store: (this time slot, the next one).
+
+    The key names what is being replaced (the live certificate's fingerprint), so a renewal of a
+    new certificate is a new lock. The slot bounds how long a failed orderer blocks the others;
+    taking the next slot too keeps an order that runs across a slot boundary from being doubled.
+    """
+    slot = int(now // window)
+    base = f"acme-order:{key}:{live_fingerprint}:"
+    return base + str(slot), base + str(slot + 1)
 
 
 class ChallengeRecords:
