@@ -64,6 +64,7 @@ from .acme_policy import (
     near_expiry,
     order_lock_keys,
     order_names,
+    parse_retry_after,
     renew_at,
     retry_delay,
 )
@@ -213,6 +214,9 @@ class AcmeManager:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._order_lock = asyncio.Lock()
+        # Retry-After of the CA's last 429/503 answer, set by a requests hook in the worker thread
+        # and read on the loop after the thread is done.
+        self._retry_after: float | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -349,9 +353,12 @@ class AcmeManager:
                 s.orders += 1
                 log.info("acme: ordering %s from %s (%s)", ", ".join(self.names), self.directory,
                          self.settings.challenge)
+                self._retry_after = None
                 meta = await asyncio.to_thread(self._order)
             except Exception as exc:
                 err = classify_error(exc, self.settings.order_timeout_seconds)
+                if err.result in ("rate_limited", "unreachable") and self._retry_after is not None:
+                    err.retry_after = self._retry_after
                 s.failures += 1
                 delay = retry_delay(
                     s.failures,
@@ -404,6 +411,12 @@ class AcmeManager:
             _write_secret(path, _pkcs8(key))
         return JWKEC(key=key)
 
+    def _note_retry_after(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        if response.status_code in (429, 503):
+            self._retry_after = parse_retry_after(
+                response.headers.get("Retry-After"), dt.datetime.now(dt.UTC)
+            )
+
     def _client(self) -> client.ClientV2:
         jwk = self._account_key()
         verify: Any = str(self.ca_bundle) if self.ca_bundle else True
@@ -411,6 +424,7 @@ class AcmeManager:
         net = client.ClientNetwork(
             jwk, alg=ES256, verify_ssl=verify, user_agent=USER_AGENT, timeout=timeout
         )
+        net.session.hooks["response"].append(self._note_retry_after)
         directory = client.ClientV2.get_directory(self.directory, net)
         acme = client.ClientV2(directory, net)
         contact = self.settings.contact.strip()

@@ -16,6 +16,7 @@ What the orderer (``acme_orders.py``) asks and this module answers:
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import json
 import os
 import secrets
@@ -37,6 +38,7 @@ __all__ = [
     "near_expiry",
     "order_lock_keys",
     "order_names",
+    "parse_retry_after",
     "renew_at",
     "retry_delay",
 ]
@@ -143,6 +145,22 @@ def retry_delay(
     if retry_after is not None and retry_after > delay:
         delay = retry_after
     return delay
+
+
+def parse_retry_after(value: str | None, now: dt.datetime) -> float | None:
+    """An HTTP ``Retry-After`` (RFC 9110 10.2.3: seconds or an HTTP date) -> seconds from ``now``."""
+    if not value:
+        return None
+    v = value.strip()
+    if v.isdigit():
+        return float(v)
+    try:
+        when = email.utils.parsedate_to_datetime(v)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - now).total_seconds())
 
 
 def near_expiry(not_before: dt.datetime, not_after: dt.datetime, now: dt.datetime) -> bool:

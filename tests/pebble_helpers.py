@@ -181,3 +181,48 @@ async def pebble_server(
         yield pebble
     finally:
         await pebble.stop()
+
+
+@contextlib.asynccontextmanager
+async def rate_limiting_front(pebble: Pebble, retry_after: int) -> AsyncIterator[str]:
+    """An ACME directory whose newOrder answers 429 ``rateLimited``; everything else is Pebble's.
+
+    Yields the front's directory URL. Pebble has no rate limits of its own; accounts and nonces
+    still come from the real Pebble, only the new-order request meets the limit.
+    """
+    from aiohttp import web
+
+    wfe = pebble.ca_bundle.parent
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(wfe / "wfe.pem"), str(wfe / "wfe-key.pem"))
+    base: list[str] = []
+
+    async def directory(request: web.Request) -> web.Response:
+        body = json.loads(await asyncio.to_thread(_get, pebble.directory, pebble.ca_bundle))
+        body["newOrder"] = base[0] + "/new-order"
+        return web.json_response(body)
+
+    async def new_order(request: web.Request) -> web.Response:
+        problem = {
+            "type": "urn:ietf:params:acme:error:rateLimited",
+            "detail": "too many new orders recently",
+            "status": 429,
+        }
+        return web.json_response(
+            problem, status=429, content_type="application/problem+json",
+            headers={"Retry-After": str(retry_after)},
+        )  # fmt: skip
+
+    app = web.Application()
+    app.router.add_get("/dir", directory)
+    app.router.add_post("/new-order", new_order)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    base.append(f"https://127.0.0.1:{port}")
+    try:
+        yield base[0] + "/dir"
+    finally:
+        await runner.cleanup()

@@ -17,7 +17,14 @@ from conftest import require_tool
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from harness import Proxy, RFBClient, echo_backend, make_config, running_proxy, tcp_server
-from pebble_helpers import Pebble, free_port, free_udp_tcp_port, pebble_server, wait_for
+from pebble_helpers import (
+    Pebble,
+    free_port,
+    free_udp_tcp_port,
+    pebble_server,
+    rate_limiting_front,
+    wait_for,
+)
 
 from consoleproxy.acme_orders import AcmeManager
 from consoleproxy.acme_policy import ChallengeRecords
@@ -198,7 +205,7 @@ class WrongTxt(ChallengeRecords):
 async def test_failures_keep_the_live_certificate_name_the_error_and_back_off(
     tmp_path: Path, caplog: Any
 ) -> None:
-    """A wrong TXT value, then Pebble stopped: the live bundle stays, each error is named, waits double."""
+    """Wrong TXT, a rate limit, Pebble stopped: the live bundle stays, each error is named, waits grow."""
     caplog.set_level(logging.INFO)
     dns_port, redirect = free_udp_tcp_port(), free_port()
     store = CertStore(tmp_path / "certs")
@@ -224,6 +231,20 @@ async def test_failures_keep_the_live_certificate_name_the_error_and_back_off(
         assert (status["failures"], status["backoff_seconds"]) == (1, 1.0)
         assert manager.problem() is None  # the live certificate is far from expiry: still ready
 
+        # A rate-limit answer: its Retry-After (300 s) is the floor of the wait.
+        async with rate_limiting_front(pebble, retry_after=300) as limited:
+            cfg_limited = make_config(
+                tmp_path, **acme_sections(pebble, dns_port, redirect, directory=limited)
+            )
+            limited_manager = AcmeManager(
+                cfg_limited, store, records, lock=None, metrics=metrics,
+                on_installed=lambda: installs.append(1),
+            )  # fmt: skip
+            status = await limited_manager.renew_now()
+        assert status["last_result"] == "rate_limited", status
+        assert "urn:ietf:params:acme:error:rateLimited" in status["last_error"], status
+        assert status["backoff_seconds"] == 300.0
+
         await pebble.stop()
         status = await manager.renew_now()
         assert status["last_result"] == "unreachable", status
@@ -236,8 +257,9 @@ async def test_failures_keep_the_live_certificate_name_the_error_and_back_off(
     text = metrics.render().decode()
     assert 'consoleproxy_acme_renewals_total{result="challenge_failed"} 1.0' in text
     assert 'consoleproxy_acme_renewals_total{result="unreachable"} 1.0' in text
+    assert 'consoleproxy_acme_renewals_total{result="rate_limited"} 1.0' in text
     lines = [r.getMessage() for r in caplog.records if "failed (" in r.getMessage()]
-    assert len(lines) == 2, lines
+    assert len(lines) == 3, lines
     assert "failed (challenge_failed)" in lines[0] and "the live certificate stays" in lines[0]
 
 

@@ -27,6 +27,7 @@ from consoleproxy.acme_policy import (
     near_expiry,
     order_lock_keys,
     order_names,
+    parse_retry_after,
     renew_at,
     retry_delay,
 )
@@ -232,3 +233,12 @@ def test_config_defaults_are_off_and_letsencrypt(tmp_path: Path) -> None:
     cfg = make_config(tmp_path)
     assert cfg.acme.enabled is False
     assert (cfg.acme.directory, cfg.acme.challenge, cfg.acme.key_type) == ("letsencrypt", "dns-01", "ec-p256")
+
+
+def test_parse_retry_after_seconds_and_dates() -> None:
+    now = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+    assert parse_retry_after("120", now) == 120.0
+    assert parse_retry_after("Thu, 01 Jan 2026 12:05:00 GMT", now) == 300.0
+    assert parse_retry_after("Thu, 01 Jan 2026 11:00:00 GMT", now) == 0.0  # past: now
+    assert parse_retry_after("soon", now) is None
+    assert parse_retry_after(None, now) is None
