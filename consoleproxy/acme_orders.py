@@ -179,6 +179,7 @@ class AcmeState:
     orders: int = 0  # attempts that held the lock and talked to the CA
     issued: int = 0  # of those, certificates that went live
     ordering: bool = False
+    waiting: bool = False  # another instance holds the order lock
     live: dict[str, Any] = field(default_factory=dict)
 
 
@@ -217,6 +218,7 @@ class AcmeManager:
         # Retry-After of the CA's last 429/503 answer, set by a requests hook in the worker thread
         # and read on the loop after the thread is done.
         self._retry_after: float | None = None
+        self._held: set[str] = set()  # lock keys this instance added to the shared store
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -238,6 +240,7 @@ class AcmeManager:
             "challenge": s.challenge,
             "live": s.live,
             "ordering": s.ordering,
+            "waiting_for_other_instance": s.waiting,
             "orders": s.orders,
             "issued": s.issued,
             "failures": s.failures,
@@ -346,7 +349,8 @@ class AcmeManager:
             s.live = live
             s.last_attempt = time.time()
             try:
-                if not await self._take_lock(live.get("fingerprint") or "none"):
+                s.waiting = not await self._take_lock(live.get("fingerprint") or "none")
+                if s.waiting:
                     log.info("acme: another instance is ordering %s; waiting for its bundle", self.key)
                     return
                 s.ordering = True
@@ -393,9 +397,15 @@ class AcmeManager:
         now = time.time()
         current, following = order_lock_keys(self.key, live_fp, now, window)
         expires = now + 2 * window + 60
-        if not await self.lock.add(current, expires):
-            return False
-        await self.lock.add(following, expires)
+        # A key this instance took earlier is still its own: its retries are not locked out.
+        if current not in self._held:
+            if not await self.lock.add(current, expires):
+                return False
+            self._held.add(current)
+        if following not in self._held and await self.lock.add(following, expires):
+            self._held.add(following)
+        while len(self._held) > 16:
+            self._held.pop()
         return True
 
     # -- the protocol (worker thread) -------------------------------------------------------------

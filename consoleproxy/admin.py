@@ -178,6 +178,8 @@ def admin_app(server: ProxyServer, key: str) -> web.Application:
         if server.acme is None:
             return web.json_response({"error": "[acme] is not enabled on this proxy"}, status=404)
         status = await server.acme.renew_now()
+        if status["waiting_for_other_instance"]:
+            return web.json_response(status, status=409)  # the other instance's bundle will arrive
         ok = status["last_result"] == "issued" and not status["failures"]
         return web.json_response(status, status=200 if ok else 502)
 
