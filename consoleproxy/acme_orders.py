@@ -435,7 +435,11 @@ class AcmeManager:
             jwk, alg=ES256, verify_ssl=verify, user_agent=USER_AGENT, timeout=timeout
         )
         net.session.hooks["response"].append(self._note_retry_after)
-        directory = client.ClientV2.get_directory(self.directory, net)
+        try:
+            directory = client.ClientV2.get_directory(self.directory, net)
+        except (requests.exceptions.RequestException, ValueError) as exc:
+            # acme < 5 wraps a refused connection in ValueError; both mean no usable directory.
+            raise AcmeError("unreachable", f"the ACME directory is unreachable: {exc}") from None
         acme = client.ClientV2(directory, net)
         contact = self.settings.contact.strip()
         if contact and not contact.startswith("mailto:"):
