@@ -28,12 +28,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+# Ports handed out in this process: the kernel may offer a just-closed port again.
+_given: set[int] = set()
+
 
 def free_port() -> int:
     """An ephemeral loopback port nothing listens on now (for programs that need a number upfront)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _given:
+            _given.add(port)
+            return port
+    raise RuntimeError("no fresh free port")
 
 
 def free_udp_tcp_port() -> int:
@@ -42,11 +50,14 @@ def free_udp_tcp_port() -> int:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
             u.bind(("127.0.0.1", 0))
             port = int(u.getsockname()[1])
+            if port in _given:
+                continue
             with socket.socket() as t:
                 try:
                     t.bind(("127.0.0.1", port))
                 except OSError:
                     continue
+                _given.add(port)
                 return port
     raise RuntimeError("no port free for UDP and TCP")
 
