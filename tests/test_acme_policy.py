@@ -18,7 +18,7 @@ from acme import messages
 from certutil_helpers import make_chain
 from harness import make_config
 
-from consoleproxy.acme_orders import classify_error, complete_chain
+from consoleproxy.acme_orders import AcmeManager, classify_error, complete_chain
 from consoleproxy.acme_policy import (
     AcmeError,
     ChallengeRecords,
@@ -31,10 +31,12 @@ from consoleproxy.acme_policy import (
     renew_at,
     retry_delay,
 )
-from consoleproxy.certstore import CertificateError
+from consoleproxy.certstore import CertificateError, CertStore
 from consoleproxy.config import ConfigError
 from consoleproxy.dns import DnsSettings, Responder
 from consoleproxy.replay import MemoryReplayStore
+from consoleproxy.server import ProxyServer
+from consoleproxy.tokens import Keyring
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
@@ -242,3 +244,32 @@ def test_parse_retry_after_seconds_and_dates() -> None:
     assert parse_retry_after("Thu, 01 Jan 2026 11:00:00 GMT", now) == 0.0  # past: now
     assert parse_retry_after("soon", now) is None
     assert parse_retry_after(None, now) is None
+
+
+def test_readyz_reports_a_failing_renewal_only_near_expiry(tmp_path: Path) -> None:
+    cfg = make_config(
+        tmp_path,
+        listen={"tls": True},
+        tls={"domain_suffix": "*.cp.example.com"},
+        dns={"enabled": True, "zone": "cp.example.com"},
+        acme={"enabled": True},
+    )
+    server = ProxyServer(cfg, keyring=Keyring.generate())
+    manager = AcmeManager(
+        cfg, CertStore(tmp_path / "certs"), ChallengeRecords(), lock=None, metrics=server.metrics,
+        on_installed=lambda: None,
+    )  # fmt: skip
+    server.acme = manager
+    now = dt.datetime.now(dt.UTC)
+    live = {"not_before": (now - dt.timedelta(days=80)).isoformat(),
+            "not_after": (now + dt.timedelta(days=10)).isoformat()}  # fmt: skip
+    manager.state.live = live
+    assert server.not_ready_reason() is None  # no failure
+    manager.state.failures, manager.state.last_error = 1, "the CA answered ...:rateLimited: slow down"
+    assert server.not_ready_reason() is None  # 10 of 90 days left: renewal still has time
+    live["not_before"] = (now - dt.timedelta(days=85)).isoformat()
+    live["not_after"] = (now + dt.timedelta(days=5)).isoformat()
+    reason = server.not_ready_reason()
+    assert reason is not None and "near expiry" in reason and "rateLimited" in reason
+    manager.state.failures = 0  # a renewal that works again clears it
+    assert server.not_ready_reason() is None
