@@ -383,9 +383,10 @@ class AcmeManager:
             s.last_result, s.last_error = "issued", None
             s.issued += 1
             self.metrics.acme_renewals_total.labels(result="issued").inc()
+            # Before any await: the loop's check must not take our own bundle for another's.
+            self._installed_fp = meta["fingerprint"]
             self.on_installed()
             live = await asyncio.to_thread(self._live)
-            self._installed_fp = live.get("fingerprint")
             s.live = live
             self._update_gauge(live)
             log.info("acme: %s is live (expires %s)", self.key, meta.get("not_after"))

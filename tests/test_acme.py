@@ -276,15 +276,21 @@ async def test_failures_keep_the_live_certificate_name_the_error_and_back_off(
     assert "failed (challenge_failed)" in lines[0] and "the live certificate stays" in lines[0]
 
 
-async def test_two_instances_one_order_both_serve_it(tmp_path: Path) -> None:
-    """A shared store directory and SQLite replay store: one instance orders, both serve the bundle.
+@pytest.mark.parametrize("replay_kind", ["sqlite", "redis"])
+async def test_two_instances_one_order_both_serve_it(
+    tmp_path: Path, replay_kind: str, request: pytest.FixtureRequest
+) -> None:
+    """A shared store directory and replay store: one instance orders, both serve the bundle.
 
     Pebble asks instance B's DNS responder, while A (started first) usually holds the lock: the
     TXT record then reaches B through the shared challenge file.
     """
     dns_a, dns_b, redirect = free_udp_tcp_port(), free_udp_tcp_port(), free_port()
     shared = tmp_path / "shared-certs"
-    replay = f"sqlite:///{tmp_path / 'replay.db'}"
+    if replay_kind == "redis":
+        replay = request.getfixturevalue("redis_server").url  # the lock across hosts
+    else:
+        replay = f"sqlite:///{tmp_path / 'replay.db'}"  # the lock across processes of one machine
     async with pebble_server(tmp_path, dns_port=dns_b, http_port=redirect) as pebble:
         sa = acme_sections(pebble, dns_a, free_port())
         sb = acme_sections(pebble, dns_b, redirect)
