@@ -326,3 +326,5 @@ async def test_two_instances_one_order_both_serve_it(
             installer = mb if ma.state.issued else ma
             text = (a if installer is ma else b).server.metrics.render().decode()
             assert 'consoleproxy_acme_renewals_total{result="installed"} 1.0' in text
+            # Pebble asked B's responder; it answered the TXT record whoever ordered.
+            assert 'consoleproxy_dns_queries_total{rcode="NOERROR"}' in b.server.metrics.render().decode()
