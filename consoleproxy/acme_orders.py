@@ -19,7 +19,9 @@ line naming the ACME error, and the next attempt waits ``acme_policy.retry_delay
 Load-balanced mode. The one-orderer lock is the shared replay store's only primitive, an atomic
 "first to add this key" (``SET NX PX`` in Redis, an upsert in SQLite): the key names the live
 certificate being replaced and a time slot of twice the order timeout; a winner also takes the
-next slot, so an order that runs across a slot boundary is never doubled. The issued bundle is
+next slot, so an order that runs across a slot boundary is never doubled (an instance's own keys
+do not block its retries). With ``[cluster] on_store_error = "accept"`` a store outage lets each
+instance order on its own; the CA's rate limits bound that. The issued bundle is
 published through the certificate store directory, which load-balanced instances share (a volume,
 NFS): every instance's loop sees the new live bundle and installs it. The replay store holds
 short-lived keys, not documents, which is why the bundle does not travel through it. Challenge
