@@ -48,6 +48,16 @@ class Metrics:
             registry=r,
         )
         self.draining = Gauge(p + "draining", "1 while the instance drains", registry=r)
+        self.acme_renewals_total = Counter(
+            p + "acme_renewals_total",
+            "ACME order attempts, by result (issued, installed, unreachable, challenge_failed, "
+            "rate_limited, rejected)",
+            ["result"],
+            registry=r,
+        )
+        self.acme_certificate_days_left = Gauge(
+            p + "acme_certificate_days_left", "Days until the ACME-managed certificate expires", registry=r
+        )
         self.dns_queries_total = Counter(
             p + "dns_queries_total", "DNS queries answered, by rcode", ["rcode"], registry=r
         )

@@ -25,6 +25,8 @@ from typing import Any
 from aiohttp import web
 
 from . import rfb
+from .acme_orders import AcmeManager
+from .acme_policy import ChallengeRecords
 from .certstore import CertificateError, CertStore, SNIContexts, bundle_key
 from .cloudstack import CloudStackKeyError, CloudStackKeys, CloudStackValidator
 from .config import Config, ConfigError
@@ -138,6 +140,9 @@ class ProxyServer:
         self.removed_sessions: list[str] = []
         self.admin_key: str | None = None
         self.dns: DnsServer | None = None
+        # [acme]: challenge answers (DNS responder, redirect port) and the renewal loop.
+        self.challenges: ChallengeRecords | None = None
+        self.acme: AcmeManager | None = None
         self._dns_settings = self._dns_config()
         self.health = HealthRunner(self)  # [health] checks; scheduled from start()
 
@@ -226,6 +231,8 @@ class ProxyServer:
         lst = self.cfg.listen
         if lst.tls and self.tls is None:
             self.tls = await asyncio.to_thread(self._load_tls)
+        if self.cfg.acme.enabled and self.certstore is not None:
+            self.challenges = ChallengeRecords(self.certstore.directory / "acme" / "challenges.json")
         runner = web.AppRunner(
             self.public_app(), access_log=None, handle_signals=False, **handler_args(self.cfg.limits)
         )
@@ -260,10 +267,20 @@ class ProxyServer:
         self._admin_site = asite
         self._sweeper = asyncio.create_task(self._sweep())
         if self._dns_settings is not None:
-            self.dns = DnsServer(self._dns_settings, self.metrics)
+            self.dns = DnsServer(self._dns_settings, self.metrics, challenges=self.challenges)
             await self.dns.start()
             log.info("DNS responder for %s on %s", self._dns_settings.zone, self.cfg.dns.listen)
         self.health.start()
+        if self.challenges is not None and self.certstore is not None:
+            self.acme = AcmeManager(
+                self.cfg, self.certstore, self.challenges, lock=self.replay, metrics=self.metrics,
+                on_installed=self._acme_installed,
+            )
+            self.acme.start()
+
+    def _acme_installed(self) -> None:
+        with contextlib.suppress(CertificateError):  # logged; the old certificates stay
+            self.reload_certificates()
 
     def _dns_config(self) -> DnsSettings | None:
         """Checked at construction so bad settings fail before anything binds."""
@@ -287,6 +304,13 @@ class ProxyServer:
     def _redirect_app(self) -> web.Application:
         """Plain HTTP that only sends browsers to the HTTPS listener (same host, path, query)."""
 
+        async def acme_http01(request: web.Request) -> web.Response:
+            # RFC 8555 8.3: the key authorization as the body, for the CA's validation request.
+            answer = self.challenges.http(request.match_info["token"]) if self.challenges else None
+            if answer is None:
+                raise web.HTTPNotFound()
+            return web.Response(text=answer, content_type="application/octet-stream")
+
         async def redirect(request: web.Request) -> web.Response:
             host = request.url.raw_host or "localhost"
             if ":" in host:  # IPv6 literal
@@ -296,6 +320,7 @@ class ProxyServer:
             raise web.HTTPMovedPermanently(f"https://{netloc}{request.raw_path}")
 
         app = web.Application(client_max_size=1024)
+        app.router.add_get("/.well-known/acme-challenge/{token}", acme_http01)
         app.router.add_route("*", "/{tail:.*}", redirect)
         return app
 
@@ -385,6 +410,8 @@ class ProxyServer:
                 await self._relays_gone.wait()
         for relay in list(self._relays.values()):
             relay.abort()
+        if self.acme is not None:
+            await self.acme.close()
         await self.health.close()
         if self.dns is not None:
             await self.dns.close()
@@ -403,6 +430,8 @@ class ProxyServer:
             return "draining"
         if self.cfg.listen.tls and self.certificate_problem:
             return self.certificate_problem
+        if self.acme is not None and (acme_problem := self.acme.problem()) is not None:
+            return acme_problem
         if (store_problem := self.replay.not_ready_reason()) is not None:
             return store_problem
         if (health_problem := self.health.unready_reason()) is not None:
