@@ -34,6 +34,7 @@ from consoleproxy.replay import (
     ReplayStore,
     ReplayStoreFull,
     ReplayStoreUnavailable,
+    SentinelReplayStore,
     SqliteReplayStore,
     StoreURL,
     open_replay_store,
@@ -316,13 +317,124 @@ def test_bad_store_urls(url: str, problem: str) -> None:
         parse_store_url(url)
 
 
+SENTINEL_FORM = r"write redis\+sentinel://HOST:PORT\[,HOST:PORT...\]/SERVICE\[/DB\]"
+
+
+def test_sentinel_urls() -> None:
+    spec = parse_store_url("redis+sentinel://10.0.0.1:26379,10.0.0.2:26380,[fd00::3]:26379/mymaster/2")
+    assert spec.kind == "sentinel" and spec.service == "mymaster" and spec.db == 2 and not spec.tls
+    assert spec.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26380), ("fd00::3", 26379))
+    assert (spec.username, spec.password, spec.sentinel_auth) == (None, None, False)
+    spec = parse_store_url("redis+sentinel://s1,s2:1234/svc")  # port defaults to 26379, DB to 0
+    assert spec.sentinels == (("s1", 26379), ("s2", 1234)) and spec.db == 0
+    spec = parse_store_url(
+        "rediss+sentinel://app:p%40ss@s1:26379/svc/0?ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=required"
+        "&ssl_check_hostname=no&sentinel_auth=yes"
+    )
+    assert spec.tls and (spec.username, spec.password, spec.sentinel_auth) == ("app", "p@ss", True)
+    assert dict(spec.tls_options) == {
+        "ssl_ca_certs": "/etc/ca.pem", "ssl_cert_reqs": "required", "ssl_check_hostname": False}
+    assert "p@ss" not in repr(spec)  # a parsed URL may end up in a log line
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis+sentinel://s1:26379", "names no service: " + SENTINEL_FORM),
+        ("redis+sentinel://s1:26379/", "names no service"),
+        ("redis+sentinel://s1:26379/0", r"names no service \('0' looks like a database number\)"),
+        ("redis+sentinel:///svc", "names no Sentinel"),
+        ("redis+sentinel:s1:26379/svc", "write redis\\+sentinel://"),
+        ("redis+sentinel://s1:99999/svc", r"Sentinel port must be 1-65535 \(bad entry 's1:99999'\)"),
+        ("redis+sentinel://s1:26379,s2:x/svc", r"Sentinel port must be 1-65535 \(bad entry 's2:x'\)"),
+        ("redis+sentinel://s1:0/svc", "Sentinel port must be 1-65535"),
+        ("redis+sentinel://s1:26379,,s2/svc", "names no host"),
+        ("redis+sentinel://[::1/svc", "bad Sentinel address"),
+        ("redis+sentinel://s1/svc/x", "database must be a number, not 'x'"),
+        ("redis+sentinel://s1/svc/0/extra", "too many parts"),
+        ("redis+sentinel://s1/svc?timeout=3", "unknown option 'timeout'"),
+        ("redis+sentinel://s1/svc?ssl_ca_certs=/ca.pem", "needs TLS: write rediss\\+sentinel://"),
+        ("rediss+sentinel://s1/svc?ssl_cert_reqs=maybe", "ssl_cert_reqs takes none, optional or required"),
+        ("redis+sentinel://s1/svc?sentinel_auth=perhaps", "sentinel_auth takes yes or no"),
+        ("redis+sentinel://s1/svc#x", "no fragment"),
+        ("redis+sentinal://s1:26379/svc", "unknown store 'redis\\+sentinal'"),
+        ("sentinel://s1:26379/svc", "unknown store 'sentinel'"),
+    ],
+)
+def test_bad_sentinel_urls(url: str, problem: str) -> None:
+    with pytest.raises(BadStoreURL, match=problem):
+        parse_store_url(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis+sentinel://127.0.0.1:26379", "names no service"),
+        ("redis+sentinel://127.0.0.1:70000/svc", "port must be 1-65535 (bad entry '127.0.0.1:70000')"),
+        ("redis+sentinal://:hunter2@127.0.0.1:26379/svc", "unknown store 'redis+sentinal'"),
+    ],
+)
+def test_bad_sentinel_url_stops_serve_with_one_line(
+    url: str, problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from consoleproxy.cli import main
+
+    conf = tmp_path / "consoleproxy.toml"
+    conf.write_text(f'[cluster]\nreplay_store = "{url}"\n')
+    assert main(["serve", "--config", str(conf)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "configuration error" in err and "[cluster] replay_store" in err and problem in err, err
+    assert "hunter2" not in err
+
+
+def test_sentinel_store_keys_have_defaults_checks_and_env_overrides(tmp_path: Path) -> None:
+    c = load_config(env={}).cluster
+    assert (c.store_grace_seconds, c.store_wait_replicas, c.store_wait_timeout_ms) == (10.0, 1, 100)
+    env = {
+        "CONSOLEPROXY_CLUSTER_STORE_GRACE_SECONDS": "0",
+        "CONSOLEPROXY_CLUSTER_STORE_WAIT_REPLICAS": "2",
+        "CONSOLEPROXY_CLUSTER_STORE_WAIT_TIMEOUT_MS": "250",
+    }
+    c = load_config(env=env).cluster
+    assert (c.store_grace_seconds, c.store_wait_replicas, c.store_wait_timeout_ms) == (0, 2, 250)
+    with pytest.raises(ConfigError, match=r"store_grace_seconds: expected a number from 0 to 3600"):
+        load_config(env={"CONSOLEPROXY_CLUSTER_STORE_GRACE_SECONDS": "-1"})
+    with pytest.raises(ConfigError, match=r"store_wait_replicas: expected a number from 0 to 16"):
+        load_config(env={"CONSOLEPROXY_CLUSTER_STORE_WAIT_REPLICAS": "-1"})
+    # WAIT must end before the store call's own time limit, or every mark would time out
+    cfg = replace(load_config(env={}), cluster={
+        "replay_store": "redis+sentinel://127.0.0.1:26379/svc", "store_timeout_seconds": 0.5,
+        "store_wait_timeout_ms": 500}, admin={"key_file": str(tmp_path / "admin.key")})
+    with pytest.raises(ConfigError, match=r"store_wait_timeout_ms: expected less than store_timeout_seconds"):
+        ProxyServer(cfg, keyring=Keyring.generate())
+
+
+async def test_sentinel_store_is_built_from_the_url_without_connecting(tmp_path: Path) -> None:
+    cfg = replace(load_config(env={}), cluster={
+        "replay_store": "redis+sentinel://:pw@127.0.0.1:1,127.0.0.1:2/svc/3", "store_wait_replicas": 2,
+        "store_wait_timeout_ms": 250}, admin={"key_file": str(tmp_path / "admin.key")})
+    server = ProxyServer(cfg, keyring=Keyring.generate())
+    store = server.replay.store
+    try:
+        assert isinstance(store, SentinelReplayStore)
+        assert (store.service, store.wait_replicas, store.wait_timeout) == ("svc", 2, 0.25)
+        assert "pw" not in store.where and server.replay.grace == 10.0
+        # nothing listens on ports 1 and 2: no primary, so the add is an outage, not a first use
+        with pytest.raises(ReplayStoreUnavailable, match="unavailable"):
+            await store.add("k", time.time() + 60)
+    finally:
+        await server.replay.close()
+
+
 def test_bad_store_url_is_a_config_error_naming_the_key_without_the_password(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
     conf.write_text('[cluster]\nreplay_store = "redsi://:hunter2@db:6379/0"\n')
     with pytest.raises(ConfigError) as err:
         load_config(conf, env={})
     msg = str(err.value)
-    assert "[cluster] replay_store: expected memory, sqlite:///FILE or redis://" in msg
+    assert "[cluster] replay_store: expected memory, sqlite:///FILE, redis://HOST[:PORT][/DB] or " \
+        "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]" in msg
     assert "unknown store 'redsi'" in msg and "hunter2" not in msg and ":***@db" in msg
 
 
@@ -447,6 +559,31 @@ async def test_refresh_pings_at_most_once_per_interval_and_shares_the_ping() -> 
     assert g.not_ready_reason() is None
 
 
+async def test_unready_only_after_the_grace_and_ready_again_at_once() -> None:
+    clock = Clock(0)
+    flaky = FlakyStore()
+    g = GuardedReplayStore(flaky, clock=clock, grace=10)
+    flaky.up = False
+    with pytest.raises(ReplayStoreUnavailable):
+        await g.add("a", time.time() + 60)  # the outage starts at 0: refused, but still ready
+    assert not g.reachable and g.not_ready_reason() is None
+    clock.now = 9.5
+    await g.refresh()
+    assert g.not_ready_reason() is None  # unreachable for 9.5 s < 10 s
+    clock.now = 10.6
+    await g.refresh()
+    assert g.not_ready_reason() == "replay store unreachable"
+    flaky.up = True
+    clock.now = 11.7
+    await g.refresh()
+    assert g.not_ready_reason() is None
+    # a new outage starts its own grace: the last one's length does not count
+    flaky.up = False
+    clock.now = 20
+    await g.refresh()
+    assert g.not_ready_reason() is None and g.unreachable_since == 20
+
+
 async def test_memory_store_is_never_pinged_nor_unready() -> None:
     g = GuardedReplayStore(MemoryReplayStore())
     await g.refresh()
@@ -550,8 +687,8 @@ async def test_native_token_used_on_one_instance_is_refused_on_another(
 async def test_redis_down_reject_refuses_4008_unready_then_recovers(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    async with running_proxy(tmp_path, cluster={"replay_store": redis_server.url}) as p, \
-            tcp_server(echo_backend) as port:
+    cluster = {"replay_store": redis_server.url, "store_grace_seconds": 0}  # unready at the first miss
+    async with running_proxy(tmp_path, cluster=cluster) as p, tcp_server(echo_backend) as port:
         assert (await _get(p.http_base + "/readyz"))[0] == 200
         async with RFBClient.connect(p.url(p.token(port=port))) as running:
             await connect_echo(running)

@@ -1,0 +1,181 @@
+"""A real Redis Sentinel group for tests: a primary, a replica and three Sentinels, all on loopback.
+
+``running_group(binary, directory)`` starts them on ephemeral ports and waits until every Sentinel
+knows the primary, the replica and the two other Sentinels (so a failover can be authorized).
+The Sentinels are tuned for tests: the primary is "subjectively down" after
+``DOWN_AFTER_MS`` without an answer, so a killed primary is replaced within a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis_helpers import START_TIMEOUT, RedisServer, ephemeral_port, redis_ping
+
+SERVICE = "cpservice"
+DOWN_AFTER_MS = 1000  # primary considered down after 1 s without a valid reply
+FAILOVER_TIMEOUT_MS = 4000
+QUORUM = 2
+
+
+class SentinelServer:
+    """One ``redis-server CONF --sentinel`` on its own port (its config file is its own, writable)."""
+
+    def __init__(self, binary: str, directory: Path, primary_port: int) -> None:
+        self.binary = binary
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.primary_port = primary_port
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        for _ in range(3):  # a new port may be taken between probe and bind
+            self.port = ephemeral_port()
+            conf = self.directory / "sentinel.conf"
+            conf.write_text(
+                f"port {self.port}\nbind 127.0.0.1\ndaemonize no\ndir {self.directory}\n"
+                f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary_port} {QUORUM}\n"
+                f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
+                f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
+                f"sentinel parallel-syncs {SERVICE} 1\n"
+            )
+            log = (self.directory / "sentinel.log").open("ab")
+            self.proc = subprocess.Popen(
+                [self.binary, str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+            )
+            log.close()
+            deadline = time.monotonic() + START_TIMEOUT
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                if redis_ping(self.port):
+                    return
+                time.sleep(0.02)
+            self.stop()
+        tail = (self.directory / "sentinel.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"redis-server --sentinel did not answer PING within {START_TIMEOUT:g} s:\n{tail}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+class SentinelGroup:
+    def __init__(self, binary: str, directory: Path) -> None:
+        self.binary = binary
+        self.directory = directory
+        self.primary = RedisServer(binary, directory / "redis-a")
+        self.replica = RedisServer(binary, directory / "redis-b")
+        self.sentinels: list[SentinelServer] = []
+
+    def start(self) -> None:
+        self.primary.start()
+        self.replica.args = ["--replicaof", "127.0.0.1", str(self.primary.port)]
+        self.replica.start()
+        self.sentinels = [
+            SentinelServer(self.binary, self.directory / f"sentinel{i + 1}", self.primary.port)
+            for i in range(3)
+        ]
+        for s in self.sentinels:
+            s.start()
+
+    def stop(self) -> None:
+        for s in self.sentinels:
+            s.stop()
+        self.replica.stop()
+        self.primary.stop()
+
+    def url(self, db: int = 0) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{SERVICE}/{db}"
+
+    def by_port(self, port: int) -> RedisServer:
+        return next(r for r in (self.primary, self.replica) if r.port == port)
+
+    async def sentinel_views(self) -> list[dict[str, Any]]:
+        """``SENTINEL MASTER`` as each running Sentinel sees the service (empty dict if it cannot say)."""
+        views = []
+        for s in self.sentinels:
+            if s.proc is None:
+                continue
+            client = aioredis.Redis(host="127.0.0.1", port=s.port, socket_timeout=1, decode_responses=True)
+            try:
+                views.append(await client.sentinel_master(SERVICE))
+            except (aioredis.RedisError, OSError):
+                views.append({})
+            finally:
+                await client.aclose()
+        return views
+
+    async def role(self, server: RedisServer) -> str:
+        client = aioredis.Redis(host="127.0.0.1", port=server.port, socket_timeout=1)
+        try:
+            reply = await client.execute_command("ROLE")
+        except (aioredis.RedisError, OSError):
+            return "unreachable"
+        finally:
+            await client.aclose()
+        role = reply[0]
+        return role.decode() if isinstance(role, bytes) else str(role)
+
+    async def wait_healthy(self, primary: RedisServer, timeout: float = 30) -> None:
+        """Every Sentinel names ``primary``, sees it up with one live replica and the other two Sentinels."""
+        async with asyncio.timeout(timeout):
+            while True:
+                views = await self.sentinel_views()
+                if len(views) == 3 and all(
+                    int(v.get("port", 0)) == primary.port
+                    and int(v.get("num-other-sentinels", 0)) == 2
+                    and int(v.get("num-slaves", 0)) >= 1
+                    and not v.get("is_sdown") and not v.get("is_odown")
+                    and "failover_in_progress" not in str(v.get("flags", ""))
+                    for v in views
+                ) and await self.replica_linked(primary):
+                    return
+                await asyncio.sleep(0.1)
+
+    async def replica_linked(self, primary: RedisServer) -> bool:
+        """``primary`` has at least one replica whose link is up (INFO replication)."""
+        client = aioredis.Redis(host="127.0.0.1", port=primary.port, socket_timeout=1, decode_responses=True)
+        try:
+            info = await client.info("replication")
+        except (aioredis.RedisError, OSError):
+            return False
+        finally:
+            await client.aclose()
+        links = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+        return info.get("role") == "master" and bool(links) and all(v.get("state") == "online" for v in links)
+
+    async def wait_promoted(self, old: RedisServer, timeout: float = 30) -> RedisServer:
+        """Wait until every running Sentinel names the other server as primary and it says "master"."""
+        new = self.replica if old is self.primary else self.primary
+        async with asyncio.timeout(timeout):
+            while True:
+                views = await self.sentinel_views()
+                if views and all(int(v.get("port", 0)) == new.port for v in views) \
+                        and await self.role(new) == "master":
+                    return new
+                await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running_group(binary: str, directory: Path) -> AsyncIterator[SentinelGroup]:
+    group = SentinelGroup(binary, directory)
+    try:
+        await asyncio.to_thread(group.start)
+        await group.wait_healthy(group.primary)
+        yield group
+    finally:
+        await asyncio.to_thread(group.stop)
