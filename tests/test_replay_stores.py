@@ -8,8 +8,11 @@ redis-server per test (``redis_server`` fixture, tests/redis_helpers.py).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -22,6 +25,7 @@ import aiohttp
 import pytest
 from harness import RFBClient, connect_echo, echo_backend, expect_close, running_proxy, tcp_server
 from redis_helpers import RedisServer
+from sentinel_helpers import SentinelGroup
 
 from consoleproxy.cloudstack import CloudStackKeys, CloudStackValidator, encrypt_gcm
 from consoleproxy.config import ConfigError, load_config, replace
@@ -734,3 +738,120 @@ async def test_hung_redis_refuses_the_console_fast_not_at_the_handshake_timeout(
         assert code == 4008  # a hang would end as 4012 after 10 s
         assert time.monotonic() - t0 < 3, "refused within 3 s with a 0.2 s store timeout"
 
+
+
+# --- Redis Sentinel: a real primary, replica and three Sentinels (tests/sentinel_helpers.py) -------
+
+
+def _sentinel_store(group: SentinelGroup, unacked: list[int], **kw: Any) -> SentinelReplayStore:
+    kw.setdefault("timeout", 0.5)
+    kw.setdefault("wait_timeout", 0.2)
+    spec = parse_store_url(group.url())
+    return SentinelReplayStore(spec, on_unacknowledged=lambda: unacked.append(1), **kw)
+
+
+async def _commandstats(server: RedisServer) -> dict[str, Any]:
+    import redis.asyncio as aioredis
+
+    probe = aioredis.Redis(host="127.0.0.1", port=server.port, socket_timeout=1)
+    try:
+        return dict(await probe.info("commandstats"))
+    finally:
+        await probe.aclose()
+
+
+async def _get_key(server: RedisServer, key: str) -> bytes | None:
+    import redis.asyncio as aioredis
+
+    probe = aioredis.Redis(host="127.0.0.1", port=server.port, socket_timeout=1)
+    try:
+        value: bytes | None = await probe.get(key)
+        return value
+    finally:
+        await probe.aclose()
+
+
+@pytest.mark.integration
+async def test_sentinel_store_follows_a_failover_and_never_writes_to_the_old_primary(
+    sentinel_group: SentinelGroup,
+) -> None:
+    g = sentinel_group
+    unacked: list[int] = []
+    store = _sentinel_store(g, unacked)
+    old = g.primary
+    try:
+        assert await store.add("used", time.time() + 600) is True
+        assert unacked == []  # WAIT 1: the replica acknowledged the mark ...
+        assert await _get_key(g.replica, "consoleproxy:replay:used") == b"1"  # ... and holds it
+
+        old.stop(kill=True)  # the primary crashes
+        # Until the Sentinels promote the replica, adds fail (no primary), never "first use" twice
+        # and never against something else. Bounded: the failover takes seconds.
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    assert await store.add("after", time.time() + 600) is True
+                    break
+                except ReplayStoreUnavailable:
+                    await asyncio.sleep(0.1)
+        new = await g.wait_promoted(old)
+        assert new is g.replica
+        assert await store.add("used", time.time() + 600) is False  # marked before: refused after
+        assert await _get_key(new, "consoleproxy:replay:after") == b"1"
+        # the new primary has no replica yet: marks are admitted but counted as unacknowledged
+        assert unacked
+
+        # The old primary comes back as a crashed server does: empty and claiming to be a primary
+        # until the Sentinels turn it into a replica of the new one. Keep marking meanwhile.
+        await asyncio.to_thread(old.start)
+        n = 0
+        async with asyncio.timeout(60):
+            while not (await g.role(old) == "slave" and await g.replica_linked(new)):
+                assert await store.add(f"while-rejoining-{n}", time.time() + 600) is True
+                n += 1
+                await asyncio.sleep(0.1)
+        before = len(unacked)
+        assert await store.add("rejoined", time.time() + 600) is True
+        assert len(unacked) == before  # acknowledged again by the rejoined server
+        assert await store.add("used", time.time() + 600) is False
+        # Every mark ends with WAIT, which neither replication nor the Sentinels ever send (and a
+        # rejected call is counted too): the new primary saw WAITs, the old one none, as primary
+        # before the Sentinels demoted it or as replica after.
+        assert "cmdstat_wait" in await _commandstats(new)
+        assert "cmdstat_wait" not in await _commandstats(old)
+    finally:
+        await store.close()
+
+
+@pytest.mark.integration
+async def test_sentinel_mark_not_acknowledged_by_a_stopped_replica_is_counted(
+    sentinel_group: SentinelGroup, caplog: pytest.LogCaptureFixture
+) -> None:
+    g = sentinel_group
+    unacked: list[int] = []
+    store = _sentinel_store(g, unacked, wait_timeout=0.2)
+    assert g.replica.proc is not None
+    try:
+        assert await store.add("a", time.time() + 600) is True and unacked == []
+        os.kill(g.replica.proc.pid, signal.SIGSTOP)  # the replica stops reading its link
+        try:
+            with caplog.at_level(logging.WARNING, "consoleproxy.replay"):
+                assert await store.add("b", time.time() + 600) is True  # admitted ...
+                assert await store.add("c", time.time() + 600) is True
+            assert len(unacked) == 2  # ... and counted: the mark is on the primary only
+            warned = [r.getMessage() for r in caplog.records if "acknowledged a token mark" in r.getMessage()]
+            assert len(warned) == 1 and "0 of 1 replicas" in warned[0], warned
+            assert await store.add("a", time.time() + 600) is False
+            assert len(unacked) == 2  # a refused token was not marked, so there is nothing to wait for
+        finally:
+            os.kill(g.replica.proc.pid, signal.SIGCONT)
+        async with asyncio.timeout(30):  # the replica catches up; WAIT is acknowledged again
+            for n in itertools.count():
+                before = len(unacked)
+                assert await store.add(f"d{n}", time.time() + 600) is True
+                if len(unacked) == before:
+                    break
+                await asyncio.sleep(0.1)
+        assert await _get_key(g.replica, "consoleproxy:replay:b") == b"1"
+    finally:
+        await store.close()
