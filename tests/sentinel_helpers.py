@@ -146,6 +146,14 @@ class SentinelGroup:
                     return
                 await asyncio.sleep(0.1)
 
+    async def commandstats(self, server: RedisServer) -> dict[str, Any]:
+        """``INFO commandstats`` of ``server``: which commands it ran (or refused) since it started."""
+        client = aioredis.Redis(host="127.0.0.1", port=server.port, socket_timeout=1)
+        try:
+            return dict(await client.info("commandstats"))
+        finally:
+            await client.aclose()
+
     async def replica_linked(self, primary: RedisServer) -> bool:
         """``primary`` has at least one replica whose link is up (INFO replication)."""
         client = aioredis.Redis(host="127.0.0.1", port=primary.port, socket_timeout=1, decode_responses=True)

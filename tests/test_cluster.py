@@ -1,4 +1,4 @@
-"""Three instances behind a real HAProxy with a real Redis: spread, drain, SIGKILL, single use."""
+"""Instances behind a real HAProxy with real Redis: spread, drain, SIGKILL, single use, Sentinel failover."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from harness import RFBClient, connect_echo, echo_backend, tcp_server
 from playwright.async_api import async_playwright
 from playwright.async_api import expect as pw_expect
 from redis_helpers import RedisServer
+from sentinel_helpers import SentinelGroup
 from test_page import CHROMIUM_ARGS, TIMEOUT_MS, NssTrust, demo_server, nss_trust  # noqa: F401 - fixture
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -155,3 +156,88 @@ async def test_page_through_haproxy_on_any_instance(
                 assert active[first] == 1 and sum(active) == 2, active
             finally:
                 await b.close()
+
+
+async def try_console(c: Cluster, token: str, stack: contextlib.AsyncExitStack) -> RFBClient | int | None:
+    """A console through HAProxy: the open client, or the close code it was refused with."""
+    client = await stack.enter_async_context(RFBClient.connect(c.url(token), **c.connect_kwargs()))
+    try:
+        await connect_echo(client)
+    except ConnectionClosed:
+        rcvd = client.ws.protocol.close_rcvd
+        return rcvd.code if rcvd is not None else None
+    return client
+
+
+async def keep_echoing(client: RFBClient, seed: int, stop: asyncio.Event) -> int:
+    """Echo rounds, byte-exact, back to back until ``stop``; returns how many (each one checked)."""
+    rounds = 0
+    while not stop.is_set():
+        assert await echo_ok(client, seed + rounds), f"console {seed} lost or garbled in round {rounds}"
+        rounds += 1
+    return rounds
+
+
+@pytest.mark.integration
+async def test_sentinel_failover_drill(tmp_path: Path, sentinel_group: SentinelGroup) -> None:
+    """docs/cluster.md's drill: kill the Redis primary under two instances behind HAProxy."""
+    g = sentinel_group
+    # store_grace_seconds is the default (10): a failover of a few seconds must stay inside it
+    extra = "store_timeout_seconds = 0.5\nstore_wait_timeout_ms = 100"
+    async with cluster(tmp_path, layout="http", replay=g.url(), count=2, cluster_extra=extra) as c, \
+            tcp_server(echo_backend) as backend, contextlib.AsyncExitStack() as stack:
+        used = c.token(backend, vm="vm-used")
+        consoles = [await open_console(c, backend, stack) for _ in range(3)]
+        first = await try_console(c, used, stack)
+        assert isinstance(first, RFBClient)
+        consoles += [first, *[await open_console(c, backend, stack) for _ in range(2)]]
+        before = await per_instance(c, "consoleproxy_sessions_active")
+        assert before == [3, 3], before
+        # every mark so far is on the replica too (WAIT 1 answered in time on both instances)
+        assert await per_instance(c, "consoleproxy_replay_store_unacknowledged_total") == [0, 0]
+
+        stop = asyncio.Event()
+        echoes = [asyncio.create_task(keep_echoing(cl, i * 1000, stop)) for i, cl in enumerate(consoles)]
+        stack.callback(lambda: [t.cancel() for t in echoes])  # on a failure, before consoles close
+        old = g.primary
+        old.stop(kill=True)
+        # New consoles are refused (4008, no primary) until the Sentinels promote the replica; then
+        # they open again on both instances. Bounded: failover (seconds) plus a few seconds.
+        refused: list[int | None] = []
+        async with asyncio.timeout(30):
+            while True:
+                got = await try_console(c, c.token(backend), stack)
+                if isinstance(got, RFBClient):
+                    consoles.append(got)
+                    if all(n > b for n, b in zip(await per_instance(c, "consoleproxy_sessions_active"),
+                                                 before, strict=True)):
+                        break
+                else:
+                    refused.append(got)
+                    await asyncio.sleep(0.1)
+        new = await g.wait_promoted(old)
+        assert set(refused) <= {4008}, refused
+        # the token used before the failover is refused after it, on whichever instance gets it
+        again = await try_console(c, used, stack)
+        assert again == 4003, again
+
+        # the old primary comes back as a crashed server does; the Sentinels make it a replica;
+        # consoles keep opening meanwhile and none of their marks goes to it
+        await asyncio.to_thread(old.start)
+        async with asyncio.timeout(60):
+            while not (await g.role(old) == "slave" and await g.replica_linked(new)):
+                async with contextlib.AsyncExitStack() as brief:  # opened and closed: [limits]
+                    await open_console(c, backend, brief)
+                await asyncio.sleep(0.2)
+        consoles.append(await open_console(c, backend, stack))
+        assert "cmdstat_wait" not in await g.commandstats(old)
+
+        stop.set()
+        rounds = await asyncio.gather(*echoes)
+        assert all(n > 0 for n in rounds), rounds
+        results = await asyncio.gather(*(echo_ok(cl, i) for i, cl in enumerate(consoles)))
+        assert all(results)
+        # HAProxy never took an instance out: the outage stayed inside store_grace_seconds
+        stats = await c.stats()
+        assert {name: (row["status"], row["chkdown"]) for name, row in stats.items()} == {
+            "proxy1": ("UP", "0"), "proxy2": ("UP", "0")}, stats

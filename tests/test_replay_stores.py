@@ -750,16 +750,6 @@ def _sentinel_store(group: SentinelGroup, unacked: list[int], **kw: Any) -> Sent
     return SentinelReplayStore(spec, on_unacknowledged=lambda: unacked.append(1), **kw)
 
 
-async def _commandstats(server: RedisServer) -> dict[str, Any]:
-    import redis.asyncio as aioredis
-
-    probe = aioredis.Redis(host="127.0.0.1", port=server.port, socket_timeout=1)
-    try:
-        return dict(await probe.info("commandstats"))
-    finally:
-        await probe.aclose()
-
-
 async def _get_key(server: RedisServer, key: str) -> bytes | None:
     import redis.asyncio as aioredis
 
@@ -817,8 +807,8 @@ async def test_sentinel_store_follows_a_failover_and_never_writes_to_the_old_pri
         # Every mark ends with WAIT, which neither replication nor the Sentinels ever send (and a
         # rejected call is counted too): the new primary saw WAITs, the old one none, as primary
         # before the Sentinels demoted it or as replica after.
-        assert "cmdstat_wait" in await _commandstats(new)
-        assert "cmdstat_wait" not in await _commandstats(old)
+        assert "cmdstat_wait" in await g.commandstats(new)
+        assert "cmdstat_wait" not in await g.commandstats(old)
     finally:
         await store.close()
 
