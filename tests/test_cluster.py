@@ -95,7 +95,9 @@ async def test_sigkill_one_instance(
 async def test_single_use_across_instances_and_redis_down(
     tmp_path: Path, layout: str, redis_server: RedisServer
 ) -> None:
-    async with cluster(tmp_path, layout=layout, replay=redis_server.url) as c, \
+    # a store down for longer than store_grace_seconds (1 s here) takes the instances out
+    async with cluster(tmp_path, layout=layout, replay=redis_server.url,
+                       cluster_extra="store_grace_seconds = 1") as c, \
             tcp_server(echo_backend) as backend, contextlib.AsyncExitStack() as stack:
         token = c.token(backend)
         first = await stack.enter_async_context(RFBClient.connect(c.url(token), **c.connect_kwargs()))

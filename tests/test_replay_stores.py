@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 from harness import RFBClient, connect_echo, echo_backend, expect_close, running_proxy, tcp_server
 from redis_helpers import RedisServer
-from sentinel_helpers import SentinelGroup
+from sentinel_helpers import SERVICE, SentinelGroup
 
 from consoleproxy.cloudstack import CloudStackKeys, CloudStackValidator, encrypt_gcm
 from consoleproxy.config import ConfigError, load_config, replace
@@ -750,6 +750,12 @@ def _sentinel_store(group: SentinelGroup, unacked: list[int], **kw: Any) -> Sent
     return SentinelReplayStore(spec, on_unacknowledged=lambda: unacked.append(1), **kw)
 
 
+def _tries(stats: dict[str, Any], command: str) -> int:
+    """How often a server was sent ``command``: run, refused before running, or failed."""
+    row = stats.get(command, {})
+    return sum(int(row.get(k, 0)) for k in ("calls", "rejected_calls", "failed_calls"))
+
+
 async def _get_key(server: RedisServer, key: str) -> bytes | None:
     import redis.asyncio as aioredis
 
@@ -843,5 +849,38 @@ async def test_sentinel_mark_not_acknowledged_by_a_stopped_replica_is_counted(
                     break
                 await asyncio.sleep(0.1)
         assert await _get_key(g.replica, "consoleproxy:replay:b") == b"1"
+    finally:
+        await store.close()
+
+
+@pytest.mark.integration
+async def test_sentinel_store_leaves_a_demoted_primary_that_is_still_running(
+    sentinel_group: SentinelGroup,
+) -> None:
+    """SENTINEL FAILOVER: the primary stays up and becomes a replica; the store's pooled
+    connections to it must not be used for the next marks (they would get READONLY)."""
+    import redis.asyncio as aioredis
+
+    g = sentinel_group
+    unacked: list[int] = []
+    store = _sentinel_store(g, unacked)
+    old = g.primary
+    try:
+        assert await store.add("a", time.time() + 600) is True  # a pooled connection to the primary
+        sentinel = aioredis.Redis(host="127.0.0.1", port=g.sentinels[0].port, socket_timeout=2)
+        try:
+            assert await sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
+        finally:
+            await sentinel.aclose()
+        new = await g.wait_promoted(old)
+        async with asyncio.timeout(30):
+            while await g.role(old) != "slave":
+                await asyncio.sleep(0.05)
+        waits_on_old = _tries(await g.commandstats(old), "cmdstat_wait")
+        # the first mark after the switch goes to the new primary: first use, not an error
+        assert await store.add("b", time.time() + 600) is True
+        assert await store.add("a", time.time() + 600) is False
+        assert await _get_key(new, "consoleproxy:replay:b") == b"1"
+        assert _tries(await g.commandstats(old), "cmdstat_wait") == waits_on_old  # nothing sent to it
     finally:
         await store.close()
