@@ -431,6 +431,18 @@ async def test_sentinel_store_is_built_from_the_url_without_connecting(tmp_path:
         await server.replay.close()
 
 
+async def test_tls_sentinel_options_reach_redis_py() -> None:
+    """A TLS URL builds a store whose Sentinel clients accept the options (no TypeError later)."""
+    url = "rediss+sentinel://u:pw@127.0.0.1:1/svc?ssl_cert_reqs=none&ssl_check_hostname=no&sentinel_auth=yes"
+    store = SentinelReplayStore(parse_store_url(url), timeout=0.2)
+    try:
+        with pytest.raises(ReplayStoreUnavailable):
+            await store.add("k", time.time() + 60)
+        assert await store.ping() is False
+    finally:
+        await store.close()
+
+
 def test_bad_store_url_is_a_config_error_naming_the_key_without_the_password(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
     conf.write_text('[cluster]\nreplay_store = "redsi://:hunter2@db:6379/0"\n')
