@@ -182,13 +182,47 @@ class SentinelGroup:
     async def wait_promoted(self, old: RedisServer, timeout: float = 30) -> RedisServer:
         """Wait until every running Sentinel names the other server as primary and it says "master"."""
         new = self.replica if old is self.primary else self.primary
-        async with asyncio.timeout(timeout):
-            while True:
-                views = await self.sentinel_views()
-                if views and all(int(v.get("port", 0)) == new.port for v in views) \
-                        and await self.role(new) == "master":
-                    return new
-                await asyncio.sleep(0.05)
+        views: list[dict[str, Any]] = []
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    views = await self.sentinel_views()
+                    if views and all(int(v.get("port", 0)) == new.port for v in views) \
+                            and await self.role(new) == "master":
+                        return new
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise AssertionError(
+                f"{new.port} was not promoted within {timeout:g} s\n{views}\n{self.logs()}"
+            ) from None
+
+
+    def logs(self, lines: int = 15) -> str:
+        """The last lines of every Sentinel's and server's log, for a failure message."""
+        out = []
+        for name, path in [
+            *((f"sentinel{i + 1}", s.directory / "sentinel.log") for i, s in enumerate(self.sentinels)),
+            ("redis-a", self.primary.directory / "redis.log"),
+            ("redis-b", self.replica.directory / "redis.log"),
+        ]:
+            try:
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                tail = ["(no log)"]
+            out.append(f"--- {name} ---\n" + "\n".join(tail))
+        return "\n".join(out)
+
+    async def wait_rejoined(self, old: RedisServer, new: RedisServer, timeout: float = 60) -> None:
+        """Wait until the Sentinels have made ``old`` a replica of ``new`` and its link is up."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not (await self.role(old) == "slave" and await self.replica_linked(new)):
+                    await asyncio.sleep(0.1)
+        except TimeoutError:
+            raise AssertionError(
+                f"{old.port} did not become a linked replica of {new.port} within {timeout:g} s\n"
+                f"{await self.sentinel_views()}\n{self.logs()}"
+            ) from None
 
 
 @contextlib.asynccontextmanager

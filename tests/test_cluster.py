@@ -206,17 +206,21 @@ async def test_sentinel_failover_drill(tmp_path: Path, sentinel_group: SentinelG
         # New consoles are refused (4008, no primary) until the Sentinels promote the replica; then
         # they open again on both instances. Bounded: failover (seconds) plus a few seconds.
         refused: list[int | None] = []
-        async with asyncio.timeout(30):
-            while True:
-                got = await try_console(c, c.token(backend), stack)
-                if isinstance(got, RFBClient):
-                    consoles.append(got)
-                    if all(n > b for n, b in zip(await per_instance(c, "consoleproxy_sessions_active"),
-                                                 before, strict=True)):
-                        break
-                else:
-                    refused.append(got)
-                    await asyncio.sleep(0.1)
+        try:
+            async with asyncio.timeout(30):
+                while True:
+                    got = await try_console(c, c.token(backend), stack)
+                    if isinstance(got, RFBClient):
+                        consoles.append(got)
+                        active = await per_instance(c, "consoleproxy_sessions_active")
+                        if all(n > b for n, b in zip(active, before, strict=True)):
+                            break
+                    else:
+                        refused.append(got)
+                        await asyncio.sleep(0.1)
+        except TimeoutError:
+            raise AssertionError(f"no new console on both instances within 30 s; refused {refused}\n"
+                                 f"{await g.sentinel_views()}\n{g.logs()}") from None
         new = await g.wait_promoted(old)
         assert set(refused) <= {4008}, refused
         # the token used before the failover is refused after it, on whichever instance gets it
@@ -226,11 +230,12 @@ async def test_sentinel_failover_drill(tmp_path: Path, sentinel_group: SentinelG
         # the old primary comes back as a crashed server does; the Sentinels make it a replica;
         # consoles keep opening meanwhile and none of their marks goes to it
         await asyncio.to_thread(old.start)
-        async with asyncio.timeout(60):
-            while not (await g.role(old) == "slave" and await g.replica_linked(new)):
-                async with contextlib.AsyncExitStack() as brief:  # opened and closed: [limits]
-                    await open_console(c, backend, brief)
-                await asyncio.sleep(0.2)
+        rejoined = asyncio.create_task(g.wait_rejoined(old, new))
+        while not rejoined.done():
+            async with contextlib.AsyncExitStack() as brief:  # opened and closed: [limits]
+                await open_console(c, backend, brief)
+            await asyncio.wait({rejoined}, timeout=0.2)
+        await rejoined  # raises, with the Sentinels' logs, if it took too long
         consoles.append(await open_console(c, backend, stack))
         assert "cmdstat_wait" not in await g.commandstats(old)
 

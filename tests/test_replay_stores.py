@@ -812,12 +812,13 @@ async def test_sentinel_store_follows_a_failover_and_never_writes_to_the_old_pri
         # The old primary comes back as a crashed server does: empty and claiming to be a primary
         # until the Sentinels turn it into a replica of the new one. Keep marking meanwhile.
         await asyncio.to_thread(old.start)
+        rejoined = asyncio.create_task(g.wait_rejoined(old, new))
         n = 0
-        async with asyncio.timeout(60):
-            while not (await g.role(old) == "slave" and await g.replica_linked(new)):
-                assert await store.add(f"while-rejoining-{n}", time.time() + 600) is True
-                n += 1
-                await asyncio.sleep(0.1)
+        while not rejoined.done():
+            assert await store.add(f"while-rejoining-{n}", time.time() + 600) is True
+            n += 1
+            await asyncio.wait({rejoined}, timeout=0.1)
+        await rejoined  # raises, with the Sentinels' logs, if it took too long
         before = len(unacked)
         assert await store.add("rejoined", time.time() + 600) is True
         assert len(unacked) == before  # acknowledged again by the rejoined server
@@ -885,9 +886,7 @@ async def test_sentinel_store_leaves_a_demoted_primary_that_is_still_running(
         finally:
             await sentinel.aclose()
         new = await g.wait_promoted(old)
-        async with asyncio.timeout(30):
-            while await g.role(old) != "slave":
-                await asyncio.sleep(0.05)
+        await g.wait_rejoined(old, new)
         waits_on_old = _tries(await g.commandstats(old), "cmdstat_wait")
         # the first mark after the switch goes to the new primary: first use, not an error
         assert await store.add("b", time.time() + 600) is True
