@@ -132,6 +132,28 @@ class SentinelGroup:
                 await client.aclose()
         return views
 
+    async def replicas_usable(self, replica: RedisServer) -> bool:
+        """Every running Sentinel has fresh INFO from ``replica`` with its link to the primary up:
+        only then will it promote it (before, ``SENTINEL FAILOVER`` answers NOGOODSLAVE)."""
+        for s in self.sentinels:
+            if s.proc is None:
+                continue
+            client = aioredis.Redis(host="127.0.0.1", port=s.port, socket_timeout=1, decode_responses=True)
+            try:
+                rows = await client.sentinel_slaves(SERVICE)
+            except (aioredis.RedisError, OSError):
+                return False
+            finally:
+                await client.aclose()
+            if not any(
+                int(r.get("port", 0)) == replica.port and r.get("master-link-status") == "ok"
+                and not r.get("is_sdown") and not r.get("is_disconnected")
+                and 0 <= int(r.get("info-refresh", -1)) < 5000
+                for r in rows
+            ):
+                return False
+        return True
+
     async def role(self, server: RedisServer) -> str:
         client = aioredis.Redis(host="127.0.0.1", port=server.port, socket_timeout=1)
         try:
@@ -145,6 +167,7 @@ class SentinelGroup:
 
     async def wait_healthy(self, primary: RedisServer, timeout: float = 30) -> None:
         """Every Sentinel names ``primary``, sees it up with one live replica and the other two Sentinels."""
+        other = self.replica if primary is self.primary else self.primary
         async with asyncio.timeout(timeout):
             while True:
                 views = await self.sentinel_views()
@@ -155,7 +178,7 @@ class SentinelGroup:
                     and not v.get("is_sdown") and not v.get("is_odown")
                     and "failover_in_progress" not in str(v.get("flags", ""))
                     for v in views
-                ) and await self.replica_linked(primary):
+                ) and await self.replica_linked(primary) and await self.replicas_usable(other):
                     return
                 await asyncio.sleep(0.1)
 

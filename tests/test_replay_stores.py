@@ -724,6 +724,23 @@ async def test_redis_down_reject_refuses_4008_unready_then_recovers(
             await connect_echo(again)
 
 
+async def test_redis_down_within_the_grace_refuses_4008_but_stays_ready(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    cluster = {"replay_store": redis_server.url, "store_grace_seconds": 60}
+    async with running_proxy(tmp_path, cluster=cluster) as p, tcp_server(echo_backend) as port:
+        redis_server.stop()
+        code, _ = await expect_close(p.url(p.token(port=port)))
+        assert code == 4008  # refused: the store cannot record the token
+        assert not p.server.replay.reachable  # the outage is known ...
+        got, body = await _get(p.http_base + "/readyz")
+        assert (got, body) == (200, {"status": "ready"})  # ... but shorter than the grace
+        redis_server.start()
+        async with RFBClient.connect(p.url(p.token(port=port))) as c:
+            await connect_echo(c)
+        assert p.server.replay.reachable
+
+
 async def test_redis_down_accept_admits_and_counts(
     redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
