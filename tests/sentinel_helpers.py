@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -28,12 +29,14 @@ QUORUM = 2
 class SentinelServer:
     """One ``redis-server CONF --sentinel`` on its own port (its config file is its own, writable)."""
 
-    def __init__(self, binary: str, directory: Path, primary_port: int, index: int) -> None:
+    def __init__(self, binary: str, directory: Path, primary_port: int) -> None:
         self.binary = binary
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.primary_port = primary_port
-        self.myid = f"{index + 1:040x}"  # fixed run ids, so the others can be told about it
+        # a run id chosen here, so the others can be told about it; random, so Sentinels of two
+        # groups (two test runs on one machine) never take each other for one of their own
+        self.myid = secrets.token_hex(20)
         self.port = ephemeral_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -98,7 +101,7 @@ class SentinelGroup:
         self.replica.args = [*fast_sync, "--replicaof", "127.0.0.1", str(self.primary.port)]
         self.replica.start()
         self.sentinels = [
-            SentinelServer(self.binary, self.directory / f"sentinel{i + 1}", self.primary.port, i)
+            SentinelServer(self.binary, self.directory / f"sentinel{i + 1}", self.primary.port)
             for i in range(3)
         ]
         for s in self.sentinels:
