@@ -790,14 +790,21 @@ class GuardedReplayStore:
             self._lost("no answer to a health check")
         return ok
 
-    async def refresh(self) -> None:
-        """Ping the store if its last answer is older than ``check_interval`` (shared stores only)."""
+    async def refresh(self, wait: float | None = None) -> None:
+        """Ping the store if its last answer is older than ``check_interval`` (shared stores only).
+
+        ``wait``: return after at most this many seconds even if the ping has not answered; it
+        goes on and updates the state when it does. ``/readyz`` passes a short bound: a ping to
+        an unreachable store may take ``2 * store_timeout_seconds`` (a connect timeout, a
+        retry), and a balancer whose check times out marks the instance down whatever the grace.
+        """
         if not self.shared or self._clock() - self._checked_at < self.check_interval:
             return
         if self._ping is None or self._ping.done():
             self._ping = asyncio.ensure_future(self.ping())
-        # Shielded: a health check that gives up must not cancel the ping others wait for.
-        await asyncio.shield(self._ping)
+        # asyncio.wait never cancels what it waits for: a health check that gives up (or is
+        # cancelled) leaves the ping running for the others.
+        await asyncio.wait({self._ping}, timeout=wait)
 
     def not_ready_reason(self) -> str | None:
         """The outage, once it has lasted ``grace`` seconds (as of the last add or ping)."""

@@ -65,6 +65,8 @@ audit_log = logging.getLogger("consoleproxy.audit")
 
 DEV_SUFFIX = "*.consoleproxy.local"
 CERT_RECHECK_SECONDS = 60.0
+# /readyz waits at most this long for a replay store ping: far below any balancer's check timeout.
+READYZ_STORE_WAIT = 0.1
 
 
 class ProxyServer:
@@ -419,7 +421,9 @@ class ProxyServer:
         return None
 
     async def handle_readyz(self, request: web.Request) -> web.Response:
-        await self.replay.refresh()  # pings a shared store at most once a second
+        # Pings a shared store at most once a second; answers from the last known state when the
+        # ping takes longer than READYZ_STORE_WAIT (the ping finishes in the background).
+        await self.replay.refresh(wait=READYZ_STORE_WAIT)
         reason = self.not_ready_reason()
         if reason is None:
             return web.json_response({"status": "ready"})

@@ -182,9 +182,11 @@ level = "info"
 
 @contextlib.asynccontextmanager
 async def cluster(
-    tmp_path: Path, *, layout: str, replay: str, count: int = 3, extra: str = "", cluster_extra: str = ""
+    tmp_path: Path, *, layout: str, replay: str, count: int = 3, extra: str = "", cluster_extra: str = "",
+    check_ms: int = CHECK_MS,
 ) -> AsyncIterator[Cluster]:
-    """``extra``: more TOML sections for every instance; ``cluster_extra``: more ``[cluster]`` keys."""
+    """``extra``: more TOML sections for every instance; ``cluster_extra``: more ``[cluster]`` keys;
+    ``check_ms``: HAProxy's check interval, which is also each check's time limit."""
     haproxy = require_tool("haproxy", "haproxy")
     chain = make_chain(FQDN)
     keyring = Keyring.generate()
@@ -211,7 +213,7 @@ async def cluster(
         mode=layout,
         bind=f"127.0.0.1:{port}",
         certificate=str(pem),
-        check_interval_ms=CHECK_MS,
+        check_interval_ms=check_ms,
         stats_bind=f"127.0.0.1:{stats}",
         maxconn=2000,
     )

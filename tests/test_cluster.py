@@ -186,7 +186,10 @@ async def test_sentinel_failover_drill(tmp_path: Path, sentinel_group: SentinelG
     g = sentinel_group
     # store_grace_seconds is the default (10): a failover of a few seconds must stay inside it
     extra = "store_timeout_seconds = 0.5\nstore_wait_timeout_ms = 100"
-    async with cluster(tmp_path, layout="http", replay=g.url(), count=2, cluster_extra=extra) as c, \
+    # HAProxy checks every 600 ms, each allowed 600 ms: a DOWN then means "/readyz said 503" (or
+    # did not answer), not "a loaded 2-core machine answered a check in 301 ms"
+    async with cluster(tmp_path, layout="http", replay=g.url(), count=2, cluster_extra=extra,
+                       check_ms=600) as c, \
             tcp_server(echo_backend) as backend, contextlib.AsyncExitStack() as stack:
         used = c.token(backend, vm="vm-used")
         consoles = [await open_console(c, backend, stack) for _ in range(3)]

@@ -600,6 +600,26 @@ async def test_unready_only_after_the_grace_and_ready_again_at_once() -> None:
     assert g.not_ready_reason() is None and g.unreachable_since == 20
 
 
+async def test_refresh_with_a_bound_returns_while_a_slow_ping_goes_on() -> None:
+    answer = asyncio.Event()
+
+    class SlowStore(FlakyStore):
+        async def ping(self) -> bool:
+            self.pings += 1
+            await answer.wait()  # a store that takes its time (connect timeout, retry)
+            return False
+
+    slow = SlowStore()
+    g = GuardedReplayStore(slow, clock=Clock(5))
+    await g.refresh(wait=0.01)  # returns without the answer ...
+    assert slow.pings == 1 and g.reachable and g.not_ready_reason() is None
+    answer.set()
+    async with asyncio.timeout(5):  # ... which arrives later and counts
+        while g.reachable:
+            await asyncio.sleep(0.01)
+    assert g.not_ready_reason() == "replay store unreachable"
+
+
 async def test_memory_store_is_never_pinged_nor_unready() -> None:
     g = GuardedReplayStore(MemoryReplayStore())
     await g.refresh()
@@ -755,6 +775,18 @@ async def test_redis_down_accept_admits_and_counts(
         assert b"consoleproxy_replay_store_errors_total 2.0" in p.server.metrics.render()
         assert sum("replay store unreachable" in r.getMessage() for r in caplog.records) == 1
         assert (await _get(p.http_base + "/readyz"))[0] == 200  # accepting: stays in rotation
+
+
+async def test_readyz_does_not_wait_for_a_hung_store(silent_port: int, tmp_path: Path) -> None:
+    # a ping to this store takes 2 x 3 s; a balancer's check would give up long before
+    cluster = {"replay_store": f"redis://127.0.0.1:{silent_port}/0", "store_timeout_seconds": 3,
+               "store_grace_seconds": 0}
+    async with running_proxy(tmp_path, cluster=cluster) as p:
+        async with asyncio.timeout(2):
+            got, _ = await _get(p.http_base + "/readyz")
+        assert got == 200  # nothing known yet: the first ping is still waiting
+        body = await _wait_ready(p.http_base, 503, timeout=20)  # its failure counts when it comes
+        assert body["reason"] == "replay store unreachable"
 
 
 async def test_hung_redis_refuses_the_console_fast_not_at_the_handshake_timeout(
