@@ -633,6 +633,9 @@ class SentinelReplayStore(RedisReplayStore):
             raise ValueError(f"not a Sentinel store URL: {spec.kind}")
         if wait_replicas < 0:
             raise ValueError(f"wait_replicas must be 0 or more, got {wait_replicas}")
+        if wait_replicas and wait_timeout >= timeout:
+            # WAIT's reply is read under the socket timeout: a longer WAIT would be a failure
+            raise ValueError(f"wait_timeout ({wait_timeout:g} s) must be less than timeout ({timeout:g} s)")
         self.where = redact_url(spec.url)
         self.timeout = timeout
         self.key_prefix = key_prefix

@@ -185,7 +185,9 @@ async def test_sentinel_failover_drill(tmp_path: Path, sentinel_group: SentinelG
     """docs/cluster.md's drill: kill the Redis primary under two instances behind HAProxy."""
     g = sentinel_group
     # store_grace_seconds is the default (10): a failover of a few seconds must stay inside it
-    extra = "store_timeout_seconds = 0.5\nstore_wait_timeout_ms = 100"
+    # WAIT may take 1 s before a mark counts as unacknowledged: on a loaded 2-core machine 100 ms
+    # is sometimes not enough for the replica to be scheduled, and the test checks the count
+    extra = "store_timeout_seconds = 2\nstore_wait_timeout_ms = 1000"
     # HAProxy checks every 600 ms, each allowed 600 ms: a DOWN then means "/readyz said 503" (or
     # did not answer), not "a loaded 2-core machine answered a check in 301 ms"
     async with cluster(tmp_path, layout="http", replay=g.url(), count=2, cluster_extra=extra,

@@ -443,6 +443,14 @@ async def test_tls_sentinel_options_reach_redis_py() -> None:
         await store.close()
 
 
+def test_sentinel_store_refuses_a_wait_longer_than_its_timeout() -> None:
+    spec = parse_store_url("redis+sentinel://127.0.0.1:1/svc")
+    with pytest.raises(ValueError, match=r"wait_timeout \(1 s\) must be less than timeout \(1 s\)"):
+        SentinelReplayStore(spec, timeout=1.0, wait_timeout=1.0)
+    with pytest.raises(ValueError, match="wait_replicas must be 0 or more"):
+        SentinelReplayStore(spec, wait_replicas=-1)
+
+
 def test_bad_store_url_is_a_config_error_naming_the_key_without_the_password(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
     conf.write_text('[cluster]\nreplay_store = "redsi://:hunter2@db:6379/0"\n')
@@ -805,8 +813,10 @@ async def test_hung_redis_refuses_the_console_fast_not_at_the_handshake_timeout(
 
 
 def _sentinel_store(group: SentinelGroup, unacked: list[int], **kw: Any) -> SentinelReplayStore:
-    kw.setdefault("timeout", 0.5)
-    kw.setdefault("wait_timeout", 0.2)
+    # A replica acknowledges in well under a millisecond here, but the suite shares a loaded 2-core
+    # machine: 1 s keeps "not acknowledged" meaning "the replica could not", not "was not scheduled".
+    kw.setdefault("timeout", 3.0)
+    kw.setdefault("wait_timeout", 1.0)
     spec = parse_store_url(group.url())
     return SentinelReplayStore(spec, on_unacknowledged=lambda: unacked.append(1), **kw)
 
@@ -887,7 +897,7 @@ async def test_sentinel_mark_not_acknowledged_by_a_stopped_replica_is_counted(
 ) -> None:
     g = sentinel_group
     unacked: list[int] = []
-    store = _sentinel_store(g, unacked, wait_timeout=0.2)
+    store = _sentinel_store(g, unacked)
     assert g.replica.proc is not None
     try:
         assert await store.add("a", time.time() + 600) is True and unacked == []
@@ -898,7 +908,7 @@ async def test_sentinel_mark_not_acknowledged_by_a_stopped_replica_is_counted(
                 assert await store.add("c", time.time() + 600) is True
             assert len(unacked) == 2  # ... and counted: the mark is on the primary only
             warned = [r.getMessage() for r in caplog.records if "acknowledged a token mark" in r.getMessage()]
-            assert len(warned) == 1 and "0 of 1 replicas" in warned[0], warned
+            assert len(warned) == 1 and "0 of 1 replicas" in warned[0] and "1000 ms" in warned[0], warned
             assert await store.add("a", time.time() + 600) is False
             assert len(unacked) == 2  # a refused token was not marked, so there is nothing to wait for
         finally:
