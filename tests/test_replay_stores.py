@@ -434,11 +434,12 @@ async def test_sentinel_store_is_built_from_the_url_without_connecting(tmp_path:
 
 async def test_tls_sentinel_options_reach_redis_py() -> None:
     """A TLS URL builds a store whose Sentinel clients accept the options (no TypeError later)."""
-    url = "rediss+sentinel://u:pw@127.0.0.1:1/svc?ssl_cert_reqs=none&ssl_check_hostname=no&sentinel_auth=yes"
+    url = "rediss+sentinel://u:s3cretpw@127.0.0.1:1/svc?ssl_cert_reqs=none&ssl_check_hostname=no&sentinel_auth=yes"
     store = SentinelReplayStore(parse_store_url(url), timeout=0.2)
     try:
-        with pytest.raises(ReplayStoreUnavailable):
+        with pytest.raises(ReplayStoreUnavailable) as err:
             await store.add("k", time.time() + 60)
+        assert "s3cretpw" not in err.value.detail and "u:***@" in err.value.detail  # the detail is logged
         assert await store.ping() is False
     finally:
         await store.close()
