@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system programs the suite drives for real (QEMU, dig, TigerVNC's Xvnc, haproxy,
-# redis-server -- also run as `redis-server CONF --sentinel` by the Sentinel tests --, a JDK that
-# makes CloudStack-style tokens, ping and traceroute for diagnostics).
+# redis-server, a JDK that makes CloudStack-style tokens, ping and traceroute for diagnostics).
 # As root and with something missing: apt-get update, then apt-get install -y.
 # Under CI=true a tool still missing after that fails the run; it never silently skips.
 set -euo pipefail
