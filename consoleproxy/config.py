@@ -86,7 +86,10 @@ def _replay_store_url(v: Any) -> str | None:
     try:
         parse_store_url(v)
     except BadStoreURL as exc:
-        return f"memory, sqlite:///FILE or redis://HOST[:PORT][/DB] ({exc})"
+        return (
+            "memory, sqlite:///FILE, redis://HOST[:PORT][/DB] or "
+            f"redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] ({exc})"
+        )
     return None
 
 
@@ -250,13 +253,22 @@ class Dns:
 
 @dataclass(frozen=True)
 class Cluster:
-    # memory (one process), sqlite:///FILE (processes of one machine), redis://HOST:PORT/DB.
+    # memory (one process), sqlite:///FILE (processes of one machine), redis://HOST:PORT/DB,
+    # redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] (a primary that Sentinels fail over).
     replay_store: str = field(default="memory", metadata=_opt(_replay_store_url, show=_redacted))
     # When a shared store cannot answer: "reject" new consoles (4008, /readyz 503) or "accept"
     # them without the single-use check (counted in replay_store_errors_total).
     on_store_error: str = field(default="reject", metadata=_opt(_choice("reject", "accept")))
     # Bound on each store call (connect, command, SQLite lock wait), so an outage fails fast.
     store_timeout_seconds: float = field(default=1.0, metadata=_opt(_range(0.05, 30)))
+    # /readyz says 503 only once the store has been unreachable this long (under "reject"), so a
+    # Sentinel failover (a few seconds) does not take every instance out of the balancer at once.
+    store_grace_seconds: float = field(default=10.0, metadata=_opt(_range(0, 3600)))
+    # redis+sentinel only: after marking a token, WAIT until this many replicas hold the mark
+    # (0 = no WAIT), at most store_wait_timeout_ms; a mark not acknowledged in time is counted in
+    # replay_store_unacknowledged_total and the console admitted (docs/cluster.md).
+    store_wait_replicas: int = field(default=1, metadata=_opt(_range(0, 16)))
+    store_wait_timeout_ms: int = field(default=100, metadata=_opt(_range(1, 10000)))
 
 
 def _acme_directory(v: Any) -> str | None:

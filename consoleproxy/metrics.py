@@ -61,6 +61,12 @@ class Metrics:
         self.dns_queries_total = Counter(
             p + "dns_queries_total", "DNS queries answered, by rcode", ["rcode"], registry=r
         )
+        self.replay_store_unacknowledged_total = Counter(
+            p + "replay_store_unacknowledged_total",
+            "Token marks no replica acknowledged within [cluster] store_wait_timeout_ms "
+            "(redis+sentinel; such a mark is lost if the primary fails before it replicates)",
+            registry=r,
+        )
         self.replay_store_errors_total = Counter(
             p + "replay_store_errors_total",
             "Token checks the shared replay store could not answer (with [cluster] "

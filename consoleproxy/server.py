@@ -68,6 +68,8 @@ audit_log = logging.getLogger("consoleproxy.audit")
 
 DEV_SUFFIX = "*.consoleproxy.local"
 CERT_RECHECK_SECONDS = 60.0
+# /readyz waits at most this long for a replay store ping: far below any balancer's check timeout.
+READYZ_STORE_WAIT = 0.1
 
 
 class ProxyServer:
@@ -149,9 +151,17 @@ class ProxyServer:
     def _replay_store(self) -> GuardedReplayStore:
         """``[cluster] replay_store`` with its failure policy; a SQLite file is opened now."""
         c = self.cfg.cluster
+        sentinel = c.replay_store.strip().lower().startswith(("redis+sentinel:", "rediss+sentinel:"))
+        if sentinel and c.store_wait_timeout_ms >= c.store_timeout_seconds * 1000:
+            raise ConfigError(
+                f"[cluster] store_wait_timeout_ms: expected less than store_timeout_seconds "
+                f"({c.store_timeout_seconds:g} s), got {c.store_wait_timeout_ms} ms"
+            )
         try:
             store = open_replay_store(
-                c.replay_store, base_dir=self.cfg.base_dir, timeout=c.store_timeout_seconds
+                c.replay_store, base_dir=self.cfg.base_dir, timeout=c.store_timeout_seconds,
+                wait_replicas=c.store_wait_replicas, wait_timeout=c.store_wait_timeout_ms / 1000,
+                on_unacknowledged=self.metrics.replay_store_unacknowledged_total.inc,
             )
         except BadStoreURL as exc:
             raise ConfigError(f"[cluster] replay_store: {exc}") from None
@@ -162,6 +172,7 @@ class ProxyServer:
             on_error=c.on_store_error,
             on_failure=self.metrics.replay_store_errors_total.inc,
             name=redact_url(c.replay_store),
+            grace=c.store_grace_seconds,
         )
 
     def _cloudstack_validator(self) -> CloudStackValidator:
@@ -442,7 +453,9 @@ class ProxyServer:
         return None
 
     async def handle_readyz(self, request: web.Request) -> web.Response:
-        await self.replay.refresh()  # pings a shared store at most once a second
+        # Pings a shared store at most once a second; answers from the last known state when the
+        # ping takes longer than READYZ_STORE_WAIT (the ping finishes in the background).
+        await self.replay.refresh(wait=READYZ_STORE_WAIT)
         reason = self.not_ready_reason()
         if reason is None:
             return web.json_response({"status": "ready"})
