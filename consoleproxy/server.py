@@ -25,6 +25,8 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from . import rfb
+from .acme_orders import AcmeManager
+from .acme_policy import ChallengeRecords
 from .certstore import CertificateError, CertStore, SNIContexts, bundle_key
 from .cloudstack import CloudStackKeyError, CloudStackKeys, CloudStackValidator
 from .config import Config, ConfigError
@@ -77,6 +79,8 @@ audit_log = logging.getLogger("consoleproxy.audit")
 
 DEV_SUFFIX = "*.consoleproxy.local"
 CERT_RECHECK_SECONDS = 60.0
+# /readyz waits at most this long for a replay store ping: far below any balancer's check timeout.
+READYZ_STORE_WAIT = 0.1
 
 
 class ProxyServer:
@@ -149,6 +153,9 @@ class ProxyServer:
         self.removed_sessions: list[str] = []
         self.admin_key: str | None = None
         self.dns: DnsServer | None = None
+        # [acme]: challenge answers (DNS responder, redirect port) and the renewal loop.
+        self.challenges: ChallengeRecords | None = None
+        self.acme: AcmeManager | None = None
         self._dns_settings = self._dns_config()
         # Resume (resume.py): the keyring that seals tickets, consoles by resume chain id, and the
         # store writes that mark a generation used when its console must not come back.
@@ -160,9 +167,17 @@ class ProxyServer:
     def _replay_store(self) -> GuardedReplayStore:
         """``[cluster] replay_store`` with its failure policy; a SQLite file is opened now."""
         c = self.cfg.cluster
+        sentinel = c.replay_store.strip().lower().startswith(("redis+sentinel:", "rediss+sentinel:"))
+        if sentinel and c.store_wait_timeout_ms >= c.store_timeout_seconds * 1000:
+            raise ConfigError(
+                f"[cluster] store_wait_timeout_ms: expected less than store_timeout_seconds "
+                f"({c.store_timeout_seconds:g} s), got {c.store_wait_timeout_ms} ms"
+            )
         try:
             store = open_replay_store(
-                c.replay_store, base_dir=self.cfg.base_dir, timeout=c.store_timeout_seconds
+                c.replay_store, base_dir=self.cfg.base_dir, timeout=c.store_timeout_seconds,
+                wait_replicas=c.store_wait_replicas, wait_timeout=c.store_wait_timeout_ms / 1000,
+                on_unacknowledged=self.metrics.replay_store_unacknowledged_total.inc,
             )
         except BadStoreURL as exc:
             raise ConfigError(f"[cluster] replay_store: {exc}") from None
@@ -173,6 +188,7 @@ class ProxyServer:
             on_error=c.on_store_error,
             on_failure=self.metrics.replay_store_errors_total.inc,
             name=redact_url(c.replay_store),
+            grace=c.store_grace_seconds,
         )
 
     def _resume_keyring(self, keyring: Keyring | None) -> Keyring | None:
@@ -267,6 +283,8 @@ class ProxyServer:
         lst = self.cfg.listen
         if lst.tls and self.tls is None:
             self.tls = await asyncio.to_thread(self._load_tls)
+        if self.cfg.acme.enabled and self.certstore is not None:
+            self.challenges = ChallengeRecords(self.certstore.directory / "acme" / "challenges.json")
         runner = web.AppRunner(
             self.public_app(), access_log=None, handle_signals=False, **handler_args(self.cfg.limits)
         )
@@ -301,10 +319,20 @@ class ProxyServer:
         self._admin_site = asite
         self._sweeper = asyncio.create_task(self._sweep())
         if self._dns_settings is not None:
-            self.dns = DnsServer(self._dns_settings, self.metrics)
+            self.dns = DnsServer(self._dns_settings, self.metrics, challenges=self.challenges)
             await self.dns.start()
             log.info("DNS responder for %s on %s", self._dns_settings.zone, self.cfg.dns.listen)
         self.health.start()
+        if self.challenges is not None and self.certstore is not None:
+            self.acme = AcmeManager(
+                self.cfg, self.certstore, self.challenges, lock=self.replay, metrics=self.metrics,
+                on_installed=self._acme_installed,
+            )
+            self.acme.start()
+
+    def _acme_installed(self) -> None:
+        with contextlib.suppress(CertificateError):  # logged; the old certificates stay
+            self.reload_certificates()
 
     def _dns_config(self) -> DnsSettings | None:
         """Checked at construction so bad settings fail before anything binds."""
@@ -328,6 +356,13 @@ class ProxyServer:
     def _redirect_app(self) -> web.Application:
         """Plain HTTP that only sends browsers to the HTTPS listener (same host, path, query)."""
 
+        async def acme_http01(request: web.Request) -> web.Response:
+            # RFC 8555 8.3: the key authorization as the body, for the CA's validation request.
+            answer = self.challenges.http(request.match_info["token"]) if self.challenges else None
+            if answer is None:
+                raise web.HTTPNotFound()
+            return web.Response(text=answer, content_type="application/octet-stream")
+
         async def redirect(request: web.Request) -> web.Response:
             host = request.url.raw_host or "localhost"
             if ":" in host:  # IPv6 literal
@@ -337,6 +372,7 @@ class ProxyServer:
             raise web.HTTPMovedPermanently(f"https://{netloc}{request.raw_path}")
 
         app = web.Application(client_max_size=1024)
+        app.router.add_get("/.well-known/acme-challenge/{token}", acme_http01)
         app.router.add_route("*", "/{tail:.*}", redirect)
         return app
 
@@ -428,6 +464,8 @@ class ProxyServer:
             relay.abort()
         if self._burns:
             await asyncio.wait(self._burns, timeout=2)
+        if self.acme is not None:
+            await self.acme.close()
         await self.health.close()
         if self.dns is not None:
             await self.dns.close()
@@ -446,6 +484,8 @@ class ProxyServer:
             return "draining"
         if self.cfg.listen.tls and self.certificate_problem:
             return self.certificate_problem
+        if self.acme is not None and (acme_problem := self.acme.problem()) is not None:
+            return acme_problem
         if (store_problem := self.replay.not_ready_reason()) is not None:
             return store_problem
         if (health_problem := self.health.unready_reason()) is not None:
@@ -456,7 +496,9 @@ class ProxyServer:
         return None
 
     async def handle_readyz(self, request: web.Request) -> web.Response:
-        await self.replay.refresh()  # pings a shared store at most once a second
+        # Pings a shared store at most once a second; answers from the last known state when the
+        # ping takes longer than READYZ_STORE_WAIT (the ping finishes in the background).
+        await self.replay.refresh(wait=READYZ_STORE_WAIT)
         reason = self.not_ready_reason()
         if reason is None:
             return web.json_response({"status": "ready"})
