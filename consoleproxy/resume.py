@@ -99,6 +99,7 @@ class TicketBody:
     view_only: bool = False
     max_duration: int | None = None
     lang_key_release: str | None = None
+    session_uuid: str | None = None  # CloudStack's sessionUuid: its load report keeps the console's
 
     def __repr__(self) -> str:
         return f"TicketBody(sid={self.sid!r}, gen={self.gen}, vm={self.vm!r}, target={self.host}:{self.port})"
@@ -108,7 +109,7 @@ class TicketBody:
             "sid": self.sid, "gen": self.gen, "host": self.host, "port": self.port,
             "vm": self.vm, "started": self.started,
         }
-        for key in ("password", "name", "client_ip", "max_duration", "lang_key_release"):
+        for key in ("password", "name", "client_ip", "max_duration", "lang_key_release", "session_uuid"):
             value = getattr(self, key)
             if value is not None:
                 d[key] = value
@@ -120,7 +121,7 @@ class TicketBody:
     def from_dict(cls, d: Mapping[str, Any]) -> TicketBody:
         """Check every field's type (the body was sealed by us, but a key can leak)."""
         known = {"sid", "gen", "host", "port", "vm", "started", "password", "name", "client_ip",
-                 "view_only", "max_duration", "lang_key_release"}
+                 "view_only", "max_duration", "lang_key_release", "session_uuid"}
         if set(d) - known or not {"sid", "gen", "host", "port", "vm", "started"} <= set(d):
             raise ResumeRefused("resume ticket invalid")
         sid, gen, host, port, vm, started = (d[k] for k in ("sid", "gen", "host", "port", "vm", "started"))
@@ -128,7 +129,8 @@ class TicketBody:
             isinstance(sid, str) and 0 < len(sid) <= 64
             and _nat(gen) and isinstance(host, str) and 0 < len(host) <= 255
             and _nat(port) and 1 <= port <= 65535 and isinstance(vm, str) and _nat(started)
-            and all(d.get(k) is None or isinstance(d[k], str) for k in ("password", "name", "client_ip"))
+            and all(d.get(k) is None or isinstance(d[k], str)
+                    for k in ("password", "name", "client_ip", "session_uuid"))
             and isinstance(d.get("view_only", False), bool)
             and (d.get("max_duration") is None or (_nat(d["max_duration"]) and d["max_duration"] > 0))
             and d.get("lang_key_release") in (None, *LANG_KEY_RELEASE)
@@ -144,7 +146,7 @@ class TicketBody:
             sid=sid, gen=gen, host=host, port=port, vm=vm, started=started,
             password=d.get("password"), name=d.get("name"), client_ip=d.get("client_ip"),
             view_only=d.get("view_only", False), max_duration=d.get("max_duration"),
-            lang_key_release=d.get("lang_key_release"),
+            lang_key_release=d.get("lang_key_release"), session_uuid=d.get("session_uuid"),
         )
 
 

@@ -558,7 +558,8 @@ class ProxyServer:
                     name=claims.name,
                     view_only=claims.view_only,
                     max_duration=claims.max_duration,
-                    session_uuid=claims.jti if self.cloudstack is not None else None,
+                    session_uuid=(ticket.session_uuid if ticket is not None else claims.jti)
+                    if self.cloudstack is not None else None,
                 )
                 if wants_resume:
                     self._resume_state(session, ticket)
@@ -1069,6 +1070,7 @@ def _ticket_body(session: Session, claims: Claims) -> TicketBody:
         vm=claims.vm, started=int(session.started), password=claims.password, name=claims.name,
         client_ip=claims.client_ip, view_only=claims.view_only,
         max_duration=claims.max_duration, lang_key_release=claims.lang_key_release,
+        session_uuid=session.session_uuid,
     )
 
 

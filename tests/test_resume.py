@@ -13,21 +13,33 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
-from harness import Proxy, RFBClient, connect_echo, echo_backend, free_port, running_proxy, tcp_server
+from harness import (
+    Proxy,
+    RFBClient,
+    connect_echo,
+    echo_backend,
+    free_port,
+    make_config,
+    running_proxy,
+    tcp_server,
+)
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from consoleproxy.errors import ResumeRefused, TokenInvalid
+from consoleproxy.cloudstack import CloudStackKeys, encrypt_gcm
+from consoleproxy.errors import ConfigError, ResumeRefused, TokenInvalid
 from consoleproxy.resume import TicketBody, issue_ticket, open_ticket, seal_body, used_key
+from consoleproxy.server import ProxyServer
 from consoleproxy.tokens import Keyring, decode, issue
 
 RING = Keyring.generate()
 BODY = TicketBody(sid="chain", gen=3, host="10.0.0.5", port=5901, vm="vm-9", started=1_700_000_000,
                   password="s3cret", name="web", client_ip="192.0.2.7", view_only=True,
-                  max_duration=600, lang_key_release="drop")
+                  max_duration=600, lang_key_release="drop", session_uuid="uuid-1")
 NOW = 1_800_000_000
 
 
@@ -180,9 +192,16 @@ async def test_ticket_only_when_asked_and_resume_after_a_cut(tmp_path: Path) -> 
         assert 'consoleproxy_resumes_total{cause="drain"} 1.0' in p.server.metrics.render().decode()
 
 
-async def test_used_ticket_is_refused_on_another_instance(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("redis", marks=pytest.mark.integration)])
+async def test_used_ticket_is_refused_on_another_instance(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
     ring = Keyring.generate()
-    store = {"replay_store": f"sqlite:///{tmp_path}/replay.db"}
+    if kind == "redis":
+        url = request.getfixturevalue("redis_server").url  # a real redis-server (tests/conftest.py)
+    else:
+        url = f"sqlite:///{tmp_path}/replay.db"
+    store = {"replay_store": url}
     async with running_proxy(tmp_path / "a", ring, cluster=store) as a, \
             running_proxy(tmp_path / "b", ring, cluster=store) as b, tcp_server(echo_backend) as port:
         async with opened(a.url(a.token(port=port)) + "&resume=1") as c:
@@ -309,3 +328,37 @@ async def test_lifetime_counts_from_the_first_start(tmp_path: Path) -> None:
             assert await c.close_code() == 4012
         # and the ticket that console was given does not bring it back
         assert await _refused(p, given) == (4005, "resume ticket already used")
+
+
+async def test_cloudstack_console_resumes_with_its_session_uuid(tmp_path: Path) -> None:
+    """CloudStack tokens: tickets sealed with the [tokens] keyring; the load report keeps the
+    console's sessionUuid across the resume."""
+    keys = CloudStackKeys.generate()
+    (tmp_path / "keyiv.json").write_text(keys.dumps())
+    sections: dict[str, Any] = {"tokens": {"format": "cloudstack"},
+                                "cloudstack": {"key_iv_file": str(tmp_path / "keyiv.json")}}
+    async with running_proxy(tmp_path, **sections) as p, tcp_server(echo_backend) as port:
+        fields = {"clientHostAddress": "127.0.0.1", "clientHostPort": port, "clientTag": "vm-cs",
+                  "sessionUuid": "5f0c-uuid"}
+        token = quote(encrypt_gcm(keys, fields), safe="")
+        async with opened(p.url(token) + "&resume=1") as c:
+            ticket = await c.ticket()
+            c.cut()
+        async with resumed(p, ticket) as again:
+            await connect_echo(again)
+            (session,) = list(p.server.registry)
+            assert session.session_uuid == "5f0c-uuid" and session.resume_gen == 1
+
+
+def test_cloudstack_resume_needs_a_keyring_file(tmp_path: Path) -> None:
+    keys = CloudStackKeys.generate()
+    (tmp_path / "keyiv.json").write_text(keys.dumps())
+    cfg = make_config(tmp_path, tokens={"format": "cloudstack"},
+                      cloudstack={"key_iv_file": str(tmp_path / "keyiv.json")})
+    assert ProxyServer(cfg).resume_keyring is None  # no keys.json: off (a key of one process would not do)
+    ring = Keyring.generate()
+    ring.save(tmp_path / "keys.json")
+    assert ProxyServer(cfg).resume_keyring == ring
+    (tmp_path / "keys.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"\[tokens\] keyring \(for resume tickets\)"):
+        ProxyServer(cfg)
