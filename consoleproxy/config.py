@@ -240,6 +240,14 @@ class Input:
 
 
 @dataclass(frozen=True)
+class Resume:
+    # How long a console that lost its WebSocket (network, drain, a lost instance) can come back
+    # with its resume ticket instead of a new token; 0 = off. Costs ~300 bytes per console (its
+    # sealed ticket body) and a ticket sent every third of the window.
+    window_seconds: int = field(default=120, metadata=_opt(_range(0, 3600)))
+
+
+@dataclass(frozen=True)
 class Dns:
     enabled: bool = field(default=False, metadata=_opt())
     listen: str = field(default="0.0.0.0:53", metadata=_opt(_hostport))
@@ -352,6 +360,7 @@ class Config:
     drain: Drain = field(default_factory=Drain)
     page: Page = field(default_factory=Page)
     input: Input = field(default_factory=Input)
+    resume: Resume = field(default_factory=Resume)
     dns: Dns = field(default_factory=Dns)
     cluster: Cluster = field(default_factory=Cluster)
     acme: Acme = field(default_factory=Acme)

@@ -48,6 +48,11 @@ class Metrics:
             registry=r,
         )
         self.draining = Gauge(p + "draining", "1 while the instance drains", registry=r)
+        # cause: "drain" (the page saw 1001), "network" (1006 and other abnormal closes), "other".
+        self.resumes_total = Counter(
+            p + "resumes_total", "Consoles resumed with a resume ticket, by the cause of the break",
+            ["cause"], registry=r,
+        )
         self.acme_renewals_total = Counter(
             p + "acme_renewals_total",
             "ACME order attempts, by result (issued, installed, unreachable, challenge_failed, "

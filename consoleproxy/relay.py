@@ -435,6 +435,14 @@ class ClientReader(asyncio.BufferedProtocol):
             self.ping_sent = now
             t.write(_PING)
 
+    def send_text(self, text: bytes) -> None:
+        """One text message to the browser (a resume ticket) between the relay's whole frames,
+        as the heartbeat's pings are; nothing once closing."""
+        t = self.transport
+        if self._stage == CLOSING or t is None or t.is_closing():
+            return
+        t.write(frame(0x1, text))
+
     def close(self, code: int, reason: bytes, *, reply: bool = False) -> None:
         """Send our close frame (the relay has ended) and end the connection when the browser
         answers, at once when ``reply`` (the browser closed first) or its bytes can no longer be

@@ -145,7 +145,9 @@ class Cluster:
                 await asyncio.sleep(0.05)
 
 
-def _instance_config(inst: Instance, layout: str, replay: str, extra: str, cluster_extra: str) -> str:
+def _instance_config(
+    inst: Instance, layout: str, replay: str, extra: str, cluster_extra: str, deadline: float
+) -> str:
     if layout == "passthrough":
         listen = 'tls = true\nproxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]'
         tls = f'fqdn = "{FQDN}"'
@@ -173,7 +175,7 @@ replay_store = "{replay}"
 {cluster_extra}
 [drain]
 grace_seconds = {CHECK_MS * 3 / 1000}
-deadline_seconds = 120
+deadline_seconds = {deadline}
 [log]
 level = "info"
 {extra}
@@ -183,10 +185,12 @@ level = "info"
 @contextlib.asynccontextmanager
 async def cluster(
     tmp_path: Path, *, layout: str, replay: str, count: int = 3, extra: str = "", cluster_extra: str = "",
-    check_ms: int = CHECK_MS,
+    check_ms: int = CHECK_MS, drain_deadline: float = 120,
 ) -> AsyncIterator[Cluster]:
     """``extra``: more TOML sections for every instance; ``cluster_extra``: more ``[cluster]`` keys;
-    ``check_ms``: HAProxy's check interval, which is also each check's time limit."""
+    ``check_ms``: HAProxy's check interval, which is also each check's time limit;
+    ``drain_deadline``: ``[drain] deadline_seconds``; at the grace period's length (or below)
+    a drain closes its consoles with 1001 as soon as new ones are refused."""
     haproxy = require_tool("haproxy", "haproxy")
     chain = make_chain(FQDN)
     keyring = Keyring.generate()
@@ -198,7 +202,7 @@ async def cluster(
         d = tmp_path / f"proxy{i + 1}"
         d.mkdir()
         inst = Instance(i, d, _free(20000, 29999, taken), _free(30000, 39999, taken), d / "consoleproxy.toml")
-        inst.config.write_text(_instance_config(inst, layout, replay, extra, cluster_extra))
+        inst.config.write_text(_instance_config(inst, layout, replay, extra, cluster_extra, drain_deadline))
         if layout == "passthrough":
             store = CertStore(d / "certs")
             for item in chain.items(suffix=FQDN):

@@ -1,5 +1,5 @@
-"""Small runs of the benchmarks (bench/relay_bench.py and bench/churn.py with --quick) so their code
-cannot rot.
+"""Small runs of the benchmarks (bench/relay_bench.py and bench/churn.py with --quick,
+bench/resume_storm.py with 20 consoles) so their code cannot rot.
 
 Tiny sizes, every scenario, both proxies and raw TCP; checks that it completes and writes the
 JSON, the table and the chart with every section filled. No timing is asserted.
@@ -70,3 +70,17 @@ def test_churn_bench_quick_run_reports_waves_and_the_collection_pause(tmp_path: 
         assert isinstance(r[key]["rss_growth_kib_per_ended_console"], float)
     assert r["gc_pause"]["consoles"] == 10 and r["gc_pause"]["seconds"] > 0
     assert "| TLS | 2 x 5 |" in proc.stdout and "One full collection with 10 idle" in proc.stdout
+
+
+def test_resume_storm_small_run_writes_results(tmp_path: Path) -> None:
+    """bench/resume_storm.py with 20 consoles (SQLite store): every one comes back on the survivor."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "resume_storm.py"), "--consoles", "20", "--store", "sqlite",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads((out / "resume_storm.json").read_text())
+    assert r["back"] == 20 and r["lost"] == 0, r
+    assert r["seconds_to_99pct"] is not None and r["survivor_cpu_seconds"] > 0, r

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from cluster_helpers import FQDN, Cluster, cluster
+from cluster_helpers import CHECK_MS, FQDN, Cluster, cluster
 from conftest import require_tool
 from harness import RFBClient, connect_echo, echo_backend, tcp_server
 from playwright.async_api import async_playwright
@@ -161,6 +161,48 @@ async def test_page_through_haproxy_on_any_instance(
                         await c.instances[first].admin("POST", "/api/drain")
                         await c.wait_states({c.instances[first].name: "DOWN"})
                 assert active[first] == 1 and sum(active) == 2, active
+            finally:
+                await b.close()
+
+
+async def test_page_resumes_on_the_other_instance_after_a_drain(
+    tmp_path: Path,
+    nss_trust: NssTrust,  # noqa: F811 - the fixture imported above
+    redis_server: RedisServer,
+) -> None:
+    """Resume (DESIGN 10): the instance serving a page is drained with no deadline beyond its
+    grace period; the page's console comes back on the other instance within 10 s."""
+    chromium = require_tool("chromium", "chromium")
+    grace = CHECK_MS * 3 / 1000
+    async with cluster(tmp_path, layout="passthrough", replay=redis_server.url, count=2,
+                       drain_deadline=grace) as c, demo_server() as demo:
+        root = tmp_path / "root.pem"
+        root.write_text(c.root_pem)
+        nss_trust.trust(root)
+        args = [*CHROMIUM_ARGS, f"--host-resolver-rules=MAP {FQDN} 127.0.0.1"]
+        async with async_playwright() as pw:
+            b = await pw.chromium.launch(executable_path=chromium, args=args, timeout=30_000,
+                                         env={**os.environ, "HOME": str(nss_trust.home)})
+            try:
+                page = await b.new_page()
+                sockets: list[str] = []
+                page.on("websocket", lambda ws: sockets.append(ws.url))
+                token = c.token(demo.port, password=demo.password)
+                await page.goto(f"https://{FQDN}:{c.port}/console?token={token}&language=ko")
+                status = page.locator("#status")
+                await pw_expect(status).to_have_attribute("data-state", "connected", timeout=TIMEOUT_MS)
+                active = await per_instance(c, "consoleproxy_sessions_active")
+                first = active.index(1)
+                other = c.instances[1 - first]
+                await c.instances[first].admin("POST", "/api/drain")
+                async with asyncio.timeout(10):
+                    while await other.metric('consoleproxy_resumes_total{cause="drain"}') < 1:
+                        await asyncio.sleep(0.1)
+                    await pw_expect(status).to_have_attribute("data-state", "connected", timeout=10_000)
+                # the drained instance has ended (drain complete); the console lives on the other
+                assert await other.metric("consoleproxy_sessions_active") == 1
+                assert sockets[-1] == f"wss://{FQDN}:{c.port}/websockify?resume=1&after=1001"
+                assert token not in "".join(sockets[1:])
             finally:
                 await b.close()
 
