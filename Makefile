@@ -26,7 +26,7 @@ run: setup
 	$(VENV)/bin/consoleproxy demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check consoleproxy tests bench
+	$(VENV)/bin/ruff check consoleproxy tests bench buildsupport scripts
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -221,7 +221,8 @@ class Drain:
 
 @dataclass(frozen=True)
 class Page:
-    # Empty = the copies beside the package: novnc_static/ and node_modules/@novnc/novnc/.
+    # Empty = a checkout's novnc_static/ and node_modules/@novnc/novnc/, else the copies the wheel
+    # carries (consoleproxy/assets.py).
     static_dir: str = field(default="", metadata=_opt())
     novnc_dir: str = field(default="", metadata=_opt())
 

@@ -25,6 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from . import rfb
+from .assets import default_page_dirs
 from .certstore import CertificateError, CertStore, SNIContexts, bundle_key
 from .cloudstack import CloudStackKeyError, CloudStackKeys, CloudStackValidator
 from .config import Config, ConfigError
@@ -197,10 +198,10 @@ class ProxyServer:
         return app
 
     def _page_dirs(self) -> tuple[Path, Path]:
-        root = Path(__file__).resolve().parent.parent
+        default_static, default_novnc = default_page_dirs()
         pg = self.cfg.page
-        static = self.cfg.path(pg.static_dir) if pg.static_dir else root / "novnc_static"
-        novnc = self.cfg.path(pg.novnc_dir) if pg.novnc_dir else root / "node_modules/@novnc/novnc"
+        static = self.cfg.path(pg.static_dir) if pg.static_dir else default_static
+        novnc = self.cfg.path(pg.novnc_dir) if pg.novnc_dir else default_novnc
         return static, novnc
 
     async def handle_page(self, request: web.Request) -> web.StreamResponse:
