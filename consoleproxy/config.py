@@ -311,6 +311,8 @@ class Config:
     log: Log = field(default_factory=Log)
     # Where relative paths are anchored: the configuration file's directory.
     base_dir: Path = field(default_factory=Path.cwd, compare=False)
+    # The file it was read from (None: defaults and environment only); a reload reads it again.
+    source: Path | None = field(default=None, compare=False)
 
     def path(self, value: str) -> Path:
         """Resolve a path-valued setting against the configuration file's directory."""
@@ -321,7 +323,7 @@ class Config:
 _SECTIONS: dict[str, type] = {
     f.name: typing.get_type_hints(Config)[f.name]
     for f in dataclasses.fields(Config)
-    if f.name != "base_dir"
+    if f.name not in ("base_dir", "source")
 }
 
 
@@ -492,7 +494,7 @@ def load_config(
         sec: _build_section(sec, cls, sections.get(sec, {}), sources.get(sec, {}))
         for sec, cls in _SECTIONS.items()
     }
-    cfg = Config(base_dir=base, **built)
+    cfg = Config(base_dir=base, source=None if path is None else Path(path).resolve(), **built)
     _cross_checks(cfg, label)
     return cfg
 
