@@ -6,8 +6,9 @@ committed) with:
 
 - ``page/``: our console page, a copy of ``novnc_static/``;
 - ``novnc/``: noVNC's ``core/`` and ``vendor/`` with its licence, from the npm tarball of the exact
-  version that ``package-lock.json`` pins, fetched with ``npm pack`` and checked against the lock's
-  ``integrity`` (sha512) before anything is unpacked;
+  version that ``package-lock.json`` pins, fetched with ``npm pack`` (or left in ``build/novnc/`` by
+  the Dockerfile's node stage) and checked against the lock's ``integrity`` (sha512) before
+  anything is unpacked;
 - ``ASSETS.json``: the noVNC version and integrity the copy came from.
 
 An sdist carries ``webassets/`` already, so a wheel builds from it without npm: the copy is reused
@@ -65,8 +66,13 @@ def check_integrity(tarball: Path, integrity: str) -> None:
         raise AssetError(f"{tarball.name}: sha512-{got} does not match package-lock.json's {integrity}")
 
 
-def fetch_novnc(version: str, integrity: str, dest: Path) -> None:
-    """npm pack the locked tarball, check it against the lock, unpack its parts into ``dest``."""
+def fetch_novnc(version: str, integrity: str, dest: Path, prefetched: Path | None = None) -> None:
+    """npm pack the locked tarball (or take ``prefetched``, the Dockerfile's node stage's), check it
+    against the lock, unpack its parts into ``dest``."""
+    if prefetched is not None and prefetched.is_file():
+        check_integrity(prefetched, integrity)
+        unpack_novnc(prefetched, dest)
+        return
     npm = shutil.which("npm")
     if npm is None:
         raise AssetError(
@@ -84,13 +90,25 @@ def fetch_novnc(version: str, integrity: str, dest: Path) -> None:
         if len(tarballs) != 1:
             raise AssetError(f"npm pack {NOVNC}@{version} left {len(tarballs)} tarballs, not one")
         check_integrity(tarballs[0], integrity)
-        with tarfile.open(tarballs[0]) as tar:
+        unpack_novnc(tarballs[0], dest)
+
+
+def unpack_novnc(tarball: Path, dest: Path) -> None:
+    """The parts of the (checked) npm tarball the page needs, into ``dest``."""
+    with tempfile.TemporaryDirectory(prefix="consoleproxy-novnc-") as tmp:
+        with tarfile.open(tarball) as tar:
             members = [m for m in tar.getmembers()
                        if m.name.removeprefix("package/").startswith(NOVNC_PARTS)]
-            unpacked = Path(tmp) / "unpacked"
-            tar.extractall(unpacked, members=members, filter="data")
+            for m in members:  # checked here too: Python before 3.11.4 has no extraction filter
+                parts = Path(m.name).parts
+                if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in parts:
+                    raise AssetError(f"{tarball.name}: unexpected member {m.name!r}")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(tmp, members=members, filter="data")
+            else:
+                tar.extractall(tmp, members=members)  # noqa: S202 (members checked above)
         shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(unpacked / "package", dest)
+        shutil.copytree(Path(tmp) / "package", dest)
 
 
 def prepare_assets(root: Path = ROOT) -> Path:
@@ -103,7 +121,9 @@ def prepare_assets(root: Path = ROOT) -> Path:
     except (OSError, ValueError):
         fresh = False
     if not fresh:
-        fetch_novnc(version, integrity, assets / "novnc")
+        # build/novnc/: where the Dockerfile's node stage leaves the tarball (the wheel stage has no npm).
+        prefetched = root / "build" / "novnc" / f"novnc-novnc-{version}.tgz"
+        fetch_novnc(version, integrity, assets / "novnc", prefetched)
     page_src = root / "novnc_static"
     if page_src.is_dir():  # a checkout: the page as it is now (an sdist has only webassets/page)
         shutil.rmtree(assets / "page", ignore_errors=True)
