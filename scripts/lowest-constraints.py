@@ -2,7 +2,8 @@
 """Print a pip constraints file that pins every dependency of pyproject.toml to its lower bound.
 
 `make test-lowest` installs the package with these constraints, so the lower bounds that
-pyproject.toml promises are the versions the console-path tests run on (issues 17 and 18).
+pyproject.toml promises are the versions the console-path tests run on (issues 17 and 18);
+``--check`` then confirms that the interpreter running it has exactly those versions.
 Covered: [project] dependencies and the `uvloop` extra (what an operator installs). The test tools
 of the `test` extra are not pinned: they are how we test, not what we ship. A dependency without a
 ">=" lower bound is an error, so a new one cannot slip past the lowest-versions run.
@@ -32,7 +33,28 @@ def lower_bounds(pyproject: Path) -> dict[str, str]:
     return pins
 
 
+def check() -> int:
+    """Exit non-zero unless this interpreter has exactly the lower bounds installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    wrong = []
+    for name, low in sorted(lower_bounds(ROOT / "pyproject.toml").items()):
+        try:
+            have = version(name)
+        except PackageNotFoundError:
+            have = "not installed"
+        if have.split("+")[0] != low and have not in (f"{low}.0", f"{low}.0.0"):
+            wrong.append(f"{name} {have} (lower bound {low})")
+        else:
+            print(f"lowest-constraints: {name} {have}")
+    for line in wrong:
+        print(f"lowest-constraints: wrong version: {line}", file=sys.stderr)
+    return 1 if wrong else 0
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--check"]:
+        return check()
     for name, version in sorted(lower_bounds(ROOT / "pyproject.toml").items()):
         print(f"{name}=={version}")
     return 0
