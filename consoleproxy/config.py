@@ -130,6 +130,10 @@ class Listen:
     # Expect a PROXY protocol v1/v2 header (HAProxy send-proxy-v2) before TLS on every public
     # connection, only from trusted_proxies; the header's source becomes the client's address.
     proxy_protocol: bool = field(default=False, metadata=_opt())
+    # Upgrades on one host (docs/upgrade.md): bind the public ports with SO_REUSEPORT, so a new
+    # version can listen beside this one, and close them at the start of a drain, so that every
+    # new connection goes to the new version while open consoles stay here until they end.
+    reuse_port: bool = field(default=False, metadata=_opt())
 
 
 @dataclass(frozen=True)

@@ -84,8 +84,9 @@ class ProxyServer:
         reuse_port: bool = False,
     ) -> None:
         self.cfg = cfg
-        # Set for `serve --workers N`: every worker binds the same public ports.
-        self.reuse_port = reuse_port
+        # Set for `serve --workers N`: every worker binds the same public ports; [listen] reuse_port:
+        # a new version binds them beside this one (docs/upgrade.md).
+        self.reuse_port = reuse_port or cfg.listen.reuse_port
         self.metrics = metrics or Metrics()
         # Certificates for the public listeners; set up in start() when [listen] tls is on.
         self.tls = tls
@@ -866,6 +867,11 @@ class ProxyServer:
             return False
         self.draining = True
         self.metrics.draining.set(1)
+        if self.cfg.listen.reuse_port:
+            # Hand the ports over to the instance listening beside us; open consoles stay.
+            for site in self._sites:
+                site.stop_listening()
+            log.info("draining: public ports closed, new connections go to the other instance")
         log.info("draining: readiness now fails; new consoles refused after %g s",
                  self.cfg.drain.grace_seconds)
         self._drain_task = asyncio.create_task(self._drain())
