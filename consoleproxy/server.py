@@ -405,7 +405,8 @@ class ProxyServer:
         self.registry.max_per_vm = lim.max_sessions_per_vm
         self.registry.per_vm_policy = lim.per_vm_policy
         self.registry.max_per_client_ip = lim.max_sessions_per_client_ip
-        logging.getLogger().setLevel(cfg.log.level.upper())
+        if cfg.log.level != cfg_now.log.level:
+            logging.getLogger().setLevel(cfg.log.level.upper())
         result = ReloadResult(tuple(changed), p.restart, tuple(certificates))
         log.info("reload: %s", result.summary())
         return result
