@@ -4,6 +4,7 @@
 # make fuzz  — the fuzzers of tests/test_fuzz.py with thousands of examples each (a few minutes)
 # make test-lowest — the console-path tests on the lowest version of every dependency pyproject.toml
 #                    allows (scripts/lowest-constraints.py), in a virtualenv of their own (.venv-lowest)
+# make test-pythons — the console-path tests on Python 3.12 and 3.13 when this machine has them
 
 PYTHON ?= python3
 VENV   := .venv
@@ -19,7 +20,10 @@ LOWEST_TESTS := tests/test_console_path.py tests/test_tls_proxy.py tests/test_ve
 	tests/test_wsframes.py tests/test_tokens.py tests/test_cloudstack.py tests/test_replay_stores.py \
 	tests/test_health.py tests/test_dns.py tests/test_reload.py
 
-.PHONY: run test bench lint typecheck unit setup system clean fuzz test-lowest
+PYTHONS_TESTS := tests/test_console_path.py tests/test_tls_proxy.py tests/test_vencrypt.py \
+	tests/test_relay_close.py tests/test_reload.py
+
+.PHONY: run test bench lint typecheck unit setup system clean fuzz test-lowest test-pythons
 
 $(STAMP): pyproject.toml consoleproxy/__init__.py  # the version: the installed metadata follows it
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +63,9 @@ test-lowest: system $(LOWEST)/.installed
 	$(LOWEST)/bin/python scripts/lowest-constraints.py --check
 	$(LOWEST)/bin/pytest -q -p no:cacheprovider $(LOWEST_TESTS)
 
+test-pythons: system
+	bash scripts/test-other-pythons.sh $(PYTHONS_TESTS)
+
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_fuzz.py tests/test_proxyproto.py
 
@@ -67,4 +74,4 @@ bench: setup
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) $(LOWEST) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) .venv-py3.* .pytest_cache .mypy_cache .ruff_cache
