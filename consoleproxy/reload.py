@@ -10,7 +10,8 @@ Applied live: the certificates, the token keyring file, CloudStack's key/IV and 
 per console. Everything else was used to open a socket or start a task (listen addresses and ports,
 the admin listener, the accept layer's limits, DNS, the replay store, …): a change there is named
 in the reply and the log and waits for a restart; the running process keeps the old value, so what
-it reports stays what it does. Open consoles are never touched: they keep what they started with.
+it reports stays what it does. Open consoles are never touched: they keep what they started with, except that
+the sweeper applies the idle timeout, lifetime and ping interval it reads at each pass.
 """
 
 from __future__ import annotations
