@@ -192,7 +192,8 @@ async def test_image_steps_serve_consoles_as_an_unprivileged_user(workdir: Path)
     if os.geteuid() == 0:
         os.chown(keys, int(uid), int(gid))
 
-    port, admin = free_port(20000, 40000), free_port(40001, 60000)
+    # Below the kernel's ephemeral range (32768 and up), where outgoing connections take ports.
+    port, admin = free_port(21000, 26000), free_port(26001, 32000)
     env |= {
         "CONSOLEPROXY_LISTEN_PORTS": f"[{port}]", "CONSOLEPROXY_ADMIN_PORT": str(admin),
         "CONSOLEPROXY_TARGETS_ALLOWED_CIDRS": '["127.0.0.1/32"]', "CONSOLEPROXY_TARGETS_PORTS": "1-65535",
