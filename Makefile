@@ -2,15 +2,30 @@
 # make test  — set everything up and run the whole suite (ruff, mypy, pytest)
 # make bench — benchmarks (bench/README.md)
 # make fuzz  — the fuzzers of tests/test_fuzz.py with thousands of examples each (a few minutes)
+# make test-lowest — the console-path tests on the lowest version of every dependency pyproject.toml
+#                    allows (scripts/lowest-constraints.py), in a virtualenv of their own (.venv-lowest)
+# make test-pythons — the console-path tests on Python 3.12 and 3.13 when this machine has them
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench lint typecheck unit setup system clean fuzz
+LOWEST := .venv-lowest
+# The console path (plain, TLS, VeNCrypt; both event loops where conftest.py says so) and the
+# modules each dependency serves: tokens (joserfc, cryptography), replay stores (redis), health
+# (psutil), DNS (dnspython), metrics (prometheus-client), reload.
+LOWEST_TESTS := tests/test_console_path.py tests/test_tls_proxy.py tests/test_vencrypt.py \
+	tests/test_relay_close.py tests/test_listener.py tests/test_drain.py tests/test_rfb.py \
+	tests/test_wsframes.py tests/test_tokens.py tests/test_cloudstack.py tests/test_replay_stores.py \
+	tests/test_health.py tests/test_dns.py tests/test_reload.py
 
-$(STAMP): pyproject.toml
+PYTHONS_TESTS := tests/test_console_path.py tests/test_tls_proxy.py tests/test_vencrypt.py \
+	tests/test_relay_close.py tests/test_reload.py
+
+.PHONY: run test bench lint typecheck unit setup system clean fuzz test-lowest test-pythons
+
+$(STAMP): pyproject.toml consoleproxy/__init__.py  # the version: the installed metadata follows it
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -26,7 +41,7 @@ run: setup
 	$(VENV)/bin/consoleproxy demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check consoleproxy tests bench
+	$(VENV)/bin/ruff check consoleproxy tests bench buildsupport scripts
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -36,6 +51,21 @@ unit: setup
 
 test: setup lint typecheck unit
 
+$(LOWEST)/.installed: pyproject.toml scripts/lowest-constraints.py
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q --upgrade pip
+	$(LOWEST)/bin/python scripts/lowest-constraints.py > $(LOWEST)/constraints.txt
+	$(LOWEST)/bin/python -m pip install -q -c $(LOWEST)/constraints.txt -e '.[test]'
+	touch $@
+
+test-lowest: system $(LOWEST)/.installed
+	$(LOWEST)/bin/python scripts/lowest-constraints.py --check
+	$(LOWEST)/bin/pytest -q -p no:cacheprovider $(LOWEST_TESTS)
+
+test-pythons: system
+	bash scripts/test-other-pythons.sh $(PYTHONS_TESTS)
+
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_fuzz.py tests/test_proxyproto.py
 
@@ -44,4 +74,4 @@ bench: setup
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) .venv-py3.* .pytest_cache .mypy_cache .ruff_cache

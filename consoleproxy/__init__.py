@@ -1,3 +1,3 @@
 """consoleproxy: a console proxy server (noVNC in the browser, WebSocket to VNC on the hypervisor)."""
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"

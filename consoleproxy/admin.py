@@ -21,6 +21,7 @@ from aiohttp import web
 from .certstore import CertificateError, Item
 from .errors import ConfigError
 from .metrics import CONTENT_TYPE_LATEST
+from .reload import ReloadError
 
 if TYPE_CHECKING:
     from .server import ProxyServer
@@ -123,6 +124,14 @@ def admin_app(server: ProxyServer, key: str) -> web.Application:
                 "deadline_seconds": server.cfg.drain.deadline_seconds,
             }
         )
+
+    async def reload(request: web.Request) -> web.Response:
+        # What SIGHUP does (reload.py); on the loop, so the swap never races a console's handshake.
+        try:
+            result = server.reload()
+        except ReloadError as exc:
+            return web.json_response({"error": str(exc), "changed": []}, status=422)
+        return web.json_response(result.as_json())
 
     async def certificates_list(request: web.Request) -> web.Response:
         if server.certstore is None:
@@ -236,6 +245,7 @@ def admin_app(server: ProxyServer, key: str) -> web.Application:
     app.router.add_get("/api/sessions", sessions)
     app.router.add_delete("/api/sessions/{id}", kill)
     app.router.add_post("/api/drain", drain)
+    app.router.add_post("/api/reload", reload)
     app.router.add_get("/cmd/getstatus", getstatus)
     app.router.add_get("/api/certificates", certificates_list)
     app.router.add_post("/api/certificates", certificates_upload)

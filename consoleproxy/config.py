@@ -134,6 +134,10 @@ class Listen:
     # Expect a PROXY protocol v1/v2 header (HAProxy send-proxy-v2) before TLS on every public
     # connection, only from trusted_proxies; the header's source becomes the client's address.
     proxy_protocol: bool = field(default=False, metadata=_opt())
+    # Upgrades on one host (docs/upgrade.md): bind the public ports with SO_REUSEPORT, so a new
+    # version can listen beside this one, and close them at the start of a drain, so that every
+    # new connection goes to the new version while open consoles stay here until they end.
+    reuse_port: bool = field(default=False, metadata=_opt())
 
 
 @dataclass(frozen=True)
@@ -225,7 +229,8 @@ class Drain:
 
 @dataclass(frozen=True)
 class Page:
-    # Empty = the copies beside the package: novnc_static/ and node_modules/@novnc/novnc/.
+    # Empty = a checkout's novnc_static/ and node_modules/@novnc/novnc/, else the copies the wheel
+    # carries (consoleproxy/assets.py).
     static_dir: str = field(default="", metadata=_opt())
     novnc_dir: str = field(default="", metadata=_opt())
 
@@ -368,6 +373,8 @@ class Config:
     log: Log = field(default_factory=Log)
     # Where relative paths are anchored: the configuration file's directory.
     base_dir: Path = field(default_factory=Path.cwd, compare=False)
+    # The file it was read from (None: defaults and environment only); a reload reads it again.
+    source: Path | None = field(default=None, compare=False)
 
     def path(self, value: str) -> Path:
         """Resolve a path-valued setting against the configuration file's directory."""
@@ -378,7 +385,7 @@ class Config:
 _SECTIONS: dict[str, type] = {
     f.name: typing.get_type_hints(Config)[f.name]
     for f in dataclasses.fields(Config)
-    if f.name != "base_dir"
+    if f.name not in ("base_dir", "source")
 }
 
 
@@ -549,7 +556,7 @@ def load_config(
         sec: _build_section(sec, cls, sections.get(sec, {}), sources.get(sec, {}))
         for sec, cls in _SECTIONS.items()
     }
-    cfg = Config(base_dir=base, **built)
+    cfg = Config(base_dir=base, source=None if path is None else Path(path).resolve(), **built)
     _cross_checks(cfg, label)
     return cfg
 

@@ -476,12 +476,17 @@ class ConsoleSite(web.BaseSite):
         for sock in self.sockets:
             loop.add_reader(sock.fileno(), self._accept_ready, sock)
 
-    async def stop(self) -> None:
+    def stop_listening(self) -> None:
+        """Close the listening sockets; accepted connections are not touched. With SO_REUSEPORT
+        the kernel then gives every new connection to the other listeners of the port."""
         loop = asyncio.get_running_loop()
         for sock in self.sockets:
             loop.remove_reader(sock.fileno())
             sock.close()
         self.sockets.clear()
+
+    async def stop(self) -> None:
+        self.stop_listening()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

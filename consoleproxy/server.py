@@ -27,9 +27,10 @@ from aiohttp import WSMsgType, web
 from . import rfb
 from .acme_orders import AcmeManager
 from .acme_policy import ChallengeRecords
+from .assets import default_page_dirs
 from .certstore import CertificateError, CertStore, SNIContexts, bundle_key
 from .cloudstack import CloudStackKeyError, CloudStackKeys, CloudStackValidator
-from .config import Config, ConfigError
+from .config import Config, ConfigError, load_config
 from .devcert import CA_FILE as DEV_CA_FILE
 from .devcert import ensure_dev_certificate
 from .dns import DnsServer, DnsSettings
@@ -51,6 +52,7 @@ from .memory import Trimmer, malloc_trim
 from .metrics import Metrics
 from .query import raw_query_param
 from .relay import CLOSE_TIMEOUT, STREAM_LIMIT, ClientReader, ConsoleWebSocket, Relay
+from .reload import ReloadError, ReloadResult, plan
 from .replay import (
     BadStoreURL,
     GuardedReplayStore,
@@ -96,8 +98,9 @@ class ProxyServer:
         reuse_port: bool = False,
     ) -> None:
         self.cfg = cfg
-        # Set for `serve --workers N`: every worker binds the same public ports.
-        self.reuse_port = reuse_port
+        # Set for `serve --workers N`: every worker binds the same public ports; [listen] reuse_port:
+        # a new version binds them beside this one (docs/upgrade.md).
+        self.reuse_port = reuse_port or cfg.listen.reuse_port
         self.metrics = metrics or Metrics()
         # Certificates for the public listeners; set up in start() when [listen] tls is on.
         self.tls = tls
@@ -216,15 +219,16 @@ class ProxyServer:
             return None
         return self.validator.keyring if self.validator is not None else self._resume_keys
 
-    def _cloudstack_validator(self) -> CloudStackValidator:
-        """Tokens as a CloudStack/Mold management server makes them (DESIGN 7)."""
-        c = self.cfg.cloudstack
+    def _cloudstack_validator(self, cfg: Config | None = None) -> CloudStackValidator:
+        """Tokens as a CloudStack/Mold management server makes them (DESIGN 7); ``cfg``: a reload's."""
+        cfg = cfg or self.cfg
+        c = cfg.cloudstack
         try:
             auth = base64.b64decode(c.auth_key, validate=True) if c.auth_key else None
         except ValueError:
             raise ConfigError("[cloudstack] auth_key: expected base64") from None
         try:
-            keys = CloudStackKeys.load(self.cfg.path(c.key_iv_file), auth_key=auth)
+            keys = CloudStackKeys.load(cfg.path(c.key_iv_file), auth_key=auth)
         except CloudStackKeyError as exc:
             raise ConfigError(f"[cloudstack] key_iv_file: {exc}") from None
         return CloudStackValidator(
@@ -254,10 +258,10 @@ class ProxyServer:
         return app
 
     def _page_dirs(self) -> tuple[Path, Path]:
-        root = Path(__file__).resolve().parent.parent
+        default_static, default_novnc = default_page_dirs()
         pg = self.cfg.page
-        static = self.cfg.path(pg.static_dir) if pg.static_dir else root / "novnc_static"
-        novnc = self.cfg.path(pg.novnc_dir) if pg.novnc_dir else root / "node_modules/@novnc/novnc"
+        static = self.cfg.path(pg.static_dir) if pg.static_dir else default_static
+        novnc = self.cfg.path(pg.novnc_dir) if pg.novnc_dir else default_novnc
         return static, novnc
 
     async def handle_page(self, request: web.Request) -> web.StreamResponse:
@@ -429,6 +433,59 @@ class ProxyServer:
             self._certificate_state()
         log.info("certificates reloaded: %s", ", ".join(keys))
         return keys
+
+    def reload(self) -> ReloadResult:
+        """SIGHUP and ``POST /api/reload`` (reload.py): read the configuration file and the key and
+        certificate files again; build and check everything first, then swap it in. Any error raises
+        ReloadError and changes nothing. Open consoles keep what they started with."""
+        try:
+            cfg_now = self.cfg
+            loaded = load_config(cfg_now.source) if cfg_now.source is not None else cfg_now
+            p = plan(cfg_now, loaded)
+            cfg = p.config
+            changed = list(p.changed)
+            keyring = cloudstack = None
+            if self.validator is not None:
+                keyring = Keyring.load(cfg.path(cfg.tokens.keyring))
+                if keyring != self.validator.keyring:
+                    changed.append(f"keyring ({', '.join(keyring.kids)})")
+            if self.cloudstack is not None:
+                cloudstack = self._cloudstack_validator(cfg)
+                if cloudstack.keys != self.cloudstack.keys:
+                    changed.append("CloudStack key/IV")
+            targets = TargetPolicy.from_config(cfg.targets.allowed_cidrs, cfg.targets.ports,
+                                               own=local_addresses())
+            backend_tls = self._backend_tls_context(cfg)
+            # Last: the certificates swap themselves only when the whole store loads.
+            certificates = self.tls.reload() if self.tls is not None else []
+        except (ConfigError, ConsoleProxyError, CertificateError, OSError, ValueError) as exc:
+            log.error("reload failed; nothing changed, the running configuration stays: %s", exc)
+            raise ReloadError(str(exc)) from None
+        finally:
+            if self.tls is not None:
+                self._certificate_state()
+        # Nothing below can fail: the new values go live together.
+        self.cfg = cfg
+        if self.validator is not None and keyring is not None:
+            self.validator.keyring = keyring
+            self.validator.skew_seconds = cfg.tokens.skew_seconds
+            self.validator.single_use = cfg.tokens.single_use
+        if self.cloudstack is not None and cloudstack is not None:
+            for attr in ("keys", "hash_key", "check_source_ip", "check_extra"):
+                setattr(self.cloudstack, attr, getattr(cloudstack, attr))
+        self.targets = targets
+        self._backend_tls = backend_tls
+        self._allowed_origins = {a.strip().lower().rstrip("/") for a in cfg.origin.allowed}
+        lim = cfg.limits
+        self.registry.max_sessions = lim.max_sessions
+        self.registry.max_per_vm = lim.max_sessions_per_vm
+        self.registry.per_vm_policy = lim.per_vm_policy
+        self.registry.max_per_client_ip = lim.max_sessions_per_client_ip
+        if cfg.log.level != cfg_now.log.level:
+            logging.getLogger().setLevel(cfg.log.level.upper())
+        result = ReloadResult(tuple(changed), p.restart, tuple(certificates))
+        log.info("reload: %s", result.summary())
+        return result
 
     @staticmethod
     def _site_port(site: web.TCPSite) -> int:
@@ -872,9 +929,10 @@ class ProxyServer:
         session.bytes_down += len(init)
         return leftover[1:]
 
-    def _backend_tls_context(self) -> ssl.SSLContext:
-        t = self.cfg.targets
-        cafile = self.cfg.path(t.vnc_ca_file) if t.vnc_ca_file else None
+    def _backend_tls_context(self, cfg: Config | None = None) -> ssl.SSLContext:
+        cfg = cfg or self.cfg  # a reload's, checked before it is used
+        t = cfg.targets
+        cafile = cfg.path(t.vnc_ca_file) if t.vnc_ca_file else None
         try:
             ctx = ssl.create_default_context(cafile=cafile)
         except (OSError, ssl.SSLError) as exc:
@@ -969,17 +1027,16 @@ class ProxyServer:
 
     async def _sweep(self) -> None:
         """Enforce idle timeout and lifetime for all sessions from one task (no task per console)."""
-        lim = self.cfg.limits
-        idle = lim.idle_timeout_seconds
-        life = lim.max_lifetime_seconds
-        ping = lim.ping_interval_seconds
-        # A tenth of the shortest limit: pings go out 0-10% late and a missing pong (due at half
-        # the interval) is seen 0-20% late; one pass every 3 s by default (~2 ms for 10,000 consoles).
-        shortest = min(x for x in (idle, life, ping, 50.0) if x > 0)
-        interval = min(max(shortest / 10, 0.05), 5.0)
         next_cert_check = time.monotonic() + CERT_RECHECK_SECONDS
         while True:
-            await asyncio.sleep(interval)
+            lim = self.cfg.limits  # read each pass: a reload's limits apply from the next one
+            idle = lim.idle_timeout_seconds
+            life = lim.max_lifetime_seconds
+            ping = lim.ping_interval_seconds
+            # A tenth of the shortest limit: pings go out 0-10% late and a missing pong (due at half
+            # the interval) is seen 0-20% late; one pass every 3 s by default (~2 ms for 10,000 consoles).
+            shortest = min(x for x in (idle, life, ping, 50.0) if x > 0)
+            await asyncio.sleep(min(max(shortest / 10, 0.05), 5.0))
             self.trimmer.tick()
             now = time.monotonic()
             if self.certstore is not None and now >= next_cert_check:
@@ -1010,6 +1067,11 @@ class ProxyServer:
             return False
         self.draining = True
         self.metrics.draining.set(1)
+        if self.cfg.listen.reuse_port:
+            # Hand the ports over to the instance listening beside us; open consoles stay.
+            for site in self._sites:
+                site.stop_listening()
+            log.info("draining: public ports closed, new connections go to the other instance")
         log.info("draining: readiness now fails; new consoles refused after %g s",
                  self.cfg.drain.grace_seconds)
         self._drain_task = asyncio.create_task(self._drain())
@@ -1089,8 +1151,8 @@ def _result_label(result: str) -> str:
 
 
 def _reload_quietly(server: ProxyServer) -> None:
-    with contextlib.suppress(CertificateError):  # logged; the old certificates stay
-        server.reload_certificates()
+    with contextlib.suppress(ReloadError):  # logged; everything old stays
+        server.reload()
 
 
 async def run_forever(cfg: Config, *, worker_index: int | None = None) -> int:

@@ -9,7 +9,7 @@ Single use must hold across workers, so a ``memory`` replay store (one process o
 by a SQLite file shared by the workers of this supervisor. A ``redis://`` or ``sqlite://`` store
 from the configuration is used as given.
 
-The supervisor forwards SIGTERM (drain), SIGINT (stop) and SIGHUP (reload certificates) to every
+The supervisor forwards SIGTERM (drain), SIGINT (stop) and SIGHUP (reload, consoleproxy/reload.py) to every
 worker, restarts a worker that dies while serving, gives up when workers keep dying at start, and
 exits 0 when every worker has drained and exited 0.
 """

@@ -19,6 +19,7 @@ from consoleproxy.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
+IMAGE_CONFIG = ROOT / "docker" / "consoleproxy.toml"
 
 
 @dataclass
@@ -71,7 +72,7 @@ def test_multi_stage_node_build_and_slim_python_runtime(stages: list[Stage]) -> 
     node = [s for s in stages if s.image.startswith("node:")]
     assert len(node) == 1 and node[0].name, "one named node stage fetches noVNC"
     runs = " ".join(node[0].all("RUN"))
-    assert "npm ci" in runs, "npm ci: the versions of package-lock.json, nothing else"
+    assert "npm pack" in runs and "package-lock.json" in runs, "npm pack: the version package-lock.json pins"
     copied = " ".join(node[0].all("COPY"))
     assert "package.json" in copied and "package-lock.json" in copied
     runtime = stages[-1]
@@ -89,10 +90,13 @@ def test_base_images_are_pinned_never_latest(stages: list[Stage]) -> None:
         assert any(ch.isdigit() for ch in tag), f"{s.image}: tag names no version"
 
 
-def test_novnc_copied_from_the_npm_stage(stages: list[Stage]) -> None:
+def test_novnc_tarball_goes_from_the_npm_stage_into_the_wheel(stages: list[Stage]) -> None:
     node = next(s for s in stages if s.image.startswith("node:"))
-    copies = stages[-1].all("COPY")
-    assert any(c.startswith(f"--from={node.name} ") and "@novnc/novnc" in c for c in copies), copies
+    wheel = next(s for s in stages if any("pip wheel" in r for r in s.all("RUN")))
+    copies = wheel.all("COPY")
+    # buildsupport/consoleproxy_build.py looks for the tarball in build/novnc/ and checks its sha512.
+    assert any(c.startswith(f"--from={node.name} ") and c.endswith(" ./build/novnc") for c in copies), copies
+    assert not any("novnc" in c for c in stages[-1].all("COPY")), "the wheel carries noVNC"
 
 
 def test_runtime_runs_as_a_non_root_user(stages: list[Stage]) -> None:
@@ -106,43 +110,32 @@ def test_runtime_runs_as_a_non_root_user(stages: list[Stage]) -> None:
     assert "RUN" not in ops[last_user:], "RUN after USER runs as the service user; keep setup before it"
 
 
-def test_healthcheck_hits_healthz(stages: list[Stage]) -> None:
+def test_healthcheck_probes_healthz_where_the_config_listens(stages: list[Stage], tmp_path: Path) -> None:
+    from consoleproxy.healthcheck import healthz_url
+
     checks = stages[-1].all("HEALTHCHECK")
-    assert len(checks) == 1 and "/healthz" in checks[0] and "CMD" in checks[0]
-    assert "--interval=" in checks[0] and "--timeout=" in checks[0]
+    assert len(checks) == 1 and "--interval=" in checks[0] and "--timeout=" in checks[0]
+    assert json.loads(checks[0].split("CMD", 1)[1]) == ["python", "-m", "consoleproxy.healthcheck"]
+    cfg = load_config(IMAGE_CONFIG, env={})
+    assert healthz_url(cfg) == f"https://127.0.0.1:{cfg.listen.ports[0]}/healthz"
 
 
 def test_exposed_ports_match_the_image_config(stages: list[Stage]) -> None:
     exposed = {p.split("/")[0] for e in stages[-1].all("EXPOSE") for p in e.split()}
-    cfg = _image_config(stages)
+    cfg = tomllib.loads(IMAGE_CONFIG.read_text())
     assert {str(p) for p in cfg["listen"]["ports"]} <= exposed
     assert str(cfg["admin"]["port"]) in exposed
-    assert any(f":{p}/healthz" in stages[-1].all("HEALTHCHECK")[0] for p in cfg["listen"]["ports"])
 
 
-def _image_config(stages: list[Stage]) -> dict[str, object]:
-    """The TOML the image writes with printf, parsed."""
-    run = next(r for r in stages[-1].all("RUN") if "consoleproxy.toml" in r and "printf" in r)
-    body = run.split("printf '%s\\n'", 1)[1].split(">", 1)[0]
-    lines = [part.strip() for part in body.split("'") if part.strip()]
-    return tomllib.loads("\n".join(lines) + "\n")
-
-
-def test_image_config_is_a_valid_consoleproxy_config(stages: list[Stage], tmp_path: Path) -> None:
-    text = _image_config(stages)
-    path = tmp_path / "consoleproxy.toml"
-    lines = []
-    for section, values in text.items():
-        assert isinstance(values, dict)
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    cfg = load_config(path, env={})
-    assert cfg.listen.tls and cfg.page.novnc_dir.startswith("/opt/")
-    # The paths the config names are the ones the Dockerfile creates or copies to.
-    dockerfile = DOCKERFILE.read_text()
-    for p in (cfg.page.novnc_dir, cfg.page.static_dir, cfg.tls.store):
-        assert p in dockerfile
+def test_image_config_is_a_valid_consoleproxy_config(stages: list[Stage]) -> None:
+    cfg = load_config(IMAGE_CONFIG, env={})
+    assert cfg.listen.tls and not cfg.page.static_dir and not cfg.page.novnc_dir  # the wheel's copies
+    # The file is copied to where CMD and CONSOLEPROXY_CONFIG say; the store is a directory it makes.
+    copies = stages[-1].all("COPY")
+    target = json.loads(stages[-1].all("CMD")[0])[3]
+    assert f"docker/consoleproxy.toml {target}" in copies
+    assert f"CONSOLEPROXY_CONFIG={target}" in stages[-1].all("ENV")
+    assert any(cfg.tls.store in r and "mkdir" in r for r in stages[-1].all("RUN"))
 
 
 def test_cmd_is_consoleproxy_serve_with_a_config(stages: list[Stage]) -> None:
