@@ -46,6 +46,9 @@ from .listener import AcceptSettings, ConsoleSite, handler_args
 from .memory import Trimmer, malloc_trim
 from .metrics import Metrics
 from .query import raw_query_param
+from .recording import Recordings
+from .recording_policy import should_record
+from .recording_store import FileStore, parse_store
 from .relay import CLOSE_TIMEOUT, STREAM_LIMIT, ClientReader, ConsoleWebSocket, Relay
 from .replay import (
     BadStoreURL,
@@ -140,6 +143,10 @@ class ProxyServer:
         self.dns: DnsServer | None = None
         self._dns_settings = self._dns_config()
         self.health = HealthRunner(self)  # [health] checks; scheduled from start()
+        rs = parse_store(cfg.recording.store)  # checked by load_config
+        if rs.scheme != "file":
+            raise ConfigError("[recording] store: s3:// stores are not supported by this version yet")
+        self.recordings = Recordings(cfg.recording, FileStore(Path(rs.path)), self.metrics)
 
     def _replay_store(self) -> GuardedReplayStore:
         """``[cluster] replay_store`` with its failure policy; a SQLite file is opened now."""
@@ -259,6 +266,7 @@ class ProxyServer:
         await asite.start()
         self._admin_site = asite
         self._sweeper = asyncio.create_task(self._sweep())
+        self.recordings.start(self._relays.values)
         if self._dns_settings is not None:
             self.dns = DnsServer(self._dns_settings, self.metrics)
             await self.dns.start()
@@ -385,6 +393,7 @@ class ProxyServer:
                 await self._relays_gone.wait()
         for relay in list(self._relays.values()):
             relay.abort()
+        await self.recordings.close()
         await self.health.close()
         if self.dns is not None:
             await self.dns.close()
@@ -470,14 +479,19 @@ class ProxyServer:
                 for old in self.registry.add(session):
                     old.close(SessionKilled.close_code, "replaced by a newer console for this VM")
                 reader, writer = await self._connect(claims)
-                client_leftover = await self._rfb_handshake(ws, reader, writer, claims, session)
+                client_leftover, server_init = await self._rfb_handshake(ws, reader, writer, claims, session)
             # The token's claim, else [input]: drop the Lang1/Lang2 releases for this console?
             drop_lang = (claims.lang_key_release or self.cfg.input.lang_key_release) == "drop"
+            rc = self.cfg.recording
+            record = should_record(rc.enabled, claims.record, claims.vm, rc.vms)
             # The claims (with the VNC password) are done with: not kept for the console's life.
             del claims
             # From here the relay owns the console: it ends it (``_relay_ended``) and closes both
             # sockets; this handler returns at once and aiohttp frees what it kept for it.
-            self._start_relay(ws, reader, writer, session, client_leftover, drop_lang_release=drop_lang)
+            self._start_relay(
+                ws, reader, writer, session, client_leftover, drop_lang_release=drop_lang,
+                server_init=server_init if record else None,
+            )
             relaying = True
         except TimeoutError:
             result = "handshake timeout"
@@ -602,10 +616,11 @@ class ProxyServer:
         writer: asyncio.StreamWriter,
         claims: Claims,
         session: Session,
-    ) -> bytes:
+    ) -> tuple[bytes, bytes]:
         """Authenticate to the VNC server, then give the browser a no-password 3.8 server.
 
-        Returns the browser's bytes that followed its security choice; the relay forwards them.
+        Returns the browser's bytes that followed its security choice (the relay forwards them)
+        and the ServerInit the browser got (a recording starts with it).
         """
         browser = rfb.ClientHandshake()
         # Send our version to the browser first so its reply overlaps the backend handshake.
@@ -680,7 +695,7 @@ class ProxyServer:
         await ws.send_bytes(bytes(init))  # with anything the server pipelined after it
         session.bytes_up += 1  # the init messages count as relayed, as they did when streamed
         session.bytes_down += len(init)
-        return leftover[1:]
+        return leftover[1:], bytes(init)
 
     def _backend_tls_context(self) -> ssl.SSLContext:
         t = self.cfg.targets
@@ -707,22 +722,40 @@ class ProxyServer:
         client_leftover: bytes,
         *,
         drop_lang_release: bool = False,
+        server_init: bytes | None = None,
     ) -> None:
+        """Relay the console; with ``server_init`` (the ServerInit the browser got), record it."""
         flt = None
-        if session.view_only or drop_lang_release:
+        recorder = None
+        if server_init is not None:
+            recorder = self.recordings.begin(session)
+        if session.view_only or drop_lang_release or recorder is not None:
             # What a client pipelined behind its ClientInit goes through the same filter.
-            flt = rfb.ClientMessageFilter(
+            filt = rfb.ClientMessageFilter(
                 view_only=session.view_only,
                 drop_lang_release=drop_lang_release,
                 expect_client_init=False,
-            ).feed
-        relay = Relay(
-            ws, reader, writer, session,
-            client_filter=flt,
-            client_leftover=client_leftover,
-            on_end=self._relay_ended,
-            on_closed=self._relay_closed,
-        )
+                observer=recorder.input if recorder is not None else None,
+            )
+            flt = filt.feed
+            if recorder is not None:
+                recorder.filter = filt
+        try:
+            relay = Relay(
+                ws, reader, writer, session,
+                client_filter=flt,
+                client_leftover=client_leftover,
+                on_end=self._relay_ended,
+                on_closed=self._relay_closed,
+            )
+        except BaseException:
+            if recorder is not None:
+                recorder.close()
+            raise
+        if recorder is not None:
+            assert server_init is not None
+            recorder.server_init(server_init)
+            relay.recorder = recorder
         session.closer = relay.stop
         self._relays[session.id] = relay
         self._relays_gone.clear()
@@ -736,6 +769,9 @@ class ProxyServer:
 
     def _relay_ended(self, relay: Relay, result: str) -> None:
         self.metrics.sessions_active.dec()
+        recorder, relay.recorder = relay.recorder, None
+        if recorder is not None:
+            recorder.close()
         session = relay.session
         self._end(session, result)
         # The closer is the relay's bound method: the session and the relay would be a cycle.

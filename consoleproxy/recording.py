@@ -1,0 +1,387 @@
+"""Recording consoles: the relay's hook (``Recorder``), the writer thread, and the proxy's manager.
+
+Cost on the relay's hot path: with recording off, one ``is None`` check per read (relay.py). With
+it on, each read is copied into the console's buffer behind a 9-byte record header (the relay's
+read buffer is shared and reused at once); a full buffer (``FLUSH_BYTES``), or one older than
+``FLUSH_SECONDS`` (the manager's tick), is handed whole to one writer thread per proxy, which adds
+the chunk header and checksum and appends it to the file. Nothing on the event loop waits for the
+disk: when a recording's bytes not yet written exceed ``MAX_BACKLOG`` (a slow or stuck disk), that
+recording stops ("incomplete", counted and logged) and its console goes on unrecorded.
+
+Memory per recorded console: the ``Recorder`` (slots), an empty buffer while idle, and its input
+observer, the client-message filter (rfb.ClientMessageFilter). No task, no timer, no open file
+object: the writer thread keeps each recording's file descriptor.
+
+No reference cycle with the relay or the session: the relay holds its recorder; the recorder holds
+neither (the filter it observes through points back to it until ``close``, which breaks that link).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from . import recording_format as fmt
+from .recording_policy import input_record
+from .recording_store import FileStore, new_id
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+    from .relay import Relay
+    from .rfb import ClientMessageFilter
+    from .sessions import Session
+
+__all__ = ["FLUSH_BYTES", "FLUSH_SECONDS", "MAX_BACKLOG", "Recorder", "RecordingWriter", "Recordings"]
+
+log = logging.getLogger("consoleproxy.recording")
+
+# A console's buffer is handed to the writer at this size: one chunk per 256 KiB of screen data.
+FLUSH_BYTES = 256 * 1024
+# ... or when its oldest byte is this old, so a crash loses at most about this much of a console.
+FLUSH_SECONDS = 1.0
+# Bytes of one recording handed to the writer and not yet written; past it the recording stops.
+MAX_BACKLOG = 16 * 1024 * 1024
+# The writer fsyncs a recording each time this much more of it is written ("segment end").
+SEGMENT_BYTES = 16 * 1024 * 1024
+
+_FBUR = struct.Struct(">BBHHHH")
+_DOWN_HEADER = struct.Struct(">BII")
+
+
+class Recorder:
+    """One console's recording: ``down`` (relay.py) and ``input`` (the filter's observer) append
+    records to a buffer; ``flush`` hands it to the writer."""
+
+    __slots__ = (
+        "_buf", "_first_ms", "_writer", "backlog", "bytes", "closed", "filter", "height",
+        "incomplete_reason", "keyframe_due", "keyframes", "keys", "rid", "t0", "width",
+    )
+
+    def __init__(self, rid: str, writer: RecordingWriter, keys: str, keyframe_due: float) -> None:
+        self.rid = rid
+        self._writer = writer
+        self.keys = keys
+        self.t0 = time.monotonic()
+        self._buf = bytearray()
+        self._first_ms = 0
+        self.backlog = 0  # bytes handed to the writer, not yet written
+        self.bytes = 0  # bytes handed to the writer in all
+        self.closed = False
+        self.incomplete_reason: str | None = None
+        self.filter: ClientMessageFilter | None = None
+        self.keyframe_due = keyframe_due
+        self.keyframes: list[int] = []
+        self.width = self.height = 0
+
+    def _ms(self) -> int:
+        return int((time.monotonic() - self.t0) * 1000)
+
+    def down(self, data: bytes | memoryview) -> None:
+        """Server-to-browser bytes, from the relay's read callback: copied (the buffer is shared)."""
+        if self.incomplete_reason is not None:
+            return
+        buf = self._buf
+        if not buf:
+            self._first_ms = self._ms()
+        buf += _DOWN_HEADER.pack(fmt.DOWN, self._ms(), len(data))
+        buf += data
+        if len(buf) >= FLUSH_BYTES:
+            self.flush()
+
+    def server_init(self, init: bytes) -> None:
+        """The ServerInit the browser got (the recording's first bytes): its size, for keyframes."""
+        if len(init) >= 4:
+            self.width, self.height = struct.unpack_from(">HH", init)
+        self.down(init)
+
+    def input(self, message: bytes) -> None:
+        """A whole input message from the browser (rfb.ClientMessageFilter's observer)."""
+        if self.incomplete_reason is not None:
+            return
+        rec = input_record(self.keys, self._ms(), message)
+        if rec is not None:
+            if not self._buf:
+                self._first_ms = self._ms()
+            self._buf += rec
+
+    def keyframe_request(self) -> bytes | None:
+        """A non-incremental FramebufferUpdateRequest of the whole screen, noted as a keyframe;
+        None when the browser is in the middle of a message (try again on the next tick)."""
+        if self.filter is None or not self.filter.at_message_boundary or not self.width:
+            return None
+        ms = self._ms()
+        if not self._buf:
+            self._first_ms = ms
+        self._buf += fmt.record(fmt.KEYFRAME, ms)
+        self.keyframes.append(ms)
+        return _FBUR.pack(3, 0, 0, 0, self.width, self.height)
+
+    def flush(self) -> None:
+        buf = self._buf
+        if not buf or self.incomplete_reason is not None:
+            return
+        self._buf = bytearray()
+        if self.backlog + len(buf) > MAX_BACKLOG:
+            self.stop(f"the store fell {self.backlog} bytes behind (slow disk)")
+            return
+        self.backlog += len(buf)
+        self.bytes += len(buf)
+        self._writer.append(self, buf, self._first_ms)
+
+    def stop(self, reason: str) -> None:
+        """Record nothing more (the console goes on): the recording is incomplete."""
+        if self.incomplete_reason is None:
+            self.incomplete_reason = reason
+            self._buf = bytearray()
+            self._writer.incomplete(self, reason)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.flush()
+        self.closed = True
+        flt, self.filter = self.filter, None
+        if flt is not None:
+            flt.observer = None  # the filter pointed back here: no cycle is left
+        self._writer.close(self, self._ms())
+
+
+class RecordingWriter:
+    """One thread per proxy writes every recording's chunks to the store, in order."""
+
+    def __init__(
+        self,
+        store: FileStore,
+        *,
+        on_written: Callable[[Recorder, int], None],
+        on_failed: Callable[[Recorder, str], None],
+        on_closed: Callable[[Recorder, dict[str, Any]], None],
+    ) -> None:
+        self.store = store
+        self._q: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._loop = asyncio.get_running_loop()
+        self._on_written = on_written
+        self._on_failed = on_failed
+        self._on_closed = on_closed
+        self._thread = threading.Thread(target=self._run, name="consoleproxy-recorder", daemon=True)
+        self._files: dict[str, _Open] = {}
+        self._thread.start()
+
+    def open(self, rec: Recorder, meta: dict[str, Any]) -> None:
+        self._q.put(("open", rec, meta))
+
+    def append(self, rec: Recorder, buf: bytearray, first_ms: int) -> None:
+        self._q.put(("append", rec, buf, first_ms))
+
+    def incomplete(self, rec: Recorder, reason: str) -> None:
+        self._q.put(("incomplete", rec, reason))
+
+    def close(self, rec: Recorder, end_ms: int) -> None:
+        self._q.put(("close", rec, end_ms, list(rec.keyframes)))
+
+    def stop(self) -> None:
+        """Finish what was queued, then end the thread (blocking)."""
+        self._q.put(None)
+        self._thread.join()
+
+    # -- the thread ----------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the proxy is gone
+            pass
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            op, rec = job[0], job[1]
+            try:
+                getattr(self, "_" + op)(rec, *job[2:])
+            except OSError as exc:
+                f = self._files.get(rec.rid)
+                if f is not None:
+                    f.failed = f"writing failed: {exc.strerror or exc}"
+                log.warning("recording %s: %s: %s", rec.rid, op, exc)
+                self._call(self._on_failed, rec, f"writing failed: {exc.strerror or exc}")
+
+    def _open(self, rec: Recorder, meta: dict[str, Any]) -> None:
+        self.store.ensure()
+        head = fmt.header(meta)
+        fd = self.store.create(rec.rid, head, {**meta, "state": "recording"})
+        self._files[rec.rid] = _Open(fd, len(head), meta)
+
+    def _append(self, rec: Recorder, buf: bytearray, first_ms: int) -> None:
+        f = self._files.get(rec.rid)
+        n = len(buf)
+        try:
+            if f is None or f.failed or f.incomplete:
+                return
+            block = fmt.chunk(buf, first_ms)
+            f.index.chunks.append((f.size, first_ms))
+            _write_all(f.fd, block)
+            f.size += len(block)
+            f.unsynced += len(block)
+            if f.unsynced >= SEGMENT_BYTES:
+                os.fsync(f.fd)
+                f.unsynced = 0
+        finally:
+            self._call(self._on_written, rec, n)
+
+    def _incomplete(self, rec: Recorder, reason: str) -> None:
+        f = self._files.get(rec.rid)
+        if f is not None:
+            f.incomplete = reason
+
+    def _close(self, rec: Recorder, end_ms: int, keyframes: list[int]) -> None:
+        f = self._files.pop(rec.rid, None)
+        if f is None:
+            return
+        idx = f.index
+        idx.keyframes = keyframes
+        idx.end_ms = end_ms
+        reason = f.failed or f.incomplete
+        idx.complete = reason is None
+        idx.incomplete_reason = reason
+        meta = {
+            **f.meta,
+            "state": "complete" if reason is None else "incomplete",
+            "ended": time.time(),
+            "duration_ms": end_ms,
+            "incomplete_reason": reason,
+            "keyframes": len(keyframes),
+        }
+        try:
+            if not f.failed:
+                _write_all(f.fd, fmt.end(idx))
+            self.store.finish(rec.rid, f.fd, meta)
+        finally:
+            self._call(self._on_closed, rec, meta)
+
+
+class _Open:
+    __slots__ = ("failed", "fd", "incomplete", "index", "meta", "size", "unsynced")
+
+    def __init__(self, fd: int, size: int, meta: dict[str, Any]) -> None:
+        self.fd = fd
+        self.size = size
+        self.unsynced = 0
+        self.meta = meta
+        self.index = fmt.Index(header=meta)
+        self.failed: str | None = None
+        self.incomplete: str | None = None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class Recordings:
+    """The proxy's recordings: starts a console's recorder, ticks (flush, keyframes, retention)."""
+
+    def __init__(self, cfg: Any, store: FileStore, metrics: Metrics) -> None:
+        self.cfg = cfg  # config.Recording
+        self.store = store
+        self.metrics = metrics
+        self.writer: RecordingWriter | None = None
+        self.active: dict[str, Recorder] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        self._closed.set()
+
+    def start(self, relays: Callable[[], Iterable[Relay]]) -> None:
+        self.writer = RecordingWriter(
+            self.store, on_written=self._written, on_failed=self._failed, on_closed=self._done
+        )
+        self._task = asyncio.create_task(self._tick_forever(relays))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        for rec in list(self.active.values()):
+            rec.close()
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.stop)
+            self.writer = None
+
+    def begin(self, session: Session) -> Recorder:
+        """A recorder for ``session``; its ID goes into the session (and so its audit record)."""
+        assert self.writer is not None, "Recordings.start() first"
+        rid = new_id(session.started)
+        rec = Recorder(rid, self.writer, self.cfg.keys, time.monotonic() + self.cfg.keyframe_interval_seconds)
+        meta = {
+            "format": 1,
+            "id": rid,
+            "vm": session.vm,
+            "name": session.name,
+            "user": session.client_ip,
+            "client_ip": session.client_ip,
+            "session": session.id,
+            "started": session.started,
+            "keys": self.cfg.keys,
+            "keyframe_interval_seconds": self.cfg.keyframe_interval_seconds,
+        }
+        self.writer.open(rec, meta)
+        self.active[rid] = rec
+        session.recording = rid
+        self.metrics.recordings_active.inc()
+        return rec
+
+    def finish(self, rec: Recorder) -> None:
+        rec.close()
+
+    def _written(self, rec: Recorder, n: int) -> None:
+        rec.backlog -= n
+        self.metrics.recording_bytes_total.inc(n)
+
+    def _failed(self, rec: Recorder, reason: str) -> None:
+        if not rec.closed:
+            rec.stop(reason)
+
+    def _done(self, rec: Recorder, meta: dict[str, Any]) -> None:
+        if self.active.pop(rec.rid, None) is not None:
+            self.metrics.recordings_active.dec()
+        if meta.get("state") != "complete":
+            self.metrics.recordings_incomplete_total.inc()
+            log.warning("recording %s is incomplete: %s", rec.rid, meta.get("incomplete_reason"))
+
+    def tick(self, relays: Iterable[Relay], now: float) -> None:
+        """Flush buffers older than FLUSH_SECONDS (every tick is), ask for due keyframes."""
+        interval = self.cfg.keyframe_interval_seconds
+        for relay in relays:
+            rec = relay.recorder
+            if rec is None or rec.closed:
+                continue
+            if now >= rec.keyframe_due and rec.incomplete_reason is None:
+                request = rec.keyframe_request()
+                if request is not None:
+                    relay.inject(request)
+                    rec.keyframe_due = now + interval
+            rec.flush()
+
+    async def _tick_forever(self, relays: Callable[[], Iterable[Relay]]) -> None:
+        next_expiry = 0.0
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            now = time.monotonic()
+            self.tick(list(relays()), now)
+            if now >= next_expiry and (self.cfg.retention_days or self.cfg.max_total_gib):
+                next_expiry = now + 600
+                await asyncio.to_thread(
+                    self.store.expire,
+                    max_age_days=self.cfg.retention_days,
+                    max_total_bytes=int(self.cfg.max_total_gib * 2**30),
+                )
