@@ -185,11 +185,13 @@ def _blocks(data: bytes | memoryview, offset: int) -> Iterator[tuple[bytes, int,
             )
         if zlib.crc32(data[start : start + length]) != crc:
             raise RecordingCorrupt(f"checksum mismatch in the block at offset {offset}")
+        if tag == b"E" and start + length != total:
+            raise RecordingCorrupt(
+                f"{total - start - length} bytes after the end block at offset {offset}"
+            )
         yield tag, offset, start, ms
         offset = start + length
         if tag == b"E":
-            if offset != total:
-                raise RecordingCorrupt(f"{total - offset} bytes after the end block at offset {offset}")
             return
 
 

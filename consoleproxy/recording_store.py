@@ -15,6 +15,7 @@ other ID is refused before a path is built (``check_id``).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import secrets
@@ -25,9 +26,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import recording_format as fmt
 from .errors import ConsoleProxyError
 
-__all__ = ["BadRecordingId", "BadStoreURL", "FileStore", "check_id", "new_id", "parse_store"]
+__all__ = [
+    "BadRecordingId", "BadStoreURL", "FileStore", "check_file", "check_id", "matches", "new_id",
+    "parse_store",
+]
 
 _ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{16}$")
 SUFFIX, PART = ".cprec", ".cprec.part"
@@ -173,6 +178,17 @@ class FileStore:
             total -= size
             deleted.append(rid)
         return deleted
+
+
+def check_file(path: Path) -> fmt.Index:
+    """Check a finished recording on disk (mapped, not read into memory); RecordingCorrupt."""
+    with open(path, "rb") as f:
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # an empty file cannot be mapped
+            return fmt.scan(b"")
+        with mapped, memoryview(mapped) as view:
+            return fmt.scan(view)
 
 
 def matches(meta: dict[str, Any], filters: dict[str, str]) -> bool:

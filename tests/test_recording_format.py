@@ -1,0 +1,178 @@
+"""The recording format, the keys policy and the filter's observer, without sockets."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from consoleproxy import recording_format as fmt
+from consoleproxy.recording_policy import input_record, should_record
+from consoleproxy.recording_store import BadRecordingId, BadStoreURL, FileStore, check_id, new_id, parse_store
+from consoleproxy.rfb import ClientMessageFilter
+
+
+def build(chunks: list[list[bytes]], *, keyframes: list[int] | None = None, end_ms: int = 0) -> bytes:
+    """A recording whose chunks hold the given records (as fmt.record makes them)."""
+    out = bytearray(fmt.header({"id": "x", "vm": "vm-1"}))
+    index = fmt.Index(header={})
+    for recs in chunks:
+        first = struct.unpack_from(">BII", recs[0])[1]
+        index.chunks.append((len(out), first))
+        out += fmt.chunk(b"".join(recs), first)
+    index.keyframes = keyframes or []
+    index.end_ms = end_ms
+    index.complete = True
+    out += fmt.end(index)
+    return bytes(out)
+
+
+def test_round_trip_and_index() -> None:
+    data = build(
+        [
+            [fmt.record(fmt.DOWN, 0, b"init"), fmt.record(fmt.KEY_REDACTED, 5, b"\x01")],
+            [fmt.record(fmt.KEYFRAME, 60_000), fmt.record(fmt.DOWN, 60_001, b"full")],
+        ],
+        end_ms=61_000,
+    )
+    recs = list(fmt.records(data))
+    assert [(r.kind, r.ms, r.data) for r in recs] == [
+        (fmt.DOWN, 0, b"init"), (fmt.KEY_REDACTED, 5, b"\x01"),
+        (fmt.KEYFRAME, 60_000, b""), (fmt.DOWN, 60_001, b"full"),
+    ]
+    idx = fmt.scan(data)
+    assert idx.header == {"id": "x", "vm": "vm-1"}
+    assert idx.closed and idx.complete and idx.end_ms == 61_000
+    assert idx.keyframes == [60_000]  # rebuilt from the records, not trusted from the trailer
+    assert [ms for _, ms in idx.chunks] == [0, 60_000]
+    assert idx.chunk_before(30_000) == idx.chunks[0][0]
+    assert idx.chunk_before(60_500) == idx.chunks[1][0]
+    assert idx.keyframe_before(59_999) is None and idx.keyframe_before(90_000) == 60_000
+
+
+@given(st.lists(st.tuples(st.sampled_from(sorted(fmt.KINDS)), st.binary(max_size=40)), min_size=1,
+                max_size=20))
+def test_any_records_round_trip(items: list[tuple[int, bytes]]) -> None:
+    recs = [fmt.record(k, i, d) for i, (k, d) in enumerate(items)]
+    data = build([recs[:3], recs[3:]] if len(recs) > 3 else [recs])
+    assert [(r.kind, r.data) for r in fmt.records(data)] == items
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: d[:-5], "truncated at offset"),
+        (lambda d: d[: len(d) // 2], "truncated"),
+        (lambda d: b"XXXX" + d[4:], "not a consoleproxy recording"),
+        (lambda d: d[:6], "shorter than the file header"),
+        (lambda d: d[:40] + bytes([d[40] ^ 0xFF]) + d[41:], "checksum mismatch"),
+        (lambda d: d + b"junk", "after the end block"),
+    ],
+)
+def test_damaged_recordings_are_named_errors(damage, message: str) -> None:  # type: ignore[no-untyped-def]
+    data = build([[fmt.record(fmt.DOWN, 0, b"x" * 100)], [fmt.record(fmt.DOWN, 9, b"y" * 50)]])
+    with pytest.raises(fmt.RecordingCorrupt, match=message):
+        fmt.scan(damage(data))
+    with pytest.raises(fmt.RecordingCorrupt):
+        list(fmt.records(damage(data)))
+
+
+def test_missing_end_block_is_truncated_unless_still_written() -> None:
+    data = build([[fmt.record(fmt.DOWN, 0, b"abc")]])
+    cut = data[: data.rindex(b"E")]
+    with pytest.raises(fmt.RecordingCorrupt, match="no end block"):
+        fmt.scan(cut)
+    assert len(fmt.scan(cut, require_end=False).chunks) == 1
+
+
+# --- keys policy -------------------------------------------------------------------------------
+
+KEY_DOWN_P = struct.pack(">BBxxI", 4, 1, ord("p"))
+QEMU_KEY = struct.pack(">BBHII", 255, 0, 1, ord("q"), 0x10)
+POINTER = struct.pack(">BBHH", 5, 1, 100, 200)
+CUT = struct.pack(">BxxxI", 6, 6) + b"secret"
+
+
+def test_redact_keeps_that_a_key_was_pressed_not_which() -> None:
+    for msg in (KEY_DOWN_P, QEMU_KEY):
+        rec = input_record("redact", 7, msg)
+        assert rec is not None
+        (r,) = list(fmt.records(build([[rec]])))
+        assert (r.kind, r.data) == (fmt.KEY_REDACTED, b"\x01")
+    assert input_record("redact", 7, POINTER) == fmt.record(fmt.POINTER, 7, POINTER[1:])
+    cut = input_record("redact", 7, CUT)
+    assert cut == fmt.record(fmt.CLIPBOARD_REDACTED, 7, struct.pack(">I", 6))
+    assert b"secret" not in cut
+
+
+def test_full_keeps_keysyms_and_clipboard_none_keeps_nothing() -> None:
+    assert input_record("full", 1, KEY_DOWN_P) == fmt.record(fmt.KEY, 1, struct.pack(">BII", 1, ord("p"), 0))
+    assert input_record("full", 1, QEMU_KEY) == fmt.record(fmt.KEY, 1, struct.pack(">BII", 1, ord("q"), 0x10))
+    assert input_record("full", 1, CUT) == fmt.record(fmt.CLIPBOARD, 1, b"secret")
+    assert all(input_record("none", 1, m) is None for m in (KEY_DOWN_P, QEMU_KEY, POINTER, CUT))
+
+
+def test_should_record() -> None:
+    assert should_record(False, True, "vm", []) and not should_record(True, False, "vm", [])
+    assert should_record(False, None, "vm-9", ["vm-9"]) and not should_record(False, None, "vm-1", ["vm-9"])
+    assert should_record(True, None, "", [])
+
+
+@pytest.mark.parametrize("split", [1, 3, 5, 7, 100])
+def test_filter_observer_sees_whole_input_messages_however_split(split: int) -> None:
+    seen: list[bytes] = []
+    flt = ClientMessageFilter(view_only=False, expect_client_init=False, observer=seen.append)
+    fbur = b"\x03\x01" + b"\x00" * 8
+    long_cut = struct.pack(">BxxxI", 6, 40) + b"c" * 40
+    stream = KEY_DOWN_P + fbur + QEMU_KEY + POINTER + CUT + long_cut + KEY_DOWN_P
+    out = b""
+    for i in range(0, len(stream), split):
+        out += flt.feed(stream[i : i + split])
+    assert out == stream  # forwarded unchanged
+    assert seen == [KEY_DOWN_P, QEMU_KEY, POINTER, CUT, long_cut, KEY_DOWN_P]
+    assert flt.at_message_boundary
+
+
+def test_filter_boundary() -> None:
+    flt = ClientMessageFilter(view_only=False, expect_client_init=False)
+    flt.feed(b"\x03\x01\x00")
+    assert not flt.at_message_boundary
+    flt.feed(b"\x00" * 7)
+    assert flt.at_message_boundary
+
+
+# --- store names -------------------------------------------------------------------------------
+
+
+def test_ids_and_store_urls(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rid = new_id(0)
+    assert rid.startswith("19700101T000000Z-") and check_id(rid) == rid
+    for bad in ("../etc/passwd", "19700101T000000Z-zz", "", "x" * 100):
+        with pytest.raises(BadRecordingId):
+            check_id(bad)
+    assert parse_store("file:///var/rec").path == "/var/rec"
+    s3 = parse_store("s3://bucket/some/prefix/")
+    assert (s3.scheme, s3.path, s3.prefix) == ("s3", "bucket", "some/prefix")
+    for bad in ("file://host/dir", "file:relative", "http://x/y", "s3:///nobucket", "recordings"):
+        with pytest.raises(BadStoreURL):
+            parse_store(bad)
+    store = FileStore(tmp_path)
+    with pytest.raises(BadRecordingId):
+        store.path("../../x")
+
+
+def test_expire_by_age_and_total(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = FileStore(tmp_path)
+    now = 1_000_000.0
+    ids = []
+    for i, age_days in enumerate((10, 5, 1)):
+        rid = new_id(now - age_days * 86400)
+        ids.append(rid)
+        started = now - age_days * 86400
+        fd = store.create(rid, b"x" * 1000, {"id": rid, "started": started, "state": "recording"})
+        store.finish(rid, fd, {"id": rid, "started": started, "state": "complete", "n": i})
+    assert store.expire(max_age_days=7, max_total_bytes=0, now=now) == [ids[0]]
+    assert store.expire(max_age_days=0, max_total_bytes=1500, now=now) == [ids[1]]
+    assert [m["id"] for m in store.entries()] == [ids[2]]
