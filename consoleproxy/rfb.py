@@ -770,6 +770,10 @@ class ClientMessageFilter:
     forwards: KeyEvent, QEMU extended key event, PointerEvent, and ClientCutText with its text
     (bounded by ``max_cut_text``). To hand over whole messages it holds a split key or pointer
     message (at most 12 bytes) between feeds, as ``drop_lang_release`` does.
+
+    ``lenient`` (a recorded console that neither drops input nor Lang releases): a message that
+    cannot be framed does not end the console; from there on every byte passes unframed, and
+    nothing more is observed (recording must never break a console).
     """
 
     def __init__(
@@ -780,8 +784,11 @@ class ClientMessageFilter:
         expect_client_init: bool = True,
         drop_lang_release: bool = False,
         observer: Callable[[bytes], None] | None = None,
+        lenient: bool = False,
     ) -> None:
         self.view_only = view_only
+        self.lenient = lenient
+        self.unframed = False  # lenient, after a message that could not be framed
         self.observer = observer
         self._cut: bytearray | None = None  # a ClientCutText being collected for the observer
         self.drop_lang_release = drop_lang_release
@@ -798,6 +805,8 @@ class ClientMessageFilter:
         self._extended_mouse = False
 
     def feed(self, data: bytes) -> bytes:
+        if self.unframed:
+            return bytes(data)
         out = bytearray()
         i, n = 0, len(data)
         while i < n:
@@ -823,7 +832,17 @@ class ClientMessageFilter:
                 continue
             held = bytes(self._header)
             peek = held + data[i : i + _HEADER_PEEK]
-            total = self._message_length(peek)
+            try:
+                total = self._message_length(peek)
+            except RFBError:
+                if not self.lenient:
+                    raise
+                self.unframed = True
+                self.observer = None
+                self._header.clear()
+                out += held
+                out += data[i:]
+                break
             if total is None:
                 self._header += data[i:]
                 break
@@ -861,7 +880,7 @@ class ClientMessageFilter:
     @property
     def at_message_boundary(self) -> bool:
         """Whether the next byte starts a client message: one may be inserted here."""
-        return not self._remaining and not self._header and not self._client_init
+        return not (self._remaining or self._header or self._client_init or self.unframed)
 
     def _observe(self, message: bytes) -> None:
         assert self.observer is not None

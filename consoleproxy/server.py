@@ -736,6 +736,7 @@ class ProxyServer:
                 drop_lang_release=drop_lang_release,
                 expect_client_init=False,
                 observer=recorder.input if recorder is not None else None,
+                lenient=not (session.view_only or drop_lang_release),
             )
             flt = filt.feed
             if recorder is not None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from consoleproxy import recording_format as fmt
 from consoleproxy.recording_policy import input_record, should_record
 from consoleproxy.recording_store import BadRecordingId, BadStoreURL, FileStore, check_id, new_id, parse_store
-from consoleproxy.rfb import ClientMessageFilter
+from consoleproxy.rfb import ClientMessageFilter, RFBError
 
 
 def build(chunks: list[list[bytes]], *, keyframes: list[int] | None = None, end_ms: int = 0) -> bytes:
@@ -176,3 +176,16 @@ def test_expire_by_age_and_total(tmp_path) -> None:  # type: ignore[no-untyped-d
     assert store.expire(max_age_days=7, max_total_bytes=0, now=now) == [ids[0]]
     assert store.expire(max_age_days=0, max_total_bytes=1500, now=now) == [ids[1]]
     assert [m["id"] for m in store.entries()] == [ids[2]]
+
+
+def test_lenient_filter_passes_what_it_cannot_frame() -> None:
+    """A recorded console must not break on a message the filter does not know: it stops framing
+    (and observing) and forwards every byte; a strict filter refuses it."""
+    seen: list[bytes] = []
+    flt = ClientMessageFilter(view_only=False, expect_client_init=False, observer=seen.append, lenient=True)
+    assert flt.feed(KEY_DOWN_P + b"\x78junk") == KEY_DOWN_P + b"\x78junk"
+    assert flt.feed(KEY_DOWN_P) == KEY_DOWN_P
+    assert seen == [KEY_DOWN_P] and flt.unframed and not flt.at_message_boundary
+    strict = ClientMessageFilter(view_only=False, expect_client_init=False, observer=seen.append)
+    with pytest.raises(RFBError, match="unknown client message type 120"):
+        strict.feed(b"\x78junk")
