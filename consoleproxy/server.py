@@ -69,6 +69,10 @@ audit_log = logging.getLogger("consoleproxy.audit")
 
 DEV_SUFFIX = "*.consoleproxy.local"
 CERT_RECHECK_SECONDS = 60.0
+# A browser offering this WebSocket subprotocol (our console page) is told, in a text message
+# before RFB starts, that its session is recorded; noVNC ignores a text message (it has no bytes).
+NOTICE_PROTOCOL = "consoleproxy.notice"
+RECORDED_NOTICE = "consoleproxy:recorded"
 
 
 class ProxyServer:
@@ -478,12 +482,15 @@ class ProxyServer:
                 self._idle.clear()
                 for old in self.registry.add(session):
                     old.close(SessionKilled.close_code, "replaced by a newer console for this VM")
+                rc = self.cfg.recording
+                record = should_record(rc.enabled, claims.record, claims.vm, rc.vms)
+                if record and NOTICE_PROTOCOL in request.headers.get("Sec-WebSocket-Protocol", ""):
+                    # Our console page offers this protocol: it shows "this session is recorded".
+                    await ws.send_str(RECORDED_NOTICE)
                 reader, writer = await self._connect(claims)
                 client_leftover, server_init = await self._rfb_handshake(ws, reader, writer, claims, session)
             # The token's claim, else [input]: drop the Lang1/Lang2 releases for this console?
             drop_lang = (claims.lang_key_release or self.cfg.input.lang_key_release) == "drop"
-            rc = self.cfg.recording
-            record = should_record(rc.enabled, claims.record, claims.vm, rc.vms)
             # The claims (with the VNC password) are done with: not kept for the console's life.
             del claims
             # From here the relay owns the console: it ends it (``_relay_ended``) and closes both

@@ -199,12 +199,20 @@ function connect() {
     // "disconnect" event does not carry them. This listener runs before noVNC's onclose.
     let ws;
     try {
-        ws = new WebSocket(url, ["binary"]);
+        // "consoleproxy.notice": the proxy may tell this page (a text message before RFB) that
+        // the session is recorded; the proxy still picks "binary".
+        ws = new WebSocket(url, ["binary", "consoleproxy.notice"]);
     } catch (e) {
         setStatus("error", "status.nowebsocket", null, e.message);
         return;
     }
     socket = ws;
+    $("recording-notice").hidden = true;
+    ws.addEventListener("message", (e) => {
+        if (e.data === "consoleproxy:recorded") {
+            $("recording-notice").hidden = false; // noVNC ignores the text message (no bytes)
+        }
+    });
     ws.addEventListener("close", (e) => {
         closeInfo = { code: e.code, reason: e.reason };
         if (!connected && (e.code >= 4000 || e.code === 1001)) {
