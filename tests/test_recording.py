@@ -244,3 +244,45 @@ async def test_admin_api_list_download_delete_and_damage(tmp_path: Path) -> None
         assert [m["vm"] for m in store.entries()] == ["vm-a"]
         assert not list((tmp_path / "rec").glob(f"{rid}*"))
         json.dumps(store.entries())  # listable as JSON
+
+
+def test_cli_list_export_play_url(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from consoleproxy.cli import main
+    from consoleproxy.recording_store import FileStore, new_id
+
+    store_dir = tmp_path / "rec"
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[recording]\nstore = "file://{store_dir}"\n[admin]\naddress = "::1"\nport = 9444\n')
+    store = FileStore(store_dir)
+    store.ensure()
+    rid = new_id(1_700_000_000)
+    meta = {"id": rid, "vm": "vm-7", "client_ip": "10.0.0.9", "started": 1_700_000_000}
+    body = fmt.header(meta) + fmt.chunk(fmt.record(fmt.DOWN, 0, b"init"), 0) + fmt.end(fmt.Index(header=meta))
+    fd = store.create(rid, body, {**meta, "state": "recording"})
+    store.finish(rid, fd, {**meta, "state": "complete"})
+
+    assert main(["recordings", "list", "--config", str(conf), "--vm", "vm-7"]) == 0
+    out = capsys.readouterr().out
+    assert rid in out and "vm=vm-7" in out and "client=10.0.0.9" in out and "complete" in out
+    assert main(["recordings", "list", "--config", str(conf), "--vm", "other", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    out_file = tmp_path / "out.cprec"
+    assert main(["recordings", "export", rid, "--out", str(out_file), "--config", str(conf)]) == 0
+    assert out_file.read_bytes() == store.path(rid).read_bytes()
+    assert main(["recordings", "export", rid, "--out", str(out_file), "--config", str(conf)]) == 2
+    assert "exists; not overwritten" in capsys.readouterr().err
+    assert main(["recordings", "play-url", rid, "--config", str(conf)]) == 0
+    assert capsys.readouterr().out.strip() == f"http://[::1]:9444/recordings/{rid}"
+    # Bad input: a damaged recording, an unknown one, a malformed ID, a bad time.
+    store.path(rid).write_bytes(store.path(rid).read_bytes()[:-3])
+    assert main(["recordings", "export", rid, "--out", str(tmp_path / "x"), "--config", str(conf)]) == 2
+    assert "truncated" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    other = new_id(0)
+    assert main(["recordings", "export", other, "--out", str(tmp_path / "y"), "--config", str(conf)]) == 2
+    assert f"no recording {other}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["recordings", "play-url", "../../etc/passwd", "--config", str(conf)])
+    assert "not a recording ID" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["recordings", "list", "--since", "yesterday", "--config", str(conf)])
+    assert "a Unix time in seconds" in capsys.readouterr().err

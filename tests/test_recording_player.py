@@ -222,3 +222,30 @@ async def test_damaged_recording_is_a_clear_error_in_the_player(tmp_path: Path) 
         text = await status.inner_text()
         assert text.startswith("Cannot play this recording: recording") and "damaged: truncated" in text
         br.errors.clear()  # the 422 itself is logged by the browser
+
+
+async def test_recorded_notice_in_korean_and_english_only_when_recorded(tmp_path: Path) -> None:
+    from consoleproxy.demo import DemoVncServer
+
+    require_tool("chromium", "chromium")
+    demo = DemoVncServer()
+    await demo.start()
+    rec = {"enabled": True, "store": f"file://{tmp_path / 'rec'}"}
+    try:
+        async with running_proxy(tmp_path, recording=rec) as p:
+            for lang, locale, text in (("ko", "ko-KR", "이 세션은 녹화되고 있습니다."),
+                                       ("en", "en-US", "This session is recorded.")):
+                async with browser(p, locale) as br:
+                    await br.page.goto(console_url(p, p.token(port=demo.port, password=demo.password),
+                                                   language=lang))
+                    await br.wait_state("connected")
+                    notice = br.page.locator("#recording-notice")
+                    assert await notice.is_visible() and await notice.inner_text() == text
+            async with browser(p) as br:  # record=false: no notice
+                token = p.token(port=demo.port, password=demo.password, record=False)
+                await br.page.goto(console_url(p, token, language="en"))
+                await br.wait_state("connected")
+                assert not await br.page.locator("#recording-notice").is_visible()
+                br.assert_clean()
+    finally:
+        await demo.close()
