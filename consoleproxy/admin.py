@@ -240,10 +240,20 @@ def admin_app(server: ProxyServer, key: str) -> web.Application:
                 except ValueError:
                     error = f"{key} must be a Unix time, got {filters[key][:30]!r}"
                     return web.json_response({"error": error}, status=400)
-        items = await asyncio.to_thread(server.recordings.store.entries)
-        return web.json_response({"recordings": [m for m in items if matches(m, filters)]})
+        recs = server.recordings
+        items = await asyncio.to_thread(recs.store.entries) if recs.store.dir.is_dir() else []
+        body: dict[str, Any] = {}
+        if recs.remote is not None:  # uploaded ones, beside those still in the spool
+            local = {m["id"] for m in items}
+            try:
+                items += [m for m in await recs.remote.entries() if m.get("id") not in local]
+            except Exception as exc:  # the store is down: say so, list what is here
+                body["store_error"] = f"the object store cannot be reached: {exc}"
+        body["recordings"] = sorted((m for m in items if matches(m, filters)), key=lambda m: str(m.get("id")))
+        return web.json_response(body)
 
-    def _recording_path(request: web.Request) -> tuple[str, Path] | web.Response:
+    def _recording_path(request: web.Request) -> tuple[str, Path | None] | web.Response:
+        """The ID and its local file (None: not here; in S3 mode it may be in the bucket)."""
         from .recording_store import BadRecordingId
 
         rid = request.match_info["id"]
@@ -252,7 +262,9 @@ def admin_app(server: ProxyServer, key: str) -> web.Application:
         except BadRecordingId as exc:
             return web.json_response({"error": str(exc)}, status=400)
         if not path.exists():
-            return web.json_response({"error": f"no recording {rid!r}"}, status=404)
+            if server.recordings.remote is None:
+                return web.json_response({"error": f"no recording {rid!r}"}, status=404)
+            return rid, None
         return rid, path
 
     async def recordings_get(request: web.Request) -> web.StreamResponse:
@@ -266,14 +278,44 @@ def admin_app(server: ProxyServer, key: str) -> web.Application:
         rid, path = found
         if rid in server.recordings.active:
             return web.json_response({"error": f"recording {rid} is still being recorded"}, status=409)
-        try:
-            await asyncio.to_thread(check_file, path)
-        except RecordingCorrupt as exc:
-            return web.json_response({"error": f"recording {rid} is damaged: {exc}"}, status=422)
-        return web.FileResponse(path, headers={
+        headers = {
             "Content-Type": "application/octet-stream",
             "Content-Disposition": f'attachment; filename="{rid}.cprec"',
-        })
+        }
+        if path is not None:
+            try:
+                await asyncio.to_thread(check_file, path)
+            except RecordingCorrupt as exc:
+                return web.json_response({"error": f"recording {rid} is damaged: {exc}"}, status=422)
+            return web.FileResponse(path, headers=headers)
+        # In the bucket: fetched into the spool (streamed), checked, sent, removed.
+        remote = server.recordings.remote
+        assert remote is not None
+        await asyncio.to_thread(server.recordings.store.ensure)
+        tmp = server.recordings.store.dir / f".fetch-{rid}-{secrets.token_hex(4)}"
+        try:
+            try:
+                if not await remote.fetch(rid, tmp):
+                    return web.json_response({"error": f"no recording {rid!r}"}, status=404)
+            except Exception as exc:
+                return web.json_response({"error": f"the object store cannot be reached: {exc}"}, status=503)
+            try:
+                await asyncio.to_thread(check_file, tmp)
+            except RecordingCorrupt as exc:
+                return web.json_response({"error": f"recording {rid} is damaged: {exc}"}, status=422)
+            resp = web.StreamResponse(headers=headers)
+            resp.content_length = (await asyncio.to_thread(tmp.stat)).st_size
+            await resp.prepare(request)
+            f = await asyncio.to_thread(open, tmp, "rb")
+            try:
+                while chunk := await asyncio.to_thread(f.read, 1024 * 1024):
+                    await resp.write(chunk)
+            finally:
+                f.close()
+            await resp.write_eof()
+            return resp
+        finally:
+            await asyncio.to_thread(tmp.unlink, True)
 
     async def recordings_delete(request: web.Request) -> web.Response:
         found = _recording_path(request)
@@ -282,7 +324,14 @@ def admin_app(server: ProxyServer, key: str) -> web.Application:
         rid, _ = found
         if rid in server.recordings.active:
             return web.json_response({"error": f"recording {rid} is still being recorded"}, status=409)
-        await asyncio.to_thread(server.recordings.store.delete, rid)
+        deleted = await asyncio.to_thread(server.recordings.store.delete, rid)
+        if server.recordings.remote is not None:
+            try:
+                deleted = await server.recordings.remote.delete(rid) or deleted
+            except Exception as exc:
+                return web.json_response({"error": f"the object store cannot be reached: {exc}"}, status=503)
+        if not deleted:
+            return web.json_response({"error": f"no recording {rid!r}"}, status=404)
         return web.json_response({"deleted": rid})
 
     async def player_page(request: web.Request) -> web.StreamResponse:

@@ -260,6 +260,9 @@ class Recording:
     retention_days: float = field(default=0, metadata=_opt(_range(0)))  # 0 = keep
     max_total_gib: float = field(default=0, metadata=_opt(_range(0)))  # 0 = no cap
     vms: list[str] = field(default_factory=list, metadata=_opt())
+    # With an s3:// store: recordings are written here first and uploaded when finished; a store
+    # outage leaves them here until it returns (nothing is lost).
+    spool_dir: str = field(default="/var/lib/consoleproxy/recordings-spool", metadata=_opt())
 
 
 @dataclass(frozen=True)

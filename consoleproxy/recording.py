@@ -19,6 +19,7 @@ neither (the filter it observes through points back to it until ``close``, which
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import queue
@@ -34,6 +35,7 @@ from .recording_store import FileStore, new_id
 
 if TYPE_CHECKING:
     from .metrics import Metrics
+    from .recording_s3 import S3Store
     from .relay import Relay
     from .rfb import ClientMessageFilter
     from .sessions import Session
@@ -291,9 +293,11 @@ def _write_all(fd: int, data: bytes) -> None:
 class Recordings:
     """The proxy's recordings: starts a console's recorder, ticks (flush, keyframes, retention)."""
 
-    def __init__(self, cfg: Any, store: FileStore, metrics: Metrics) -> None:
+    def __init__(self, cfg: Any, store: FileStore, metrics: Metrics, remote: S3Store | None = None) -> None:
         self.cfg = cfg  # config.Recording
-        self.store = store
+        self.store = store  # the local directory (in S3 mode, the spool uploads start from)
+        self.remote = remote
+        self._uploader: asyncio.Task[None] | None = None
         self.metrics = metrics
         self.writer: RecordingWriter | None = None
         self.active: dict[str, Recorder] = {}
@@ -306,11 +310,16 @@ class Recordings:
             self.store, on_written=self._written, on_failed=self._failed, on_closed=self._done
         )
         self._task = asyncio.create_task(self._tick_forever(relays))
+        if self.remote is not None:
+            self._uploader = asyncio.create_task(self.remote.upload_forever())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        for task in (self._task, self._uploader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._uploader = None
         for rec in list(self.active.values()):
             rec.close()
         if self.writer is not None:
@@ -357,6 +366,8 @@ class Recordings:
         if meta.get("state") != "complete":
             self.metrics.recordings_incomplete_total.inc()
             log.warning("recording %s is incomplete: %s", rec.rid, meta.get("incomplete_reason"))
+        if self.remote is not None:
+            self.remote.wake()
 
     def tick(self, relays: Iterable[Relay], now: float) -> None:
         """Flush buffers older than FLUSH_SECONDS (every tick is), ask for due keyframes."""

@@ -147,10 +147,19 @@ class ProxyServer:
         self.dns: DnsServer | None = None
         self._dns_settings = self._dns_config()
         self.health = HealthRunner(self)  # [health] checks; scheduled from start()
-        rs = parse_store(cfg.recording.store)  # checked by load_config
-        if rs.scheme != "file":
-            raise ConfigError("[recording] store: s3:// stores are not supported by this version yet")
-        self.recordings = Recordings(cfg.recording, FileStore(Path(rs.path)), self.metrics)
+        self.recordings = self._recordings()
+
+    def _recordings(self) -> Recordings:
+        """``[recording]``: a local directory, or an S3 bucket fed from a local spool."""
+        rc = self.cfg.recording
+        url = parse_store(rc.store)  # checked by load_config
+        if url.scheme == "file":
+            return Recordings(rc, FileStore(Path(url.path)), self.metrics)
+        from .recording_s3 import S3Store
+
+        spool = FileStore(self.cfg.path(rc.spool_dir))
+        remote = S3Store(url.path, url.prefix, endpoint=rc.s3_endpoint, region=rc.s3_region, spool=spool)
+        return Recordings(rc, spool, self.metrics, remote)
 
     def _replay_store(self) -> GuardedReplayStore:
         """``[cluster] replay_store`` with its failure policy; a SQLite file is opened now."""
