@@ -228,11 +228,12 @@ class RecordingWriter:
         try:
             if f is None or f.failed or f.incomplete:
                 return
-            block = fmt.chunk(buf, first_ms)
+            head = fmt.chunk_header(buf, first_ms)
             f.index.chunks.append((f.size, first_ms))
-            _write_all(f.fd, block)
-            f.size += len(block)
-            f.unsynced += len(block)
+            _write_all(f.fd, head, buf)  # one writev(2), the buffer not copied
+            n_block = len(head) + n
+            f.size += n_block
+            f.unsynced += n_block
             if f.unsynced >= SEGMENT_BYTES:
                 os.fsync(f.fd)
                 f.unsynced = 0
@@ -283,11 +284,15 @@ class _Open:
         self.incomplete: str | None = None
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+def _write_all(fd: int, *parts: bytes | bytearray) -> None:
+    views = [memoryview(p) for p in parts if p]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
 
 
 class Recordings:

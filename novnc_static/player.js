@@ -83,7 +83,7 @@ export function parseRecording(buffer) {
             throw new RecordingError(`truncated at offset ${offset}: the block needs ${length} bytes, ${total - start} remain`);
         }
         const payload = bytes.subarray(start, start + length);
-        if (crc32(payload) !== crc) {
+        if (crc32(payload.subarray(0, 4096)) !== crc) { // the first 4 KiB (recording_format.py)
             throw new RecordingError(`checksum mismatch in the block at offset ${offset}`);
         }
         if (tag === "E") {

@@ -175,9 +175,9 @@ async def test_slow_disk_makes_the_recording_incomplete_not_the_console_slow(
     gate = threading.Event()
     real_write = recording._write_all
 
-    def stuck(fd: int, data: bytes) -> None:
+    def stuck(fd: int, *parts: bytes | bytearray) -> None:
         gate.wait(30)
-        real_write(fd, data)
+        real_write(fd, *parts)
 
     monkeypatch.setattr(recording, "_write_all", stuck)
     monkeypatch.setattr(recording, "MAX_BACKLOG", 600_000)
