@@ -40,38 +40,78 @@ if TYPE_CHECKING:
     from .rfb import ClientMessageFilter
     from .sessions import Session
 
-__all__ = ["FLUSH_BYTES", "FLUSH_SECONDS", "MAX_BACKLOG", "Recorder", "RecordingWriter", "Recordings"]
+__all__ = [
+    "BUFFER_BYTES", "FLUSH_BYTES", "FLUSH_SECONDS", "MAX_BACKLOG", "BufferPool", "Recorder",
+    "RecordingWriter", "Recordings",
+]
 
 log = logging.getLogger("consoleproxy.recording")
 
-# A console's buffer is handed to the writer at this size: one chunk per 256 KiB of screen data.
-FLUSH_BYTES = 256 * 1024
+# A console's buffer is handed to the writer at this size (or sooner: the next read would not fit).
+FLUSH_BYTES = 3 * 1024 * 1024
+# Size of the pooled buffers: one of the relay's reads (1 MiB) and its record header fit.
+BUFFER_BYTES = 4 * 1024 * 1024 + 64 * 1024
+SMALL_BUFFER_BYTES = 4 * 1024
 # ... or when its oldest byte is this old, so a crash loses at most about this much of a console.
 FLUSH_SECONDS = 1.0
 # Bytes of one recording handed to the writer and not yet written; past it the recording stops.
-MAX_BACKLOG = 16 * 1024 * 1024
+MAX_BACKLOG = 32 * 1024 * 1024
 # The writer fsyncs a recording each time this much more of it is written ("segment end").
 SEGMENT_BYTES = 16 * 1024 * 1024
 
 _FBUR = struct.Struct(">BBHHHH")
 _DOWN_HEADER = struct.Struct(">BII")
+RECORD_HEADER = _DOWN_HEADER.size
+
+
+class BufferPool:
+    """Fixed-size buffers shared by every recorder of the proxy, reused once written.
+
+    A console's records go into one of these (no growing, no fresh pages per read: allocating
+    and faulting in a new megabyte for each read cost more CPU than copying it); the writer hands
+    it back when written. At most ``keep`` free buffers are kept.
+    """
+
+    def __init__(self, size: int = BUFFER_BYTES, keep: int = 4, small: int = SMALL_BUFFER_BYTES) -> None:
+        self.size = size
+        self.small = small
+        self.keep = keep
+        self._free: list[bytearray] = []
+        self._free_small: list[bytearray] = []
+
+    def get(self, need: int) -> bytearray:
+        """A small buffer for small records (ServerInit, input, a small update: most of an idle
+        console's), a big one for a read's worth of screen."""
+        if need <= self.small:
+            return self._free_small.pop() if self._free_small else bytearray(self.small)
+        return self._free.pop() if self._free else bytearray(self.size)
+
+    def put(self, buf: bytearray) -> None:
+        if len(buf) == self.size and len(self._free) < self.keep:
+            self._free.append(buf)
+        elif len(buf) == self.small and len(self._free_small) < 16 * self.keep:
+            self._free_small.append(buf)
 
 
 class Recorder:
     """One console's recording: ``down`` (relay.py) and ``input`` (the filter's observer) append
-    records to a buffer; ``flush`` hands it to the writer."""
+    records to a pooled buffer; ``flush`` hands it to the writer."""
 
     __slots__ = (
-        "_buf", "_first_ms", "_writer", "backlog", "bytes", "closed", "filter", "height",
-        "incomplete_reason", "keyframe_due", "keyframes", "keys", "rid", "t0", "width",
+        "_buf", "_first_ms", "_pool", "_pos", "_writer", "backlog", "bytes", "closed", "filter",
+        "height", "incomplete_reason", "keyframe_due", "keyframes", "keys", "rid", "t0", "width",
     )
 
-    def __init__(self, rid: str, writer: RecordingWriter, keys: str, keyframe_due: float) -> None:
+    def __init__(
+        self, rid: str, writer: RecordingWriter, keys: str, keyframe_due: float, pool: BufferPool
+    ) -> None:
         self.rid = rid
         self._writer = writer
+        self._pool = pool
         self.keys = keys
         self.t0 = time.monotonic()
-        self._buf = bytearray()
+        self._buf: bytearray | None = None  # taken from the pool while records wait in it
+        self._pos = 0
         self._first_ms = 0
         self.backlog = 0  # bytes handed to the writer, not yet written
         self.bytes = 0  # bytes handed to the writer in all
@@ -85,17 +125,48 @@ class Recorder:
     def _ms(self) -> int:
         return int((time.monotonic() - self.t0) * 1000)
 
+    def _room(self, need: int, ms: int) -> bytearray | None:
+        """A buffer with ``need`` bytes free (None: the record does not fit any buffer)."""
+        buf = self._buf
+        if buf is not None and self._pos + need > len(buf):
+            self.flush()
+            buf = None
+        if need > self._pool.size:
+            return None
+        if buf is None:
+            buf = self._buf = self._pool.get(need)
+            self._pos = 0
+            self._first_ms = ms
+        return buf
+
     def down(self, data: bytes | memoryview) -> None:
         """Server-to-browser bytes, from the relay's read callback: copied (the buffer is shared)."""
         if self.incomplete_reason is not None:
             return
-        buf = self._buf
-        if not buf:
-            self._first_ms = self._ms()
-        buf += _DOWN_HEADER.pack(fmt.DOWN, self._ms(), len(data))
-        buf += data
-        if len(buf) >= FLUSH_BYTES:
+        ms = self._ms()
+        n = len(data)
+        buf = self._room(RECORD_HEADER + n, ms)
+        if buf is None:  # bigger than a pooled buffer (not from the relay's reads): a chunk alone
             self.flush()
+            self._hand(bytearray(fmt.record(fmt.DOWN, ms, data)), ms)
+            return
+        pos = self._pos
+        _DOWN_HEADER.pack_into(buf, pos, fmt.DOWN, ms, n)
+        pos += RECORD_HEADER
+        buf[pos : pos + n] = data
+        self._pos = pos + n
+        if self._pos >= FLUSH_BYTES:
+            self.flush()
+
+    def _append(self, rec: bytes) -> None:
+        ms = self._ms()
+        buf = self._room(len(rec), ms)
+        if buf is None:
+            self.flush()
+            self._hand(bytearray(rec), ms)
+            return
+        buf[self._pos : self._pos + len(rec)] = rec
+        self._pos += len(rec)
 
     def server_init(self, init: bytes) -> None:
         """The ServerInit the browser got (the recording's first bytes): its size, for keyframes."""
@@ -109,9 +180,7 @@ class Recorder:
             return
         rec = input_record(self.keys, self._ms(), message)
         if rec is not None:
-            if not self._buf:
-                self._first_ms = self._ms()
-            self._buf += rec
+            self._append(rec)
 
     def keyframe_request(self) -> bytes | None:
         """A non-incremental FramebufferUpdateRequest of the whole screen, noted as a keyframe;
@@ -119,29 +188,37 @@ class Recorder:
         if self.filter is None or not self.filter.at_message_boundary or not self.width:
             return None
         ms = self._ms()
-        if not self._buf:
-            self._first_ms = ms
-        self._buf += fmt.record(fmt.KEYFRAME, ms)
+        self._append(fmt.record(fmt.KEYFRAME, ms))
         self.keyframes.append(ms)
         return _FBUR.pack(3, 0, 0, 0, self.width, self.height)
 
     def flush(self) -> None:
-        buf = self._buf
-        if not buf or self.incomplete_reason is not None:
+        buf, self._buf = self._buf, None
+        if buf is None:
             return
-        self._buf = bytearray()
-        if self.backlog + len(buf) > MAX_BACKLOG:
+        if self._pos and self.incomplete_reason is None:
+            self._hand(buf, self._first_ms, self._pos)
+        else:
+            self._pool.put(buf)
+        self._pos = 0
+
+    def _hand(self, buf: bytearray, first_ms: int, length: int | None = None) -> None:
+        n = len(buf) if length is None else length
+        if self.backlog + n > MAX_BACKLOG:
+            self._pool.put(buf)
             self.stop(f"the store fell {self.backlog} bytes behind (slow disk)")
             return
-        self.backlog += len(buf)
-        self.bytes += len(buf)
-        self._writer.append(self, buf, self._first_ms)
+        self.backlog += n
+        self.bytes += n
+        self._writer.append(self, buf, n, first_ms)
 
     def stop(self, reason: str) -> None:
         """Record nothing more (the console goes on): the recording is incomplete."""
         if self.incomplete_reason is None:
             self.incomplete_reason = reason
-            self._buf = bytearray()
+            buf, self._buf = self._buf, None
+            if buf is not None:
+                self._pool.put(buf)
             self._writer.incomplete(self, reason)
 
     def close(self) -> None:
@@ -162,7 +239,7 @@ class RecordingWriter:
         self,
         store: FileStore,
         *,
-        on_written: Callable[[Recorder, int], None],
+        on_written: Callable[[Recorder, int, bytearray], None],
         on_failed: Callable[[Recorder, str], None],
         on_closed: Callable[[Recorder, dict[str, Any]], None],
     ) -> None:
@@ -179,8 +256,9 @@ class RecordingWriter:
     def open(self, rec: Recorder, meta: dict[str, Any]) -> None:
         self._q.put(("open", rec, meta))
 
-    def append(self, rec: Recorder, buf: bytearray, first_ms: int) -> None:
-        self._q.put(("append", rec, buf, first_ms))
+    def append(self, rec: Recorder, buf: bytearray, length: int, first_ms: int) -> None:
+        """Write ``buf[:length]`` as one chunk; ``on_written`` gives ``buf`` back afterwards."""
+        self._q.put(("append", rec, buf, length, first_ms))
 
     def incomplete(self, rec: Recorder, reason: str) -> None:
         self._q.put(("incomplete", rec, reason))
@@ -222,15 +300,15 @@ class RecordingWriter:
         fd = self.store.create(rec.rid, head, {**meta, "state": "recording"})
         self._files[rec.rid] = _Open(fd, len(head), meta)
 
-    def _append(self, rec: Recorder, buf: bytearray, first_ms: int) -> None:
+    def _append(self, rec: Recorder, buf: bytearray, n: int, first_ms: int) -> None:
         f = self._files.get(rec.rid)
-        n = len(buf)
         try:
             if f is None or f.failed or f.incomplete:
                 return
-            head = fmt.chunk_header(buf, first_ms)
+            payload = memoryview(buf)[:n]
+            head = fmt.chunk_header(payload, first_ms)
             f.index.chunks.append((f.size, first_ms))
-            _write_all(f.fd, head, buf)  # one writev(2), the buffer not copied
+            _write_all(f.fd, head, payload)  # one writev(2), the buffer not copied
             n_block = len(head) + n
             f.size += n_block
             f.unsynced += n_block
@@ -238,7 +316,7 @@ class RecordingWriter:
                 os.fsync(f.fd)
                 f.unsynced = 0
         finally:
-            self._call(self._on_written, rec, n)
+            self._call(self._on_written, rec, n, buf)
 
     def _incomplete(self, rec: Recorder, reason: str) -> None:
         f = self._files.get(rec.rid)
@@ -284,7 +362,7 @@ class _Open:
         self.incomplete: str | None = None
 
 
-def _write_all(fd: int, *parts: bytes | bytearray) -> None:
+def _write_all(fd: int, *parts: bytes | bytearray | memoryview) -> None:
     views = [memoryview(p) for p in parts if p]
     while views:
         n = os.writev(fd, views)
@@ -306,6 +384,7 @@ class Recordings:
         self.metrics = metrics
         self.writer: RecordingWriter | None = None
         self.active: dict[str, Recorder] = {}
+        self.pool = BufferPool()
         self._task: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
         self._closed.set()
@@ -335,7 +414,8 @@ class Recordings:
         """A recorder for ``session``; its ID goes into the session (and so its audit record)."""
         assert self.writer is not None, "Recordings.start() first"
         rid = new_id(session.started)
-        rec = Recorder(rid, self.writer, self.cfg.keys, time.monotonic() + self.cfg.keyframe_interval_seconds)
+        due = time.monotonic() + self.cfg.keyframe_interval_seconds
+        rec = Recorder(rid, self.writer, self.cfg.keys, due, self.pool)
         meta = {
             "format": 1,
             "id": rid,
@@ -357,8 +437,9 @@ class Recordings:
     def finish(self, rec: Recorder) -> None:
         rec.close()
 
-    def _written(self, rec: Recorder, n: int) -> None:
+    def _written(self, rec: Recorder, n: int, buf: bytearray) -> None:
         rec.backlog -= n
+        self.pool.put(buf)
         self.metrics.recording_bytes_total.inc(n)
 
     def _failed(self, rec: Recorder, reason: str) -> None:

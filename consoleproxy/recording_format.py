@@ -133,7 +133,7 @@ def checksum(payload: bytes | bytearray | memoryview) -> int:
     return zlib.crc32(memoryview(payload)[:CHECKED_BYTES])
 
 
-def chunk_header(payload: bytes | bytearray, first_ms: int) -> bytes:
+def chunk_header(payload: bytes | bytearray | memoryview, first_ms: int) -> bytes:
     """The header of a chunk holding ``payload`` (written before it, without joining them)."""
     return _BLOCK.pack(b"C", len(payload), checksum(payload), first_ms)
 

@@ -181,6 +181,7 @@ async def test_slow_disk_makes_the_recording_incomplete_not_the_console_slow(
 
     monkeypatch.setattr(recording, "_write_all", stuck)
     monkeypatch.setattr(recording, "MAX_BACKLOG", 600_000)
+    monkeypatch.setattr(recording, "FLUSH_BYTES", 200_000)  # a chunk per screen
     async with demo() as d, running_proxy(tmp_path, recording=rec_config(tmp_path)) as p:
         try:
             async with RFBClient.connect(p.url(p.token(port=d.port, password=d.password))) as c:
