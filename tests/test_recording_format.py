@@ -189,3 +189,42 @@ def test_lenient_filter_passes_what_it_cannot_frame() -> None:
     strict = ClientMessageFilter(view_only=False, expect_client_init=False, observer=seen.append)
     with pytest.raises(RFBError, match="unknown client message type 120"):
         strict.feed(b"\x78junk")
+
+
+# --- bad input: configuration and token claim ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('store = "ftp://x/y"', "[recording] store"),
+        ('store = "file://relative/dir"', "file:///DIR with an absolute directory"),
+        ('store = "s3:///nobucket"', "names a bucket"),
+        ('keys = "some"', "one of 'redact', 'full', 'none'"),
+        ("keyframe_interval_seconds = 0", "a number from 1 to 86400"),
+        ("retention_days = -1", "a number >= 0"),
+        ("max_total_gib = -2", "a number >= 0"),
+        ('enabled = "yes"', "true or false"),
+    ],
+)
+def test_bad_recording_config(tmp_path, text: str, needle: str) -> None:  # type: ignore[no-untyped-def]
+    from consoleproxy.config import ConfigError, load_config
+
+    p = tmp_path / "c.toml"
+    p.write_text(f"[recording]\n{text}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p, env={})
+    assert needle in str(err.value) and "recording" in str(err.value)
+
+
+def test_record_claim_is_checked_and_round_trips() -> None:
+    from consoleproxy.tokens import Claims, Keyring, TokenInvalid, decode, issue
+
+    ring = Keyring.generate()
+    for value in (True, False, None):
+        claims = decode(ring, issue(ring, host="h", port=5900, record=value))
+        assert claims.record is value and ("record" in claims.to_dict()) is (value is not None)
+    base = {"host": "h", "port": 5900, "vm": "v", "exp": 2, "iat": 1, "jti": "j"}
+    for bad in ("yes", 1, [True]):
+        with pytest.raises(TokenInvalid, match="claim 'record' must be true or false"):
+            Claims.from_dict({**base, "record": bad})
