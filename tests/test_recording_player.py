@@ -25,6 +25,8 @@ from consoleproxy.recording_store import FileStore, new_id
 
 pytestmark = pytest.mark.integration
 
+PASSWORD = "Hunter2-qemu"
+
 # Keeps every WebSocket the page opens, and the canvas as it is when the socket closes.
 CAPTURE_ON_CLOSE = """
 (() => {
@@ -96,7 +98,7 @@ async def test_playback_ends_on_the_live_consoles_last_frame(tmp_path: Path) -> 
             "() => { const c = document.querySelector('#screen canvas');"
             " return c && c.width === 720 && c.height === 400; }", polling=100, timeout=45_000)
         await br.page.focus("#screen canvas")
-        await br.page.keyboard.type("hello")  # input: kept as redacted key events
+        await br.page.keyboard.type(PASSWORD)  # typed in the page: kept as redacted key events
         await br.page.mouse.click(100, 100)
         # A keyframe (the proxy's full-update request) while the page runs.
         recorder = next(iter(p.server.recordings.active.values()))
@@ -113,6 +115,15 @@ async def test_playback_ends_on_the_live_consoles_last_frame(tmp_path: Path) -> 
         assert (live["width"], live["height"]) == (720, 400)
         meta = await wait_finished(p, rid)
         assert meta["state"] == "complete"
+        # The password typed in the page is nowhere in the stored bytes (keys = "redact").
+        data = p.server.recordings.store.path(rid).read_bytes()
+        assert PASSWORD.encode() not in data
+        for ch in set(PASSWORD):
+            # The key messages noVNC sent (QEMU extended key event, KeyEvent), as they would appear.
+            for msg in (struct.pack(">BBHI", 255, 0, 1, ord(ch)), struct.pack(">BBxxI", 4, 1, ord(ch))):
+                assert msg not in data, (ch, msg)
+        kinds = [r.kind for r in fmt.records(data)]
+        assert fmt.KEY not in kinds and kinds.count(fmt.KEY_REDACTED) >= 2 * len(PASSWORD)
 
         await open_player(br, p, rid)
         await wait_playing(br)
@@ -123,7 +134,7 @@ async def test_playback_ends_on_the_live_consoles_last_frame(tmp_path: Path) -> 
         assert played == live, "the player's last frame differs from the live console's"
         # The input track: redacted keys and the click.
         track = await br.page.locator("#track").inner_text()
-        assert "key down (redacted)" in track and "pointer" in track and "hello" not in track
+        assert "key down (redacted)" in track and "pointer" in track and PASSWORD not in track
         assert_clean(br, p)
 
 
