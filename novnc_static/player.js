@@ -218,8 +218,10 @@ class Player {
 
     // A fresh noVNC at time 0 (its handshake done); resolves when it is ready for bytes.
     _restart() {
-        if (this.rfb) {
-            this.rfb.disconnect();
+        const old = this.rfb;
+        this.rfb = null;
+        if (old) {
+            old.disconnect();
         }
         // Each noVNC gets a box of its own: the old one removes its canvas from its box later.
         const box = document.createElement("div");
@@ -229,8 +231,18 @@ class Player {
         return new Promise((resolve) => {
             const channel = new PlaybackChannel(() => resolve());
             this.channel = channel;
-            this.rfb = new RFB(box, channel, { shared: true });
-            this.rfb.viewOnly = true;
+            const rfb = new RFB(box, channel, { shared: true });
+            this.rfb = rfb;
+            rfb.viewOnly = true;
+            rfb.addEventListener("disconnect", () => {
+                // noVNC gave up on the bytes (damaged screen data): say so, stop, never hang.
+                if (this.rfb === rfb) {
+                    this.playing = false;
+                    clearTimeout(this._timer);
+                    this.state = "error";
+                    fail(`Cannot play this recording: its screen data could not be decoded at ${fmtTime(this.playhead)}.`);
+                }
+            });
             this.rfb.background = "#1e1e1e";
             setTimeout(() => channel.start(), 0);
         });
@@ -316,6 +328,9 @@ class Player {
     }
 
     _setState(state) {
+        if (this.state === "error") {
+            return; // the error stays shown
+        }
         this.state = state;
         const status = $("status");
         status.dataset.state = state;

@@ -260,3 +260,22 @@ async def test_recorded_notice_in_korean_and_english_only_when_recorded(tmp_path
                 br.assert_clean()
     finally:
         await demo.close()
+
+
+async def test_undecodable_screen_data_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
+    """A well-formed file whose screen bytes noVNC cannot parse (an unknown server message)."""
+    require_tool("chromium", "chromium")
+    rec = {"store": f"file://{tmp_path / 'rec'}"}
+    async with running_proxy(tmp_path, recording=rec) as p, browser(p) as br:
+        store = p.server.recordings.store
+        store.ensure()
+        rid = new_id()
+        meta = {"id": rid, "vm": "bad", "started": time.time(), "keys": "redact"}
+        recs = fmt.record(fmt.DOWN, 0, SERVER_INIT) + fmt.record(fmt.DOWN, 500, b"\x77garbage")
+        index = fmt.Index(header=meta, chunks=[(0, 0)], end_ms=2000, complete=True)
+        (store.dir / f"{rid}.cprec").write_bytes(fmt.header(meta) + fmt.chunk(recs, 0) + fmt.end(index))
+        store.write_meta(rid, {**meta, "state": "complete"})
+        await open_player(br, p, rid)
+        status = br.page.locator("#status[data-state='error']")
+        await status.wait_for(timeout=10_000)
+        assert "could not be decoded at 0:00" in await status.inner_text()
