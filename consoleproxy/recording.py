@@ -1,10 +1,10 @@
 """Recording consoles: the relay's hook (``Recorder``), the writer thread, and the proxy's manager.
 
 Cost on the relay's hot path: with recording off, one ``is None`` check per read (relay.py). With
-it on, each read is copied into the console's buffer behind a 9-byte record header (the relay's
-read buffer is shared and reused at once); a full buffer (``FLUSH_BYTES``), or one older than
+it on, each read is copied into a pooled buffer behind a 9-byte record header (the relay's read
+buffer is shared and reused at once); a full buffer (``FLUSH_BYTES``), or one older than
 ``FLUSH_SECONDS`` (the manager's tick), is handed whole to one writer thread per proxy, which adds
-the chunk header and checksum and appends it to the file. Nothing on the event loop waits for the
+the chunk header and checksum and appends it to the file (O_DIRECT where possible, see ``_Open``). Nothing on the event loop waits for the
 disk: when a recording's bytes not yet written exceed ``MAX_BACKLOG`` (a slow or stuck disk), that
 recording stops ("incomplete", counted and logged) and its console goes on unrecorded.
 
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import mmap
 import os
 import queue
 import struct
@@ -251,6 +253,8 @@ class RecordingWriter:
         self._on_closed = on_closed
         self._thread = threading.Thread(target=self._run, name="consoleproxy-recorder", daemon=True)
         self._files: dict[str, _Open] = {}
+        self.direct = True  # O_DIRECT where the file system has it (see _Open)
+        self._stage = _Stage()
         self._thread.start()
 
     def open(self, rec: Recorder, meta: dict[str, Any]) -> None:
@@ -297,8 +301,9 @@ class RecordingWriter:
     def _open(self, rec: Recorder, meta: dict[str, Any]) -> None:
         self.store.ensure()
         head = fmt.header(meta)
-        fd = self.store.create(rec.rid, head, {**meta, "state": "recording"})
-        self._files[rec.rid] = _Open(fd, len(head), meta)
+        fd, direct = self.store.open_new(rec.rid, {**meta, "state": "recording"}, direct=self.direct)
+        f = self._files[rec.rid] = _Open(fd, 0, meta, direct, self._stage)
+        f.emit(head)
 
     def _append(self, rec: Recorder, buf: bytearray, n: int, first_ms: int) -> None:
         f = self._files.get(rec.rid)
@@ -308,10 +313,8 @@ class RecordingWriter:
             payload = memoryview(buf)[:n]
             head = fmt.chunk_header(payload, first_ms)
             f.index.chunks.append((f.size, first_ms))
-            _write_all(f.fd, head, payload)  # one writev(2), the buffer not copied
-            n_block = len(head) + n
-            f.size += n_block
-            f.unsynced += n_block
+            f.emit(head, payload)
+            f.unsynced += len(head) + n
             if f.unsynced >= SEGMENT_BYTES:
                 os.fsync(f.fd)
                 f.unsynced = 0
@@ -343,23 +346,103 @@ class RecordingWriter:
         }
         try:
             if not f.failed:
-                _write_all(f.fd, fmt.end(idx))
+                f.emit(fmt.end(idx))
+                f.drain()
             self.store.finish(rec.rid, f.fd, meta)
         finally:
             self._call(self._on_closed, rec, meta)
 
 
-class _Open:
-    __slots__ = ("failed", "fd", "incomplete", "index", "meta", "size", "unsynced")
+# O_DIRECT writes go in whole blocks of this size, from the writer's one page-aligned stage.
+ALIGN = 4096
+STAGE_BYTES = 4 * 1024 * 1024
 
-    def __init__(self, fd: int, size: int, meta: dict[str, Any]) -> None:
+
+class _Stage:
+    """The writer thread's page-aligned staging buffer, shared by every file it writes."""
+
+    def __init__(self) -> None:
+        self.buf: mmap.mmap | None = None
+
+    def view(self) -> memoryview:
+        if self.buf is None:
+            self.buf = mmap.mmap(-1, STAGE_BYTES)
+        return memoryview(self.buf)
+
+
+class _Open:
+    """A recording's file in the writer thread.
+
+    With O_DIRECT (``direct``) the bytes go from the page-aligned stage straight to the device in
+    whole blocks; a file's last partial block (under 4 KiB) waits, as bytes, for its next chunk or
+    its end. Appending through the page cache cost this machine's kernel 0.9-1.3 CPU s per GiB
+    (new pages allocated, zeroed and copied); O_DIRECT about 0.07. Without O_DIRECT (tmpfs), one
+    writev(2) per chunk.
+    """
+
+    __slots__ = (
+        "direct", "failed", "fd", "incomplete", "index", "meta", "size", "stage", "tail", "unsynced",
+    )
+
+    def __init__(
+        self, fd: int, size: int, meta: dict[str, Any], direct: bool = False, stage: _Stage | None = None
+    ) -> None:
         self.fd = fd
-        self.size = size
+        self.size = size  # bytes of the recording so far (written or waiting in ``tail``)
         self.unsynced = 0
         self.meta = meta
         self.index = fmt.Index(header=meta)
         self.failed: str | None = None
         self.incomplete: str | None = None
+        self.direct = direct
+        self.stage = stage if stage is not None else _Stage()
+        self.tail = b""  # direct: bytes after the last whole block, not written yet
+
+    def emit(self, *parts: bytes | bytearray | memoryview) -> None:
+        self.size += sum(len(p) for p in parts)
+        if not self.direct:
+            _write_all(self.fd, *parts)  # one writev(2), the buffer not copied
+            return
+        view = self.stage.view()
+        try:
+            used = len(self.tail)
+            view[:used] = self.tail
+            for part in parts:
+                data = memoryview(part)
+                while data:
+                    k = min(len(data), STAGE_BYTES - used)
+                    view[used : used + k] = data[:k]
+                    used += k
+                    data = data[k:]
+                    if used == STAGE_BYTES:
+                        self._write(view[:used])
+                        used = 0
+            whole = used // ALIGN * ALIGN
+            if whole:
+                self._write(view[:whole])
+            self.tail = bytes(view[whole:used])
+        finally:
+            view.release()
+
+    def _write(self, block: memoryview) -> None:
+        try:
+            _write_all(self.fd, block)
+        except OSError:
+            self._buffered()  # O_DIRECT refused (the device's alignment rules): as usual
+            _write_all(self.fd, block)
+
+    def _buffered(self) -> None:
+        self.direct = False
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+
+    def drain(self) -> None:
+        """Write the last partial block (through the page cache: O_DIRECT needs whole blocks)."""
+        if self.direct:
+            self._buffered()
+        tail, self.tail = self.tail, b""
+        if tail:
+            _write_all(self.fd, tail)
 
 
 def _write_all(fd: int, *parts: bytes | bytearray | memoryview) -> None:

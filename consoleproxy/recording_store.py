@@ -101,10 +101,22 @@ class FileStore:
 
     def create(self, rid: str, head: bytes, meta: dict[str, Any]) -> int:
         """Create the recording (exclusively, 0600) with its header; returns the open file."""
-        self.write_meta(rid, meta)
-        fd = os.open(self.part_path(rid), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        fd, _ = self.open_new(rid, meta, direct=False)
         os.write(fd, head)
         return fd
+
+    def open_new(self, rid: str, meta: dict[str, Any], *, direct: bool) -> tuple[int, bool]:
+        """Create the recording's file (exclusively, 0600), empty; with ``direct``, with O_DIRECT
+        where the file system has it (then the caller writes whole aligned blocks). Returns the
+        file and whether it is direct."""
+        self.write_meta(rid, meta)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                return os.open(self.part_path(rid), flags | os.O_DIRECT, 0o600), True
+            except OSError:  # EINVAL: tmpfs and others have no O_DIRECT
+                pass
+        return os.open(self.part_path(rid), flags | os.O_APPEND, 0o600), False
 
     def finish(self, rid: str, fd: int, meta: dict[str, Any]) -> None:
         os.fsync(fd)
