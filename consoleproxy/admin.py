@@ -180,6 +180,21 @@ def admin_app(server: ProxyServer, key: str) -> web.Application:
                 return web.json_response({"error": str(exc), "item": item.name}, status=500)
         return web.json_response(body)
 
+    async def acme_status(request: web.Request) -> web.Response:
+        if server.acme is None:
+            return web.json_response({"error": "[acme] is not enabled on this proxy"}, status=404)
+        return web.json_response(server.acme.status())
+
+    async def acme_renew(request: web.Request) -> web.Response:
+        """Order now, whatever the schedule; 200 when a certificate went live, 502 naming the error."""
+        if server.acme is None:
+            return web.json_response({"error": "[acme] is not enabled on this proxy"}, status=404)
+        status = await server.acme.renew_now()
+        if status["waiting_for_other_instance"]:
+            return web.json_response(status, status=409)  # the other instance's bundle will arrive
+        ok = status["last_result"] == "issued" and not status["failures"]
+        return web.json_response(status, status=200 if ok else 502)
+
     async def health(request: web.Request) -> web.Response:
         """Last results of every check; ``?fresh=true`` runs basic and advanced checks now."""
         fresh = request.query.get("fresh", "false").lower()
@@ -231,7 +246,7 @@ def admin_app(server: ProxyServer, key: str) -> web.Application:
     async def recordings_list(request: web.Request) -> web.Response:
         from .recording_store import matches
 
-        keys = ("vm", "user", "client_ip", "since", "until")
+        keys = ("vm", "user", "client_ip", "resume_id", "since", "until")
         filters = {k: v for k, v in request.query.items() if k in keys}
         for key in ("since", "until"):
             if key in filters:
@@ -355,6 +370,8 @@ def admin_app(server: ProxyServer, key: str) -> web.Application:
     app.router.add_get("/cmd/getstatus", getstatus)
     app.router.add_get("/api/certificates", certificates_list)
     app.router.add_post("/api/certificates", certificates_upload)
+    app.router.add_get("/api/certificates/acme", acme_status)
+    app.router.add_post("/api/certificates/acme/renew", acme_renew)
     app.router.add_get("/api/health", health)
     app.router.add_post("/api/diagnostics", diagnostics)
     return app

@@ -416,6 +416,48 @@ def cmd_recordings_play_url(args: argparse.Namespace) -> int:
     # The page asks for the admin key itself; it never goes into the URL.
     print(f"http://{host}:{cfg.admin.port}/recordings/{args.id}")
     return 0
+def _admin_call(args: argparse.Namespace, method: str, path: str) -> tuple[int, dict[str, Any]]:
+    """One request to the running proxy's admin API ([admin] address, port and key_file)."""
+    import urllib.error
+    import urllib.request
+
+    from .config import load_config
+
+    cfg = load_config(args.config) if args.config else load_config()
+    a = cfg.admin
+    key_path = cfg.path(a.key_file)
+    try:
+        key = key_path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read the admin key {key_path}: {exc.strerror or exc}") from None
+    host = a.address if a.address not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    req = urllib.request.Request(
+        f"http://{host}:{a.port}{path}", method=method, headers={"Authorization": f"Bearer {key}"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:  # noqa: S310 (http to our admin)
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            body = json.loads(exc.read() or b"{}")
+        except ValueError:
+            body = {"error": f"HTTP {exc.code}"}
+        return exc.code, body
+    except (urllib.error.URLError, TimeoutError) as exc:
+        raise UsageError(f"the proxy's admin API on {host}:{a.port} does not answer: {exc}") from None
+
+
+def cmd_certs_acme(args: argparse.Namespace) -> int:
+    """status: the renewal state; renew-now: order now and wait for the result."""
+    if args.acme_command == "status":
+        code, body = _admin_call(args, "GET", "/api/certificates/acme")
+    else:
+        code, body = _admin_call(args, "POST", "/api/certificates/acme/renew")
+    print(json.dumps(body, indent=1))
+    if code == 404:
+        raise UsageError(str(body.get("error", "[acme] is not enabled on the proxy")))
+    return 0 if code == 200 else 1
 
 
 def cmd_loadbalancer_haproxy(args: argparse.Namespace) -> int:
@@ -587,6 +629,16 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "rollback":
             p.add_argument("--key", help="which bundle (its suffix or FQDN) when there are several")
         p.set_defaults(func=func)
+    acme = certs.add_parser("acme", help="automatic certificates ([acme]) of the running proxy")
+    acme_sub = acme.add_subparsers(dest="acme_command", required=True, parser_class=_Parser)
+    for verb, text in (
+        ("status", "names, live certificate, last result and error, next attempt"),
+        ("renew-now", "order a certificate now and wait for the result (exit 1 when it failed)"),
+    ):
+        p = acme_sub.add_parser(verb, help=text)
+        p.add_argument("--config", help="configuration file: where the admin API listens, its key")
+        p.add_argument("--timeout", type=_seconds, default=300.0, help="seconds to wait (300)")
+        p.set_defaults(func=cmd_certs_acme)
 
     rec = sub.add_parser("recordings", help="console recordings in [recording] store").add_subparsers(
         dest="recordings_command", required=True, parser_class=_Parser
@@ -651,6 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k in (
             "command", "keys_command", "token_command", "dns_command", "lb_command", "certs_command",
             "recordings_command",
+            "acme_command",
         )
         if (v := getattr(args, k, None))
     )

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .acme_policy import CHALLENGES, KEY_TYPES, challenge_txt_name, directory_url, order_names
 from .errors import ConfigError
 from .replay import BadStoreURL, parse_store_url, redact_url
 
@@ -85,7 +86,10 @@ def _replay_store_url(v: Any) -> str | None:
     try:
         parse_store_url(v)
     except BadStoreURL as exc:
-        return f"memory, sqlite:///FILE or redis://HOST[:PORT][/DB] ({exc})"
+        return (
+            "memory, sqlite:///FILE, redis://HOST[:PORT][/DB] or "
+            f"redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] ({exc})"
+        )
     return None
 
 
@@ -266,6 +270,14 @@ class Recording:
 
 
 @dataclass(frozen=True)
+class Resume:
+    # How long a console that lost its WebSocket (network, drain, a lost instance) can come back
+    # with its resume ticket instead of a new token; 0 = off. Costs ~300 bytes per console (its
+    # sealed ticket body) and a ticket sent every third of the window.
+    window_seconds: int = field(default=120, metadata=_opt(_range(0, 3600)))
+
+
+@dataclass(frozen=True)
 class Dns:
     enabled: bool = field(default=False, metadata=_opt())
     listen: str = field(default="0.0.0.0:53", metadata=_opt(_hostport))
@@ -279,13 +291,57 @@ class Dns:
 
 @dataclass(frozen=True)
 class Cluster:
-    # memory (one process), sqlite:///FILE (processes of one machine), redis://HOST:PORT/DB.
+    # memory (one process), sqlite:///FILE (processes of one machine), redis://HOST:PORT/DB,
+    # redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] (a primary that Sentinels fail over).
     replay_store: str = field(default="memory", metadata=_opt(_replay_store_url, show=_redacted))
     # When a shared store cannot answer: "reject" new consoles (4008, /readyz 503) or "accept"
     # them without the single-use check (counted in replay_store_errors_total).
     on_store_error: str = field(default="reject", metadata=_opt(_choice("reject", "accept")))
     # Bound on each store call (connect, command, SQLite lock wait), so an outage fails fast.
     store_timeout_seconds: float = field(default=1.0, metadata=_opt(_range(0.05, 30)))
+    # /readyz says 503 only once the store has been unreachable this long (under "reject"), so a
+    # Sentinel failover (a few seconds) does not take every instance out of the balancer at once.
+    store_grace_seconds: float = field(default=10.0, metadata=_opt(_range(0, 3600)))
+    # redis+sentinel only: after marking a token, WAIT until this many replicas hold the mark
+    # (0 = no WAIT), at most store_wait_timeout_ms; a mark not acknowledged in time is counted in
+    # replay_store_unacknowledged_total and the console admitted (docs/cluster.md).
+    store_wait_replicas: int = field(default=1, metadata=_opt(_range(0, 16)))
+    store_wait_timeout_ms: int = field(default=100, metadata=_opt(_range(1, 10000)))
+
+
+def _acme_directory(v: Any) -> str | None:
+    try:
+        directory_url(str(v))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass(frozen=True)
+class Acme:
+    enabled: bool = field(default=False, metadata=_opt())
+    # An ACME v2 directory URL, or "letsencrypt" / "letsencrypt-staging".
+    directory: str = field(default="letsencrypt", metadata=_opt(_acme_directory))
+    # PEM file of CAs to trust for the directory's HTTPS (private CAs); "" = the system's.
+    ca_bundle: str = field(default="", metadata=_opt())
+    # An e-mail address (or mailto: URI) the CA may write to about expiry and incidents.
+    contact: str = field(default="", metadata=_opt())
+    challenge: str = field(default="dns-01", metadata=_opt(_choice(*CHALLENGES)))
+    key_type: str = field(default="ec-p256", metadata=_opt(_choice(*KEY_TYPES)))
+    # PEM file of roots that complete an issued chain (an ACME CA sends leaf and intermediates;
+    # the store keeps the root for `certs verify`); "" = the system's trust store.
+    roots: str = field(default="", metadata=_opt())
+    # Renew this long before expiry; 0 = when a third of the lifetime is left (or the CA's ARI
+    # window when it offers one).
+    renew_before_days: float = field(default=0, metadata=_opt(_range(0, 365)))
+    # After the n-th failure in a row wait retry_base * 2^(n-1), at most retry_max (a CA's
+    # Retry-After is a floor).
+    retry_base_seconds: float = field(default=60, metadata=_opt(_range(0.1, 86400)))
+    retry_max_seconds: float = field(default=21600, metadata=_opt(_range(0.1, 604800)))
+    # How often an instance checks whether renewal is due or another instance installed a bundle.
+    check_interval_seconds: float = field(default=60, metadata=_opt(_range(0.05, 86400)))
+    # Bound on one order (challenges, finalization, download).
+    order_timeout_seconds: float = field(default=120, metadata=_opt(_range(1, 3600)))
 
 
 def _hostports(v: Any) -> str | None:
@@ -335,8 +391,10 @@ class Config:
     page: Page = field(default_factory=Page)
     input: Input = field(default_factory=Input)
     recording: Recording = field(default_factory=Recording)
+    resume: Resume = field(default_factory=Resume)
     dns: Dns = field(default_factory=Dns)
     cluster: Cluster = field(default_factory=Cluster)
+    acme: Acme = field(default_factory=Acme)
     health: Health = field(default_factory=Health)
     log: Log = field(default_factory=Log)
     # Where relative paths are anchored: the configuration file's directory.
@@ -537,11 +595,37 @@ def _cross_checks(cfg: Config, label: str) -> None:
         raise ConfigError(
             f"{label}: [listen] forwarded_for needs trusted_proxies (the balancers' addresses)"
         )
+    if cfg.acme.enabled:
+        _acme_checks(cfg, label)
     if cfg.listen.proxy_protocol and not cfg.listen.trusted_proxies:
         # A PROXY header from anyone would let a client pick its own address.
         raise ConfigError(
             f"{label}: [listen] proxy_protocol needs trusted_proxies (the balancers' addresses)"
         )
+
+
+def _acme_checks(cfg: Config, label: str) -> None:
+    a = cfg.acme
+    try:
+        names = order_names(a.challenge, cfg.tls.domain_suffix, cfg.tls.fqdn)
+    except ValueError as exc:
+        raise ConfigError(f"{label}: [acme] {exc}") from None
+    problem = None
+    if a.challenge == "tls-alpn-01":
+        problem = "challenge 'tls-alpn-01' is not supported yet; use dns-01 or http-01"
+    elif not cfg.listen.tls:
+        problem = "needs [listen] tls = true (the certificate is for our listeners)"
+    elif a.challenge == "dns-01" and not cfg.dns.enabled:
+        problem = "dns-01 is answered by our DNS responder; set [dns] enabled = true"
+    elif a.challenge == "dns-01":
+        zone = cfg.dns.zone.strip().lower().rstrip(".")
+        txt = challenge_txt_name(names[0])
+        if not txt.endswith("." + zone):
+            problem = f"dns-01 needs {txt} inside [dns] zone {zone!r}"
+    elif a.challenge == "http-01" and not cfg.listen.redirect_http_port:
+        problem = "http-01 is answered on the redirect port; set [listen] redirect_http_port (80)"
+    if problem:
+        raise ConfigError(f"{label}: [acme] {problem}")
 
 
 def replace(cfg: Config, **sections: Mapping[str, Any]) -> Config:

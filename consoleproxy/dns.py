@@ -2,7 +2,9 @@
 
 ``a-b-c-d.<zone>`` A queries are answered with ``a.b.c.d`` straight from the name, so the wildcard
 mode needs no zone file and no per-host records. The zone apex carries SOA, NS and, in FQDN mode,
-A/AAAA records from the settings.
+A/AAAA records from the settings. ``_acme-challenge.<name>.<zone>`` TXT queries are answered from
+the ACME orderer's records in flight (``acme_policy.ChallengeRecords``), with TTL 0 so no resolver
+keeps a stale challenge value.
 
 Standards followed:
 
@@ -46,10 +48,12 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rdtypes.ANY.NS
 import dns.rdtypes.ANY.SOA
+import dns.rdtypes.ANY.TXT
 import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
 import dns.rrset
 
+from .acme_policy import ChallengeRecords
 from .errors import HostnameError
 from .hostnames import ip_for_hostname, normalize_suffix
 from .metrics import Metrics
@@ -78,6 +82,8 @@ _MAX_BUCKETS = 65536
 # dnspython's rdata constructors are untyped; these aliases give mypy --strict a signature.
 _A: Callable[..., dns.rdata.Rdata] = dns.rdtypes.IN.A.A
 _AAAA: Callable[..., dns.rdata.Rdata] = dns.rdtypes.IN.AAAA.AAAA
+_TXT: Callable[..., dns.rdata.Rdata] = dns.rdtypes.ANY.TXT.TXT
+_ACME_LABEL = b"_acme-challenge"
 _NS: Callable[..., dns.rdata.Rdata] = dns.rdtypes.ANY.NS.NS
 _SOA: Callable[..., dns.rdata.Rdata] = dns.rdtypes.ANY.SOA.SOA
 # Metric label for packets we answer with nothing.
@@ -236,10 +242,13 @@ class Responder:
         metrics: Metrics | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        challenges: ChallengeRecords | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
+        # ACME DNS-01 answers in flight; None: no _acme-challenge name exists.
+        self.challenges = challenges
         self.internal_errors = 0
         s = settings
         self._zone = dns.name.from_text(s.zone + ".")
@@ -406,6 +415,15 @@ class Responder:
             wanted = dns.rdatatype.A if qtype == dns.rdatatype.ANY else qtype
             answer.extend(_address_rrsets(qname, s.ttl, s.nameserver_addresses, wanted))
             return dns.rcode.NOERROR if answer else self._negative(response, dns.rcode.NOERROR)
+        if self.challenges is not None and qname.labels[0].lower() == _ACME_LABEL:
+            values = self.challenges.txt(qname.to_text(omit_final_dot=True))
+            if not values:
+                return self._negative(response, dns.rcode.NXDOMAIN)
+            if qtype in (dns.rdatatype.TXT, dns.rdatatype.ANY):
+                rds = [_TXT(dns.rdataclass.IN, dns.rdatatype.TXT, [v.encode("ascii")]) for v in values]
+                answer.append(dns.rrset.from_rdata_list(qname, 0, rds))
+                return dns.rcode.NOERROR
+            return self._negative(response, dns.rcode.NOERROR)
         addr = self._synthesized(qname)
         if addr is None:
             if any(ns.is_subdomain(qname) for ns in self._ns_names):
@@ -449,9 +467,10 @@ class DnsServer:
         metrics: Metrics | None = None,
         *,
         tcp_idle_timeout: float = TCP_IDLE_TIMEOUT,
+        challenges: ChallengeRecords | None = None,
     ) -> None:
         self.settings = settings
-        self.responder = Responder(settings, metrics)
+        self.responder = Responder(settings, metrics, challenges=challenges)
         self.tcp_idle_timeout = tcp_idle_timeout
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None

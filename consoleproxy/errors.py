@@ -75,6 +75,16 @@ class SessionKilled(ConsoleError):
     reason = "ended by an administrator"
 
 
+class ResumeRefused(ConsoleError):
+    """A resume ticket was refused: invalid, used, expired, or not allowed from this address.
+
+    The message names which (DESIGN 10); it never quotes the ticket.
+    """
+
+    close_code = 4005
+    reason = "resume refused"
+
+
 class ShuttingDown(ConsoleError):
     close_code = 1001
     reason = "proxy shutting down"

@@ -48,8 +48,29 @@ class Metrics:
             registry=r,
         )
         self.draining = Gauge(p + "draining", "1 while the instance drains", registry=r)
+        # cause: "drain" (the page saw 1001), "network" (1006 and other abnormal closes), "other".
+        self.resumes_total = Counter(
+            p + "resumes_total", "Consoles resumed with a resume ticket, by the cause of the break",
+            ["cause"], registry=r,
+        )
+        self.acme_renewals_total = Counter(
+            p + "acme_renewals_total",
+            "ACME order attempts, by result (issued, installed, unreachable, challenge_failed, "
+            "rate_limited, rejected)",
+            ["result"],
+            registry=r,
+        )
+        self.acme_certificate_days_left = Gauge(
+            p + "acme_certificate_days_left", "Days until the ACME-managed certificate expires", registry=r
+        )
         self.dns_queries_total = Counter(
             p + "dns_queries_total", "DNS queries answered, by rcode", ["rcode"], registry=r
+        )
+        self.replay_store_unacknowledged_total = Counter(
+            p + "replay_store_unacknowledged_total",
+            "Token marks no replica acknowledged within [cluster] store_wait_timeout_ms "
+            "(redis+sentinel; such a mark is lost if the primary fails before it replicates)",
+            registry=r,
         )
         self.replay_store_errors_total = Counter(
             p + "replay_store_errors_total",

@@ -496,10 +496,14 @@ class Recordings:
     def begin(self, session: Session) -> Recorder:
         """A recorder for ``session``; its ID goes into the session (and so its audit record)."""
         assert self.writer is not None, "Recordings.start() first"
-        rid = new_id(session.started)
+        # A resumed console (resume.py) starts a recording of its own: a new VNC connection with
+        # its own ServerInit, so the file plays alone. Its start is now (session.started is the
+        # console's first start); resume_id and resume_gen link the console's recordings.
+        started = time.time() if session.resume_gen else session.started
+        rid = new_id(started)
         due = time.monotonic() + self.cfg.keyframe_interval_seconds
         rec = Recorder(rid, self.writer, self.cfg.keys, due, self.pool)
-        meta = {
+        meta: dict[str, Any] = {
             "format": 1,
             "id": rid,
             "vm": session.vm,
@@ -507,10 +511,13 @@ class Recordings:
             "user": session.client_ip,
             "client_ip": session.client_ip,
             "session": session.id,
-            "started": session.started,
+            "started": started,
             "keys": self.cfg.keys,
             "keyframe_interval_seconds": self.cfg.keyframe_interval_seconds,
         }
+        if session.resume_id is not None:
+            meta["resume_id"] = session.resume_id
+            meta["resume_gen"] = session.resume_gen
         self.writer.open(rec, meta)
         self.active[rid] = rec
         session.recording = rid

@@ -204,8 +204,9 @@ def check_file(path: Path) -> fmt.Index:
 
 
 def matches(meta: dict[str, Any], filters: dict[str, str]) -> bool:
-    """The admin API's filters: vm, user, client_ip (exact), since / until (Unix times)."""
-    for key in ("vm", "user", "client_ip"):
+    """The admin API's filters: vm, user, client_ip, resume_id (exact: a console's recordings
+    across its resumes), since / until (Unix times)."""
+    for key in ("vm", "user", "client_ip", "resume_id"):
         want = filters.get(key)
         if want and str(meta.get(key) or "") != want:
             return False

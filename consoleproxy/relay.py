@@ -440,6 +440,14 @@ class ClientReader(asyncio.BufferedProtocol):
             self.ping_sent = now
             t.write(_PING)
 
+    def send_text(self, text: bytes) -> None:
+        """One text message to the browser (a resume ticket) between the relay's whole frames,
+        as the heartbeat's pings are; nothing once closing."""
+        t = self.transport
+        if self._stage == CLOSING or t is None or t.is_closing():
+            return
+        t.write(frame(0x1, text))
+
     def close(self, code: int, reason: bytes, *, reply: bool = False) -> None:
         """Send our close frame (the relay has ended) and end the connection when the browser
         answers, at once when ``reply`` (the browser closed first) or its bytes can no longer be
@@ -529,7 +537,7 @@ class ClientReader(asyncio.BufferedProtocol):
             self.handler.connection_lost(exc)  # wakes the drain waiters, cancels the handler
             self.queue.feed_eof()  # wakes ws.receive(), as aiohttp's (dropped) WebSocketReader did
         # The connection is over: let go of everything that points back here, so this console
-        # is freed by reference counting, not left for a full collection (see Relay.release).
+        # is freed by reference counting, not left for a full collection (module docstring).
         self.transport = None
         relay, self.relay = self.relay, None
         if relay is not None:

@@ -12,6 +12,10 @@ token would be refused as expired anyway, so forgetting the key is safe.
   replaced, ``changes() == 1`` means first use.
 * ``redis://HOST:PORT/DB`` or ``rediss://…`` -- :class:`RedisReplayStore`, shared by several
   hosts: ``SET prefix+key 1 NX PX <ms>``, a reply of ``OK`` meaning first use; ``ping`` is ``PING``.
+* ``redis+sentinel://HOST:PORT[,HOST:PORT…]/SERVICE[/DB]`` or ``rediss+sentinel://…`` --
+  :class:`SentinelReplayStore`: the same commands sent to whichever server the Sentinels name
+  primary, followed by ``WAIT`` so a mark is on a replica before the console is admitted
+  (docs/cluster.md, "Single use across a failover").
 
 Every store keeps the "never forget a live key" rule: a store that cannot record a key raises
 :class:`ReplayStoreFull` or :class:`ReplayStoreUnavailable` instead of answering "first use".
@@ -30,10 +34,10 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from .errors import ConsoleProxyError, SessionLimit
 
@@ -45,6 +49,7 @@ __all__ = [
     "ReplayStore",
     "ReplayStoreFull",
     "ReplayStoreUnavailable",
+    "SentinelReplayStore",
     "SqliteReplayStore",
     "StoreURL",
     "open_replay_store",
@@ -87,7 +92,8 @@ class ReplayStoreUnavailable(SessionLimit):
 
 
 class BadStoreURL(ConsoleProxyError, ValueError):
-    """``[cluster] replay_store`` is not ``memory``, ``sqlite:///FILE`` or ``redis[s]://HOST[:PORT][/DB]``."""
+    """``[cluster] replay_store`` is not ``memory``, ``sqlite:///FILE``, ``redis[s]://HOST[:PORT][/DB]``
+    or ``redis[s]+sentinel://HOST:PORT[,HOST:PORT…]/SERVICE[/DB]``."""
 
 
 class ReplayStore(Protocol):
@@ -170,13 +176,31 @@ class MemoryReplayStore:
 # --- store URLs (pure) -----------------------------------------------------------------------
 
 
+SENTINEL_PORT = 26379  # Redis Sentinel's registered port, for an address written without one
+# Query options of a Sentinel URL. TLS ones (rediss+sentinel only) have redis-py's names and
+# meanings and apply to the Sentinels and to the data servers alike; ``sentinel_auth=yes`` sends
+# the URL's user and password to the Sentinels too (by default only to the data servers).
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+_SENTINEL_OPTIONS = ("sentinel_auth",)
+_YES_NO = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}
+
+
 @dataclass(frozen=True)
 class StoreURL:
     """A parsed ``[cluster] replay_store``."""
 
-    kind: Literal["memory", "sqlite", "redis"]
+    kind: Literal["memory", "sqlite", "redis", "sentinel"]
     path: str = ""  # sqlite: the file as written; relative = relative to the configuration file
-    url: str = ""  # redis: the URL as written, for redis-py
+    url: str = ""  # redis: the URL as written, for redis-py; sentinel: as written (for messages)
+    # sentinel only:
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+    db: int = 0
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a repr that may be logged
+    sentinel_auth: bool = False
+    tls_options: tuple[tuple[str, str | bool], ...] = ()
 
 
 def parse_store_url(text: str) -> StoreURL:
@@ -221,7 +245,95 @@ def parse_store_url(text: str) -> StoreURL:
         if parts.fragment:
             raise BadStoreURL("a Redis URL takes no fragment")
         return StoreURL("redis", url=t)
+    if sep and scheme in ("redis+sentinel", "rediss+sentinel"):
+        return _parse_sentinel_url(t, scheme)
     raise BadStoreURL(f"unknown store {t.partition(':')[0][:20]!r}")
+
+
+def _sentinel_address(entry: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or a bare host (port 26379)."""
+    item = entry.strip()
+    bad_port = BadStoreURL(f"the Sentinel port must be 1-65535 (bad entry {item[:60]!r})")
+    if item.startswith("["):
+        host, close, rest = item[1:].partition("]")
+        if not close or (rest and not rest.startswith(":")):
+            raise BadStoreURL(f"bad Sentinel address {item[:60]!r}")
+        port_text = rest[1:] if rest else str(SENTINEL_PORT)
+    else:
+        host, colon, port_text = item.rpartition(":")
+        if not colon:
+            host, port_text = item, str(SENTINEL_PORT)
+    if not host:
+        raise BadStoreURL(f"a Sentinel address names no host (entry {item[:60]!r})")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise bad_port
+    return host, int(port_text)
+
+
+def _parse_sentinel_url(t: str, scheme: str) -> StoreURL:
+    form = f"{scheme}://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
+    if not t[len(scheme) :].startswith("://"):
+        raise BadStoreURL(f"write {form}")
+    rest = t[len(scheme) + 3 :]
+    rest, hash_, _ = rest.partition("#")
+    if hash_:
+        raise BadStoreURL("a Sentinel URL takes no fragment")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not hosts.strip():
+        raise BadStoreURL(f"the Sentinel URL names no Sentinel: write {form}")
+    sentinels = tuple(_sentinel_address(h) for h in hosts.split(","))
+    segments = path.rstrip("/").split("/") if path.strip("/") else []
+    if not segments or not segments[0]:
+        raise BadStoreURL(f"the Sentinel URL names no service: write {form}")
+    service = unquote(segments[0])
+    if len(segments) == 1 and service.isdigit():
+        raise BadStoreURL(
+            f"the Sentinel URL names no service ({service!r} looks like a database number): write {form}"
+        )
+    if len(segments) > 2:
+        raise BadStoreURL(f"too many parts after the Sentinels: write {form}")
+    if any(c.isspace() for c in service):
+        raise BadStoreURL(f"the Sentinel service name has white space: {service[:40]!r}")
+    db = 0
+    if len(segments) == 2:
+        if not segments[1].isdigit():
+            raise BadStoreURL(f"the Redis database must be a number, not {segments[1][:20]!r}")
+        db = int(segments[1])
+    username = password = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if colon else None
+    tls = scheme == "rediss+sentinel"
+    sentinel_auth = False
+    tls_options: list[tuple[str, str | bool]] = []
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name in _SENTINEL_OPTIONS or name == "ssl_check_hostname":
+            flag = _YES_NO.get(value.lower())
+            if flag is None:
+                raise BadStoreURL(f"option {name} takes yes or no, not {value[:20]!r}")
+            if name == "sentinel_auth":
+                sentinel_auth = flag
+                continue
+            tls_options.append((name, flag))
+        elif name in _TLS_OPTIONS:
+            if name == "ssl_cert_reqs" and value not in ("none", "optional", "required"):
+                raise BadStoreURL(
+                    f"option ssl_cert_reqs takes none, optional or required, not {value[:20]!r}"
+                )
+            tls_options.append((name, value))
+        else:
+            raise BadStoreURL(
+                f"unknown option {name[:30]!r} (known: {', '.join(_SENTINEL_OPTIONS + _TLS_OPTIONS)})"
+            )
+        if not tls:
+            raise BadStoreURL(f"option {name} needs TLS: write rediss+sentinel://")
+    return StoreURL(
+        "sentinel", url=t, sentinels=sentinels, service=service, db=db, tls=tls,
+        username=username, password=password, sentinel_auth=sentinel_auth, tls_options=tuple(tls_options),
+    )
 
 
 def redact_url(url: str) -> str:
@@ -244,12 +356,16 @@ def open_replay_store(
     timeout: float = 1.0,
     key_prefix: str = "consoleproxy:replay:",
     clock: Callable[[], float] = time.time,
+    wait_replicas: int = 1,
+    wait_timeout: float = 0.1,
+    on_unacknowledged: Callable[[], object] = lambda: None,
 ) -> ReplayStore:
     """The store ``url`` names (:func:`parse_store_url`); a relative SQLite path is under ``base_dir``.
 
     Raises :class:`BadStoreURL` for a wrong URL and :class:`ReplayStoreUnavailable` when a SQLite
     file cannot be opened. A Redis store connects on first use (a Redis that is down at start is
-    an outage, handled like one later).
+    an outage, handled like one later). ``wait_replicas``, ``wait_timeout`` and
+    ``on_unacknowledged`` apply to a Sentinel store only (:class:`SentinelReplayStore`).
     """
     spec = parse_store_url(url)
     if spec.kind == "memory":
@@ -259,6 +375,11 @@ def open_replay_store(
         if not path.is_absolute():
             path = (base_dir or Path.cwd()) / path
         return SqliteReplayStore(path, timeout=timeout, clock=clock)
+    if spec.kind == "sentinel":
+        return SentinelReplayStore(
+            spec, timeout=timeout, key_prefix=key_prefix, clock=clock, wait_replicas=wait_replicas,
+            wait_timeout=wait_timeout, on_unacknowledged=on_unacknowledged,
+        )
     return RedisReplayStore(spec.url, timeout=timeout, key_prefix=key_prefix, clock=clock)
 
 
@@ -435,11 +556,11 @@ class RedisReplayStore:
         )
         self._redis = Redis.from_pool(pool)
 
-    async def _do(self, what: str, call: Callable[[], Any]) -> Any:
+    async def _do(self, what: str, call: Callable[[], Any], extra: float = 0.0) -> Any:
         from redis.exceptions import RedisError
 
         try:
-            async with asyncio.timeout(2 * self.timeout):
+            async with asyncio.timeout(2 * self.timeout + extra):
                 return await call()
         except TimeoutError:
             raise ReplayStoreUnavailable(f"redis {self.where}: {what} timed out") from None
@@ -464,6 +585,129 @@ class RedisReplayStore:
         await self._redis.aclose()
 
 
+class SentinelReplayStore(RedisReplayStore):
+    """Keys in the primary of a Redis Sentinel group, found and followed through redis-py's
+    public Sentinel support (``redis.asyncio.sentinel``).
+
+    Every new connection asks the Sentinels (in turn, each bounded by ``timeout``) which server is
+    primary and connects there; a Sentinel that reports the primary down or a failover in
+    progress counts as "no primary", so the add fails at once (:class:`ReplayStoreUnavailable`,
+    then ``[cluster] on_store_error``) instead of writing somewhere else. A pooled connection to a
+    server that has since been demoted gets ``READONLY`` on its first write; redis-py turns that
+    into a connection error, the connection is dropped, and the one retry asks the Sentinels
+    again. Nothing is ever sent to a server that the Sentinels call a replica.
+
+    The mark is ``SET prefix+key 1 NX PX ms`` then ``WAIT wait_replicas wait_timeout_ms`` on the
+    same connection (one pipeline, one round trip plus the replica's acknowledgement). Redis
+    replicates asynchronously: without ``WAIT`` a mark made just before the primary dies may be
+    missing on the replica the Sentinels promote, and the token would be accepted a second time.
+    With ``WAIT`` the console is admitted after a replica holds the mark. If fewer replicas
+    acknowledge within ``wait_timeout`` the console is still admitted (the mark is on the
+    primary, which would have to fail within that moment for it to be lost), and
+    ``on_unacknowledged`` is called (the ``replay_store_unacknowledged_total`` metric); one
+    warning is logged when acknowledgements stop and one line when they resume.
+    ``wait_replicas = 0`` sends no ``WAIT``.
+
+    At most ``max_connections`` calls run at once (a semaphore; redis-py's Sentinel pool has no
+    blocking variant), so a burst during an outage cannot open thousands of sockets.
+    """
+
+    def __init__(
+        self,
+        spec: StoreURL,
+        *,
+        timeout: float = 1.0,
+        key_prefix: str = "consoleproxy:replay:",
+        clock: Callable[[], float] = time.time,
+        max_connections: int = 50,
+        wait_replicas: int = 1,
+        wait_timeout: float = 0.1,
+        on_unacknowledged: Callable[[], object] = lambda: None,
+    ) -> None:
+        from redis.asyncio.retry import Retry
+        from redis.asyncio.sentinel import Sentinel
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        if spec.kind != "sentinel":
+            raise ValueError(f"not a Sentinel store URL: {spec.kind}")
+        if wait_replicas < 0:
+            raise ValueError(f"wait_replicas must be 0 or more, got {wait_replicas}")
+        if wait_replicas and wait_timeout >= timeout:
+            # WAIT's reply is read under the socket timeout: a longer WAIT would be a failure
+            raise ValueError(f"wait_timeout ({wait_timeout:g} s) must be less than timeout ({timeout:g} s)")
+        self.where = redact_url(spec.url)
+        self.timeout = timeout
+        self.key_prefix = key_prefix
+        self._clock = clock
+        self.service = spec.service
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = wait_timeout
+        self._on_unacknowledged = on_unacknowledged
+        self.acknowledged = True
+        self._slots = asyncio.Semaphore(max_connections)
+        sockets: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        tls: dict[str, Any] = {"ssl": True, **dict(spec.tls_options)} if spec.tls else {}
+        auth: dict[str, Any] = {"username": spec.username, "password": spec.password}
+        sentinel_kwargs: dict[str, Any] = {**sockets, **tls, **(auth if spec.sentinel_auth else {})}
+        self._sentinel = Sentinel(list(spec.sentinels), sentinel_kwargs=sentinel_kwargs)
+        self._redis = self._sentinel.master_for(
+            spec.service,
+            db=spec.db,
+            client_name="consoleproxy",  # shows in CLIENT LIST on the primary
+            max_connections=max_connections,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            retry_on_error=[RedisConnectionError],
+            **sockets,
+            **tls,
+            **auth,
+        )
+
+    async def _mark(self, key: str, ttl_ms: int) -> list[Any]:
+        async with self._slots, self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.key_prefix + key, b"1", nx=True, px=ttl_ms)
+            if self.wait_replicas:
+                # WAIT counts the replicas that acknowledged every write made on this connection
+                # so far, so it must follow the SET on the same connection: one pipeline.
+                pipe.wait(self.wait_replicas, max(1, math.ceil(self.wait_timeout * 1000)))
+            return list(await pipe.execute())
+
+    async def add(self, key: str, expires_at: float) -> bool:
+        ttl_ms = max(1, math.ceil((expires_at - self._clock()) * 1000))
+        replies = await self._do("SET", lambda: self._mark(key, ttl_ms), extra=self.wait_timeout)
+        first = replies[0] is not None and replies[0] is not False
+        if first and self.wait_replicas:
+            acked = int(replies[1])
+            if acked < self.wait_replicas:
+                self._on_unacknowledged()
+                if self.acknowledged:
+                    self.acknowledged = False
+                    log.warning(
+                        "replay store %s: %d of %d replicas acknowledged a token mark within %g ms; "
+                        "consoles are admitted, but a mark not on a replica is lost if the primary "
+                        "fails now", self.where, acked, self.wait_replicas, self.wait_timeout * 1000,
+                    )
+            elif not self.acknowledged:
+                self.acknowledged = True
+                log.warning("replay store %s: replicas acknowledge token marks again", self.where)
+        return first
+
+    async def _ping(self) -> Any:
+        async with self._slots:
+            return await self._redis.ping()
+
+    async def ping(self) -> bool:
+        try:
+            await self._do("PING", self._ping)
+        except ReplayStoreUnavailable:
+            return False
+        return True
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+        await self._sentinel.aclose()
+
+
 # --- the failure policy ----------------------------------------------------------------------
 
 
@@ -471,7 +715,10 @@ class GuardedReplayStore:
     """The store the validators use: applies ``[cluster] on_store_error`` in one place.
 
     * ``reject`` -- :class:`ReplayStoreUnavailable` reaches the console path (close code 4008),
-      and :meth:`not_ready_reason` reports the outage so a balancer sends consoles elsewhere.
+      and :meth:`not_ready_reason` reports the outage so a balancer sends consoles elsewhere --
+      once it has lasted ``grace`` seconds (``[cluster] store_grace_seconds``). A Sentinel
+      failover leaves every instance without a primary for the same few seconds; taking them all
+      out of the balancer for that would turn a short refusal of new consoles into "no backend".
     * ``accept`` -- the token is let through without the single-use check.
 
     Either way each failed add calls ``on_failure`` (the ``replay_store_errors_total`` metric),
@@ -490,6 +737,7 @@ class GuardedReplayStore:
         name: str = "",
         check_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        grace: float = 0.0,
     ) -> None:
         if on_error not in ("reject", "accept"):
             raise ValueError(f"on_error must be 'reject' or 'accept', got {on_error!r}")
@@ -500,7 +748,9 @@ class GuardedReplayStore:
         self.shared = not isinstance(store, MemoryReplayStore)
         self.check_interval = check_interval
         self._clock = clock
+        self.grace = grace
         self.reachable = True
+        self.unreachable_since: float | None = None  # clock() at the first failure of this outage
         self._checked_at = -math.inf
         self._ping: asyncio.Future[bool] | None = None
 
@@ -508,6 +758,7 @@ class GuardedReplayStore:
         self._checked_at = self._clock()
         if self.reachable:
             self.reachable = False
+            self.unreachable_since = self._checked_at
             then = (
                 "new consoles are refused (4008) until it answers"
                 if self.on_error == "reject"
@@ -519,6 +770,7 @@ class GuardedReplayStore:
         self._checked_at = self._clock()
         if not self.reachable:
             self.reachable = True
+            self.unreachable_since = None
             log.warning("replay store reachable again (%s)", self.name)
 
     async def add(self, key: str, expires_at: float) -> bool:
@@ -541,17 +793,27 @@ class GuardedReplayStore:
             self._lost("no answer to a health check")
         return ok
 
-    async def refresh(self) -> None:
-        """Ping the store if its last answer is older than ``check_interval`` (shared stores only)."""
+    async def refresh(self, wait: float | None = None) -> None:
+        """Ping the store if its last answer is older than ``check_interval`` (shared stores only).
+
+        ``wait``: return after at most this many seconds even if the ping has not answered; it
+        goes on and updates the state when it does. ``/readyz`` passes a short bound: a ping to
+        an unreachable store may take ``2 * store_timeout_seconds`` (a connect timeout, a
+        retry), and a balancer whose check times out marks the instance down whatever the grace.
+        """
         if not self.shared or self._clock() - self._checked_at < self.check_interval:
             return
         if self._ping is None or self._ping.done():
             self._ping = asyncio.ensure_future(self.ping())
-        # Shielded: a health check that gives up must not cancel the ping others wait for.
-        await asyncio.shield(self._ping)
+        # asyncio.wait never cancels what it waits for: a health check that gives up (or is
+        # cancelled) leaves the ping running for the others.
+        await asyncio.wait({self._ping}, timeout=wait)
 
     def not_ready_reason(self) -> str | None:
-        if self.shared and self.on_error == "reject" and not self.reachable:
+        """The outage, once it has lasted ``grace`` seconds (as of the last add or ping)."""
+        since = self.unreachable_since
+        if self.shared and self.on_error == "reject" and since is not None \
+                and self._checked_at - since >= self.grace:
             return "replay store unreachable"
         return None
 

@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from . import rfb
+from .acme_orders import AcmeManager
+from .acme_policy import ChallengeRecords
 from .certstore import CertificateError, CertStore, SNIContexts, bundle_key
 from .cloudstack import CloudStackKeyError, CloudStackKeys, CloudStackValidator
 from .config import Config, ConfigError
@@ -35,7 +37,9 @@ from .errors import (
     BackendAuthFailed,
     BackendUnreachable,
     ConsoleError,
+    ConsoleProxyError,
     Forbidden,
+    ResumeRefused,
     SessionKilled,
     ShuttingDown,
     TokenInvalid,
@@ -57,9 +61,18 @@ from .replay import (
     open_replay_store,
     redact_url,
 )
+from .resume import (
+    MAX_TICKET_BYTES,
+    TicketBody,
+    issue_ticket,
+    new_resume_id,
+    open_ticket,
+    seal_body,
+    used_key,
+)
 from .sessions import Registry, Session
 from .targets import TargetPolicy, check_hostname_syntax, is_ip_address, local_addresses
-from .tokens import Claims, Keyring, TokenValidator
+from .tokens import Claims, Keyring, KeyringError, TokenValidator
 from .wsframes import close_reason as _reason
 
 __all__ = ["ProxyServer", "run_forever"]
@@ -71,8 +84,14 @@ DEV_SUFFIX = "*.consoleproxy.local"
 CERT_RECHECK_SECONDS = 60.0
 # A browser offering this WebSocket subprotocol (our console page) is told, in a text message
 # before RFB starts, that its session is recorded; noVNC ignores a text message (it has no bytes).
+# The page's other text messages are resume tickets ("cpr1.<base64url>...", resume.py), which
+# never contain ':': a text message starting with NOTICE_PREFIX is a notice, anything else a
+# ticket (README, "Resume"; docs/recording.md).
 NOTICE_PROTOCOL = "consoleproxy.notice"
-RECORDED_NOTICE = "consoleproxy:recorded"
+NOTICE_PREFIX = "consoleproxy:"
+RECORDED_NOTICE = NOTICE_PREFIX + "recorded"
+# /readyz waits at most this long for a replay store ping: far below any balancer's check timeout.
+READYZ_STORE_WAIT = 0.1
 
 
 class ProxyServer:
@@ -145,7 +164,15 @@ class ProxyServer:
         self.removed_sessions: list[str] = []
         self.admin_key: str | None = None
         self.dns: DnsServer | None = None
+        # [acme]: challenge answers (DNS responder, redirect port) and the renewal loop.
+        self.challenges: ChallengeRecords | None = None
+        self.acme: AcmeManager | None = None
         self._dns_settings = self._dns_config()
+        # Resume (resume.py): the keyring that seals tickets, consoles by resume chain id, and the
+        # store writes that mark a generation used when its console must not come back.
+        self._resume_keys = self._resume_keyring(keyring)
+        self._by_resume: dict[str, Session] = {}
+        self._burns: set[asyncio.Task[None]] = set()
         self.health = HealthRunner(self)  # [health] checks; scheduled from start()
         self.recordings = self._recordings()
 
@@ -164,9 +191,17 @@ class ProxyServer:
     def _replay_store(self) -> GuardedReplayStore:
         """``[cluster] replay_store`` with its failure policy; a SQLite file is opened now."""
         c = self.cfg.cluster
+        sentinel = c.replay_store.strip().lower().startswith(("redis+sentinel:", "rediss+sentinel:"))
+        if sentinel and c.store_wait_timeout_ms >= c.store_timeout_seconds * 1000:
+            raise ConfigError(
+                f"[cluster] store_wait_timeout_ms: expected less than store_timeout_seconds "
+                f"({c.store_timeout_seconds:g} s), got {c.store_wait_timeout_ms} ms"
+            )
         try:
             store = open_replay_store(
-                c.replay_store, base_dir=self.cfg.base_dir, timeout=c.store_timeout_seconds
+                c.replay_store, base_dir=self.cfg.base_dir, timeout=c.store_timeout_seconds,
+                wait_replicas=c.store_wait_replicas, wait_timeout=c.store_wait_timeout_ms / 1000,
+                on_unacknowledged=self.metrics.replay_store_unacknowledged_total.inc,
             )
         except BadStoreURL as exc:
             raise ConfigError(f"[cluster] replay_store: {exc}") from None
@@ -177,7 +212,33 @@ class ProxyServer:
             on_error=c.on_store_error,
             on_failure=self.metrics.replay_store_errors_total.inc,
             name=redact_url(c.replay_store),
+            grace=c.store_grace_seconds,
         )
+
+    def _resume_keyring(self, keyring: Keyring | None) -> Keyring | None:
+        """Native tokens: their keyring (tickets use keys derived from it). CloudStack tokens:
+        ``[tokens] keyring`` when the file exists (the same file on every instance), else resume
+        is off: a key of this process alone would strand consoles on a lost instance."""
+        if not self.cfg.resume.window_seconds:
+            return None
+        if self.validator is not None:
+            return None  # read from the validator each time: it follows a keyring reload
+        if keyring is not None:
+            return keyring
+        path = self.cfg.path(self.cfg.tokens.keyring)
+        if not path.is_file():
+            log.info("resume is off: CloudStack tokens and no [tokens] keyring file at %s", path)
+            return None
+        try:
+            return Keyring.load(path)
+        except KeyringError as exc:
+            raise ConfigError(f"[tokens] keyring (for resume tickets): {exc}") from None
+
+    @property
+    def resume_keyring(self) -> Keyring | None:
+        if not self.cfg.resume.window_seconds:
+            return None
+        return self.validator.keyring if self.validator is not None else self._resume_keys
 
     def _cloudstack_validator(self) -> CloudStackValidator:
         """Tokens as a CloudStack/Mold management server makes them (DESIGN 7)."""
@@ -246,6 +307,8 @@ class ProxyServer:
         lst = self.cfg.listen
         if lst.tls and self.tls is None:
             self.tls = await asyncio.to_thread(self._load_tls)
+        if self.cfg.acme.enabled and self.certstore is not None:
+            self.challenges = ChallengeRecords(self.certstore.directory / "acme" / "challenges.json")
         runner = web.AppRunner(
             self.public_app(), access_log=None, handle_signals=False, **handler_args(self.cfg.limits)
         )
@@ -281,10 +344,20 @@ class ProxyServer:
         self._sweeper = asyncio.create_task(self._sweep())
         self.recordings.start(self._relays.values)
         if self._dns_settings is not None:
-            self.dns = DnsServer(self._dns_settings, self.metrics)
+            self.dns = DnsServer(self._dns_settings, self.metrics, challenges=self.challenges)
             await self.dns.start()
             log.info("DNS responder for %s on %s", self._dns_settings.zone, self.cfg.dns.listen)
         self.health.start()
+        if self.challenges is not None and self.certstore is not None:
+            self.acme = AcmeManager(
+                self.cfg, self.certstore, self.challenges, lock=self.replay, metrics=self.metrics,
+                on_installed=self._acme_installed,
+            )
+            self.acme.start()
+
+    def _acme_installed(self) -> None:
+        with contextlib.suppress(CertificateError):  # logged; the old certificates stay
+            self.reload_certificates()
 
     def _dns_config(self) -> DnsSettings | None:
         """Checked at construction so bad settings fail before anything binds."""
@@ -308,6 +381,13 @@ class ProxyServer:
     def _redirect_app(self) -> web.Application:
         """Plain HTTP that only sends browsers to the HTTPS listener (same host, path, query)."""
 
+        async def acme_http01(request: web.Request) -> web.Response:
+            # RFC 8555 8.3: the key authorization as the body, for the CA's validation request.
+            answer = self.challenges.http(request.match_info["token"]) if self.challenges else None
+            if answer is None:
+                raise web.HTTPNotFound()
+            return web.Response(text=answer, content_type="application/octet-stream")
+
         async def redirect(request: web.Request) -> web.Response:
             host = request.url.raw_host or "localhost"
             if ":" in host:  # IPv6 literal
@@ -317,6 +397,7 @@ class ProxyServer:
             raise web.HTTPMovedPermanently(f"https://{netloc}{request.raw_path}")
 
         app = web.Application(client_max_size=1024)
+        app.router.add_get("/.well-known/acme-challenge/{token}", acme_http01)
         app.router.add_route("*", "/{tail:.*}", redirect)
         return app
 
@@ -407,6 +488,10 @@ class ProxyServer:
         for relay in list(self._relays.values()):
             relay.abort()
         await self.recordings.close()
+        if self._burns:
+            await asyncio.wait(self._burns, timeout=2)
+        if self.acme is not None:
+            await self.acme.close()
         await self.health.close()
         if self.dns is not None:
             await self.dns.close()
@@ -425,6 +510,8 @@ class ProxyServer:
             return "draining"
         if self.cfg.listen.tls and self.certificate_problem:
             return self.certificate_problem
+        if self.acme is not None and (acme_problem := self.acme.problem()) is not None:
+            return acme_problem
         if (store_problem := self.replay.not_ready_reason()) is not None:
             return store_problem
         if (health_problem := self.health.unready_reason()) is not None:
@@ -435,7 +522,9 @@ class ProxyServer:
         return None
 
     async def handle_readyz(self, request: web.Request) -> web.Response:
-        await self.replay.refresh()  # pings a shared store at most once a second
+        # Pings a shared store at most once a second; answers from the last known state when the
+        # ping takes longer than READYZ_STORE_WAIT (the ping finishes in the background).
+        await self.replay.refresh(wait=READYZ_STORE_WAIT)
         reason = self.not_ready_reason()
         if reason is None:
             return web.json_response({"status": "ready"})
@@ -471,13 +560,22 @@ class ProxyServer:
         writer: asyncio.StreamWriter | None = None
         result = "error"
         relaying = False
+        keys = self.resume_keyring
+        # The page asks for tickets with resume=1; other clients never see a text message.
+        wants_resume = keys is not None and _query(request, "resume") == "1"
+        ticket: TicketBody | None = None
         try:
             async with asyncio.timeout(lim.handshake_timeout_seconds):
                 if self.refusing:
                     raise ShuttingDown("this proxy is draining; reconnect to reach another")
                 client_ip = self._client_ip(request, client_ip)
                 self._check_origin(request)
-                claims = await self._validate(request, client_ip)
+                if wants_resume and not _query(request, "token"):
+                    assert keys is not None
+                    ticket = await self._receive_ticket(ws, keys, client_ip)
+                    claims = await self._check_target(_ticket_claims(ticket))
+                else:
+                    claims = await self._validate(request, client_ip)
                 session = Session(
                     vm=claims.vm,
                     client_ip=client_ip,
@@ -486,10 +584,15 @@ class ProxyServer:
                     name=claims.name,
                     view_only=claims.view_only,
                     max_duration=claims.max_duration,
-                    session_uuid=claims.jti if self.cloudstack is not None else None,
+                    session_uuid=(ticket.session_uuid if ticket is not None else claims.jti)
+                    if self.cloudstack is not None else None,
                 )
+                if wants_resume:
+                    self._resume_state(session, ticket)
                 self._idle.clear()
                 for old in self.registry.add(session):
+                    if ticket is not None and old.resume_id == ticket.sid:
+                        old.resume_id = None  # its own resumed connection: no mark as used
                     old.close(SessionKilled.close_code, "replaced by a newer console for this VM")
                 rc = self.cfg.recording
                 record = should_record(rc.enabled, claims.record, claims.vm, rc.vms)
@@ -497,7 +600,12 @@ class ProxyServer:
                     # Our console page offers this protocol: it shows "this session is recorded".
                     await ws.send_str(RECORDED_NOTICE)
                 reader, writer = await self._connect(claims)
+                if ticket is not None:
+                    await self._use_ticket(ticket, request)
                 client_leftover, server_init = await self._rfb_handshake(ws, reader, writer, claims, session)
+                if wants_resume and keys is not None:
+                    session.resume_body = seal_body(keys, _ticket_body(session, claims))
+                    await ws.send_str(self._ticket(keys, session))
             # The token's claim, else [input]: drop the Lang1/Lang2 releases for this console?
             drop_lang = (claims.lang_key_release or self.cfg.input.lang_key_release) == "drop"
             # The claims (with the VNC password) are done with: not kept for the console's life.
@@ -514,7 +622,7 @@ class ProxyServer:
             await self._refuse(ws, 4012, b"handshake timed out")
         except ConsoleError as exc:
             result = exc.reason
-            if isinstance(exc, TokenInvalid | Forbidden) or exc.close_code in (4002, 4003):
+            if isinstance(exc, TokenInvalid | Forbidden) or exc.close_code in (4002, 4003, 4005):
                 self.metrics.token_rejections_total.labels(exc.reason).inc()
             log.info("console refused for %s: %s (%d)", client_ip, exc, exc.close_code)
             await self._refuse(ws, exc.close_code, _reason(str(exc)))
@@ -536,6 +644,88 @@ class ProxyServer:
                     self._end(session, result)
                 self.trimmer.ended()
         return ws
+
+    # --- resume (resume.py) ------------------------------------------------------------------
+
+    async def _receive_ticket(self, ws: ConsoleWebSocket, keys: Keyring, client_ip: str) -> TicketBody:
+        """A resuming page's first message is its ticket (never in the URL: access logs), in a
+        binary message like every message a browser sends here (the frame parser refuses text)."""
+        msg = await ws.receive()
+        if msg.type is not WSMsgType.BINARY or len(msg.data) > MAX_TICKET_BYTES:
+            raise ResumeRefused("resume ticket invalid: expected the ticket as the first message")
+        try:
+            text = msg.data.decode("ascii")
+        except UnicodeDecodeError:
+            raise ResumeRefused("resume ticket invalid") from None
+        return open_ticket(keys, text, now=time.time(), client_ip=client_ip)
+
+    def _resume_state(self, session: Session, ticket: TicketBody | None) -> None:
+        """A new chain for a token's console; the next generation of a resumed one, whose
+        lifetime counts from the console's first start."""
+        if ticket is None:
+            session.resume_id = new_resume_id()
+            return
+        session.resume_id = ticket.sid
+        session.resume_gen = ticket.gen + 1
+        age = max(time.time() - ticket.started, 0.0)
+        session.started = float(ticket.started)
+        session.started_mono = time.monotonic() - age
+
+    async def _use_ticket(self, ticket: TicketBody, request: web.Request) -> None:
+        """Single use, cluster-wide: the generation's key goes into the shared store once the VNC
+        server has accepted the connection, before the browser gets a byte of RFB. So a resume
+        that fails to reach the VNC server (a storm after a lost instance: connect timeouts) can
+        be retried with the same ticket, and a refused one never shows the page a console."""
+        window = self.cfg.resume.window_seconds
+        # Tickets of this generation expire at most a window after the last one was sent; the
+        # key outlives them (an old connection still open elsewhere is cut by the heartbeat).
+        if not await self.replay.add(used_key(ticket.sid, ticket.gen), time.time() + 2 * window + 60):
+            raise ResumeRefused("resume ticket already used")
+        old = self._by_resume.get(ticket.sid)
+        if old is not None:
+            # The same console's half-open connection here (not yet cut by the heartbeat): this
+            # one replaces it. (Under per_vm_policy "reject" the limits refused this one (4008)
+            # while it was open; the page retries until the heartbeat has cut it.)
+            old.close(SessionKilled.close_code, "replaced by its resumed connection")
+        after = _query(request, "after")
+        cause = "drain" if after == "1001" else "network" if after in ("1005", "1006") else "other"
+        self.metrics.resumes_total.labels(cause).inc()
+        log.info("console resumed (%s) for VM %s", cause, ticket.vm)
+
+    def _ticket(self, keys: Keyring, session: Session) -> str:
+        assert session.resume_body is not None
+        session.ticket_sent = time.monotonic()
+        exp = int(time.time()) + self.cfg.resume.window_seconds
+        return issue_ticket(keys, session.resume_body, exp=exp)
+
+    def _refresh_tickets(self, now: float) -> None:
+        """A fresh ticket every third of the window to each console that asked for them."""
+        keys = self.resume_keyring
+        if keys is None:
+            return
+        due = now - self.cfg.resume.window_seconds / 3
+        for relay in list(self._relays.values()):
+            s = relay.session
+            if s.resume_body is not None and s.ticket_sent <= due and not relay.ended:
+                relay.client.send_text(self._ticket(keys, s).encode("ascii"))
+
+    def _burn(self, session: Session) -> None:
+        """Mark the console's generation used: an administrator's kill, a replacement, a time
+        limit or a VNC server that closed must not come back with the ticket the page holds."""
+        if session.resume_id is None:
+            return
+        key = used_key(session.resume_id, session.resume_gen)
+        expires = time.time() + 2 * self.cfg.resume.window_seconds + 60
+
+        async def burn() -> None:
+            try:
+                await self.replay.add(key, expires)
+            except ConsoleProxyError as exc:  # store down: counted by the guard; tickets expire
+                log.warning("could not mark an ended console as not resumable: %s", exc)
+
+        task = asyncio.create_task(burn())
+        self._burns.add(task)
+        task.add_done_callback(self._burns.discard)
 
     async def _refuse(self, ws: ConsoleWebSocket, code: int, message: bytes) -> None:
         """Close a console that did not reach the relay. Out of the sweeper's pings first: only a
@@ -567,6 +757,15 @@ class ProxyServer:
                 return
         raise Forbidden(f"origin {origin[:80]!r} may not open consoles here")
 
+    async def _check_target(self, claims: Claims) -> Claims:
+        """``[targets]`` for the claims' host; a name is resolved once and replaced by the address."""
+        if is_ip_address(claims.host):
+            self.targets.check(claims.host, claims.port)
+            return claims
+        # Resolved here, once; the connection goes to the address checked, not to the name again.
+        address = await self._resolve_target(claims.host, claims.port)
+        return dataclasses.replace(claims, host=str(address))
+
     async def _validate(self, request: web.Request, client_ip: str) -> Claims:
         try:
             token = raw_query_param(request.query_string, "token")
@@ -583,12 +782,7 @@ class ProxyServer:
         else:
             assert self.validator is not None
             claims = await self.validator.validate(token, client_ip=client_ip)
-        if is_ip_address(claims.host):
-            self.targets.check(claims.host, claims.port)
-            return claims
-        # Resolved here, once; the connection goes to the address checked, not to the name again.
-        address = await self._resolve_target(claims.host, claims.port)
-        return dataclasses.replace(claims, host=str(address))
+        return await self._check_target(claims)
 
     async def _resolve_target(self, host: str, port: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         check_hostname_syntax(host)
@@ -775,6 +969,8 @@ class ProxyServer:
             relay.recorder = recorder
         session.closer = relay.stop
         self._relays[session.id] = relay
+        if session.resume_id is not None:
+            self._by_resume[session.resume_id] = session
         self._relays_gone.clear()
         self.metrics.sessions_active.inc()
         self._audit("session_start", session)
@@ -790,6 +986,13 @@ class ProxyServer:
         if recorder is not None:
             recorder.close()
         session = relay.session
+        if session.resume_id is not None:
+            if self._by_resume.get(session.resume_id) is session:
+                del self._by_resume[session.resume_id]
+            # Comes back: a lost connection (the browser's or ours) and a drain or shutdown (1001).
+            lost = relay.close_code is None and result == "client closed"
+            if not (lost or relay.close_code == 1001):
+                self._burn(session)
         self._end(session, result)
         # The closer is the relay's bound method: the session and the relay would be a cycle.
         session.closer = None
@@ -845,6 +1048,7 @@ class ProxyServer:
                     client.heartbeat(now, ping)
                 for relay in list(self._relays.values()):
                     relay.client.heartbeat(now, ping)
+            self._refresh_tickets(now)
             for s in self.registry:
                 if s.closer is None:
                     continue
@@ -897,6 +1101,34 @@ def _hostname(netloc: str) -> str:
     if netloc.startswith("["):
         return netloc[1:].partition("]")[0]
     return netloc.rpartition(":")[0] if netloc.count(":") == 1 else netloc
+
+
+def _query(request: web.Request, name: str) -> str | None:
+    try:
+        return raw_query_param(request.query_string, name)
+    except UnicodeDecodeError:
+        return None
+
+
+def _ticket_claims(t: TicketBody) -> Claims:
+    """The resumed console's claims: what the original token said, as the ticket carries it."""
+    now = int(time.time())
+    return Claims(
+        host=t.host, port=t.port, vm=t.vm, exp=now, iat=now, jti=t.sid, password=t.password,
+        name=t.name, client_ip=t.client_ip, view_only=t.view_only, max_duration=t.max_duration,
+        lang_key_release=t.lang_key_release, record=t.record,
+    )
+
+
+def _ticket_body(session: Session, claims: Claims) -> TicketBody:
+    assert session.resume_id is not None
+    return TicketBody(
+        sid=session.resume_id, gen=session.resume_gen, host=claims.host, port=claims.port,
+        vm=claims.vm, started=int(session.started), password=claims.password, name=claims.name,
+        client_ip=claims.client_ip, view_only=claims.view_only,
+        max_duration=claims.max_duration, lang_key_release=claims.lang_key_release,
+        session_uuid=session.session_uuid, record=claims.record,
+    )
 
 
 def _result_label(result: str) -> str:

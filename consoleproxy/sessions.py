@@ -50,6 +50,12 @@ class Session:
     end_reason: str | None = None
     # The ID of this console's recording (recording.py), when it is recorded.
     recording: str | None = None
+    # Resume (resume.py): the chain id and generation, the sealed ticket body (no password in
+    # the clear) and when the last ticket went out (monotonic). None when resume is off.
+    resume_id: str | None = None
+    resume_gen: int = 0
+    resume_body: str | None = None
+    ticket_sent: float = 0.0
 
     def close(self, code: int, reason: str) -> None:
         if self.end_reason is None:

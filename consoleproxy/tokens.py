@@ -45,6 +45,8 @@ __all__ = [
     "Keyring",
     "KeyringError",
     "TokenValidator",
+    "b64url_decode",
+    "b64url_encode",
     "decode",
     "issue",
 ]

@@ -22,13 +22,22 @@ import { XK, ctrlAltF } from "./keys.js";
 import { LANG1, LANG2, LAYOUTS, planTyping, tap } from "./typing.js";
 
 // Close codes the proxy sends on purpose (DESIGN.md 8); each has its own message.
-const KNOWN_CODES = [4001, 4002, 4003, 4004, 4008, 4010, 4011, 4012, 4013, 1001, 1000, 1006];
+const KNOWN_CODES = [4001, 4002, 4003, 4004, 4005, 4008, 4010, 4011, 4012, 4013, 1001, 1000, 1006];
 const MAX_TYPE_CHARS = 20000; // the textarea's maxlength too
 // Typing is paced (keys per second, chosen in the dialog) and waits while the WebSocket has more
 // than this much unsent: a long paste neither blocks the page nor floods the guest.
 const TYPE_TICK_MS = 50;
 const TYPE_MAX_BUFFERED = 16 * 1024;
 const STORE = "consoleproxy."; // localStorage keys: remembered per browser
+// Resume (DESIGN 10): closes after which the console comes back with its resume ticket (a lost
+// connection, a drain or shutdown, a proxy busy for a moment). Any other code ends it: 4001-4004,
+// 4005 (ticket refused), 4011, 4012 (idle, lifetime), 4013 (administrator, replaced), 1000.
+const RESUMABLE_CODES = [1001, 1005, 1006, 1011, 1012, 1013, 1014, 4008];
+// Backoff with jitter: the n-th retry waits min(cap, base * 2^n) times 0.5-1.5, so the users of
+// a lost proxy come back spread out instead of all in one second.
+const RESUME_BASE_MS = 250;
+const RESUME_CAP_MS = 8000;
+const RESUME_MAX_TRIES = 30;
 
 // --- query parameters ------------------------------------------------------------------------
 
@@ -96,7 +105,18 @@ export function websocketUrl(loc, p) {
     if (p.has("extra") && p.get("extra") !== "") {
         url += `&extra=${p.get("extra")}`;
     }
-    return url;
+    return url + "&resume=1"; // ask for resume tickets (text messages noVNC ignores)
+}
+
+// The URL of a resume: no token, and the ticket goes in the first message, never in a URL
+// (access logs, history). `after` is the close code that broke the console (for the metric).
+export function resumeUrl(tokenUrl, after) {
+    return tokenUrl.replace(/\/websockify\?.*$/, `/websockify?resume=1&after=${Number(after) || 0}`);
+}
+
+// The wait before resume attempt `n` (0-based): exponential, capped, jittered by `rand` in [0, 1).
+export function resumeDelay(n, rand) {
+    return Math.min(RESUME_CAP_MS, RESUME_BASE_MS * 2 ** n) * (0.5 + rand);
 }
 
 // --- page elements -----------------------------------------------------------------------------
@@ -154,6 +174,10 @@ function setTitle(name) {
 let rfb = null;
 let socket = null; // our WebSocket under noVNC (its bufferedAmount paces typing)
 let closeInfo = null;
+// The latest resume ticket: in this page's memory only (no storage, no URL).
+let ticket = null;
+let resumeTries = 0;
+let resumeTimer = null;
 let desktopName = "";
 let connected = false;
 
@@ -179,19 +203,40 @@ function showClosed(info, clean) {
     statusEl.dataset.code = String(code);
 }
 
-function connect() {
+// Resume after `info` (the close that ended the console), or false when it must not come back.
+function scheduleResume(info) {
+    const code = info === null ? 1006 : info.code;
+    if (ticket === null || !RESUMABLE_CODES.includes(code) || resumeTries >= RESUME_MAX_TRIES) {
+        return false;
+    }
+    setStatus("reconnecting", "status.reconnecting");
+    const delay = resumeDelay(resumeTries, Math.random());
+    resumeTries += 1;
+    resumeTimer = setTimeout(() => {
+        resumeTimer = null;
+        connect(code);
+    }, delay);
+    return true;
+}
+
+// `after`: the close code of the console being resumed with `ticket`; undefined for a token.
+function connect(after) {
     const token = params.get("token");
     if (!token) {
         setStatus("error", "status.notoken");
         return;
     }
-    const url = websocketUrl(window.location, params);
-    if (url === null) {
+    const tokenUrl = websocketUrl(window.location, params);
+    if (tokenUrl === null) {
         setStatus("error", "status.badport");
         return;
     }
+    const resuming = after !== undefined && ticket !== null;
+    const url = resuming ? resumeUrl(tokenUrl, after) : tokenUrl;
     $("connect").hidden = true;
-    setStatus("connecting", "status.connecting");
+    if (!resuming) {
+        setStatus("connecting", "status.connecting");
+    }
     closeInfo = null;
     connected = false;
 
@@ -208,9 +253,23 @@ function connect() {
     }
     socket = ws;
     $("recording-notice").hidden = true;
+    if (resuming) {
+        const sent = ticket;
+        ws.addEventListener("open", () => ws.send(new TextEncoder().encode(sent)));
+    }
     ws.addEventListener("message", (e) => {
-        if (e.data === "consoleproxy:recorded") {
-            $("recording-notice").hidden = false; // noVNC ignores the text message (no bytes)
+        // noVNC reads only binary messages; the proxy's text ones are ours. A notice starts with
+        // "consoleproxy:" (only "consoleproxy:recorded" so far; others are ignored); everything
+        // else is a resume ticket ("cpr1.…", base64url and dots: never a ':').
+        if (typeof e.data !== "string") {
+            return;
+        }
+        if (e.data.startsWith("consoleproxy:")) {
+            if (e.data === "consoleproxy:recorded") {
+                $("recording-notice").hidden = false;
+            }
+        } else {
+            ticket = e.data;
         }
     });
     ws.addEventListener("close", (e) => {
@@ -231,6 +290,7 @@ function connect() {
 
     rfb.addEventListener("connect", () => {
         connected = true;
+        resumeTries = 0;
         showConnected();
         updateRemoteResizeOption();
         if (!viewOnly) {
@@ -246,8 +306,11 @@ function connect() {
         }
         releaseSticky(false);
         stopTyping(false);
-        showClosed(closeInfo, e.detail.clean);
         rfb = null;
+        if (!scheduleResume(closeInfo)) {
+            ticket = null;
+            showClosed(closeInfo, e.detail.clean);
+        }
     });
     rfb.addEventListener("desktopname", (e) => {
         desktopName = e.detail.name || "";
@@ -740,7 +803,7 @@ function main() {
     setupTypeDialog();
     setupOnScreenKeyboard();
     setupPanels();
-    $("connect").addEventListener("click", connect);
+    $("connect").addEventListener("click", () => connect());
     if (falsy(params.get("autoconnect"))) {
         $("connect").hidden = false;
         setStatus("ready", "status.ready");

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system programs the suite drives for real (QEMU, dig, TigerVNC's Xvnc, haproxy,
-# redis-server, a JDK that makes CloudStack-style tokens, ping and traceroute for diagnostics).
+# redis-server, a JDK that makes CloudStack-style tokens, ping and traceroute for diagnostics,
+# pebble: Let's Encrypt's test ACME server for the [acme] tests).
 # As root and with something missing: apt-get update, then apt-get install -y.
 # Under CI=true a tool still missing after that fails the run; it never silently skips.
 set -euo pipefail
@@ -17,6 +18,7 @@ declare -A need=(
   [javac]=default-jdk-headless
   [ping]=iputils-ping
   [traceroute]=traceroute
+  [pebble]=pebble
 )
 
 missing_pkgs=()

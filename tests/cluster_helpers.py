@@ -119,12 +119,16 @@ class Cluster:
 
     async def states(self) -> dict[str, str]:
         """HAProxy's view of each server (UP, DOWN, ...), from its CSV stats."""
+        return {name: row["status"].split()[0] for name, row in (await self.stats()).items()}
+
+    async def stats(self) -> dict[str, dict[str, str]]:
+        """HAProxy's CSV stats row of each server (``status``, ``chkdown`` = UP->DOWN transitions, ...)."""
         async with aiohttp.ClientSession() as http, \
                 http.get(f"http://127.0.0.1:{self.stats_port}/stats;csv") as r:
             text = await r.text()
         rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
         return {
-            row["svname"]: row["status"].split()[0]
+            row["svname"]: row
             for row in rows
             if row["pxname"] == "consoleproxies" and row["svname"].startswith("proxy")
         }
@@ -141,7 +145,9 @@ class Cluster:
                 await asyncio.sleep(0.05)
 
 
-def _instance_config(inst: Instance, layout: str, replay: str, extra: str) -> str:
+def _instance_config(
+    inst: Instance, layout: str, replay: str, extra: str, cluster_extra: str, deadline: float
+) -> str:
     if layout == "passthrough":
         listen = 'tls = true\nproxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]'
         tls = f'fqdn = "{FQDN}"'
@@ -166,9 +172,10 @@ allowed_cidrs = ["127.0.0.1/32"]
 ports = "1-65535"
 [cluster]
 replay_store = "{replay}"
+{cluster_extra}
 [drain]
 grace_seconds = {CHECK_MS * 3 / 1000}
-deadline_seconds = 120
+deadline_seconds = {deadline}
 [log]
 level = "info"
 {extra}
@@ -177,8 +184,13 @@ level = "info"
 
 @contextlib.asynccontextmanager
 async def cluster(
-    tmp_path: Path, *, layout: str, replay: str, count: int = 3, extra: str = ""
+    tmp_path: Path, *, layout: str, replay: str, count: int = 3, extra: str = "", cluster_extra: str = "",
+    check_ms: int = CHECK_MS, drain_deadline: float = 120,
 ) -> AsyncIterator[Cluster]:
+    """``extra``: more TOML sections for every instance; ``cluster_extra``: more ``[cluster]`` keys;
+    ``check_ms``: HAProxy's check interval, which is also each check's time limit;
+    ``drain_deadline``: ``[drain] deadline_seconds``; at the grace period's length (or below)
+    a drain closes its consoles with 1001 as soon as new ones are refused."""
     haproxy = require_tool("haproxy", "haproxy")
     chain = make_chain(FQDN)
     keyring = Keyring.generate()
@@ -190,7 +202,7 @@ async def cluster(
         d = tmp_path / f"proxy{i + 1}"
         d.mkdir()
         inst = Instance(i, d, _free(20000, 29999, taken), _free(30000, 39999, taken), d / "consoleproxy.toml")
-        inst.config.write_text(_instance_config(inst, layout, replay, extra))
+        inst.config.write_text(_instance_config(inst, layout, replay, extra, cluster_extra, drain_deadline))
         if layout == "passthrough":
             store = CertStore(d / "certs")
             for item in chain.items(suffix=FQDN):
@@ -205,7 +217,7 @@ async def cluster(
         mode=layout,
         bind=f"127.0.0.1:{port}",
         certificate=str(pem),
-        check_interval_ms=CHECK_MS,
+        check_interval_ms=check_ms,
         stats_bind=f"127.0.0.1:{stats}",
         maxconn=2000,
     )

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 from redis_helpers import RedisServer, running_redis
+from sentinel_helpers import SentinelGroup, running_group
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -67,3 +68,11 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     binary = require_tool("redis-server", "redis-server")
     with running_redis(binary, tmp_path / "redis") as server:
         yield server
+
+
+@pytest.fixture
+async def sentinel_group(tmp_path: Path) -> AsyncIterator[SentinelGroup]:
+    """A primary, a replica and three Sentinels (tests/sentinel_helpers.py), healthy, killed after."""
+    binary = require_tool("redis-server", "redis-server")
+    async with running_group(binary, tmp_path / "sentinel-group") as group:
+        yield group

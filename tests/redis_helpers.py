@@ -17,7 +17,7 @@ from pathlib import Path
 START_TIMEOUT = 10.0
 
 
-def _free_port() -> int:
+def ephemeral_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -35,9 +35,10 @@ def redis_ping(port: int, timeout: float = 0.5) -> bool:
 
 
 class RedisServer:
-    def __init__(self, binary: str, directory: Path) -> None:
+    def __init__(self, binary: str, directory: Path, args: tuple[str, ...] = ()) -> None:
         self.binary = binary
         self.directory = directory
+        self.args = list(args)  # more redis-server options, e.g. ("--replicaof", "127.0.0.1", "6379")
         directory.mkdir(parents=True, exist_ok=True)
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -51,11 +52,11 @@ class RedisServer:
         fresh = not self.port
         for _ in range(3 if fresh else 1):  # a new port may be taken between probe and bind
             if fresh:
-                self.port = _free_port()
+                self.port = ephemeral_port()
             log = (self.directory / "redis.log").open("ab")
             self.proc = subprocess.Popen(
                 [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(self.directory)],
+                 "--appendonly", "no", "--dir", str(self.directory), *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -69,13 +70,16 @@ class RedisServer:
         tail = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"redis-server did not answer PING within {START_TIMEOUT:g} s:\n{tail}")
 
-    def stop(self) -> None:
-        """Stop it (SIGTERM) and wait for the process to exit."""
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop it (SIGTERM, or SIGKILL as a crash) and wait for the process to exit."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
         if proc.poll() is None:
-            proc.terminate()
+            if kill:
+                proc.kill()
+            else:
+                proc.terminate()
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:

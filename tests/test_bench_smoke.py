@@ -1,5 +1,5 @@
-"""Small runs of the benchmarks (bench/relay_bench.py and bench/churn.py with --quick) so their code
-cannot rot.
+"""Small runs of the benchmarks (bench/relay_bench.py and bench/churn.py with --quick,
+bench/resume_storm.py with 20 consoles) so their code cannot rot.
 
 Tiny sizes, every scenario, both proxies and raw TCP; checks that it completes and writes the
 JSON, the table and the chart with every section filled. No timing is asserted.
@@ -17,14 +17,20 @@ from conftest import require_tool
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_relay_bench_quick_run_writes_results(tmp_path: Path) -> None:
-    require_tool(str(Path(sys.executable).parent / "websockify"), "websockify==0.13.0 (pip, extra test)")
-    out = tmp_path / "results"
+def run_quick(script: str, out: Path) -> subprocess.CompletedProcess[str]:
+    """``bench/SCRIPT --quick --out OUT``; fails the test with its output if it fails."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "relay_bench.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(ROOT / "bench" / script), "--quick", "--out", str(out)],
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def test_relay_bench_quick_run_writes_results(tmp_path: Path) -> None:
+    require_tool(str(Path(sys.executable).parent / "websockify"), "websockify==0.13.0 (pip, extra test)")
+    out = tmp_path / "results"
+    run_quick("relay_bench.py", out)
     r = json.loads((out / "relay.json").read_text())
     for label in ("raw TCP", "consoleproxy", "websockify", "consoleproxy TLS", "websockify TLS"):
         assert r["down"][label]["mb_s"] > 0, label
@@ -55,11 +61,7 @@ def test_idle_memory_script_reports_per_console_sites() -> None:
 
 def test_churn_bench_quick_run_reports_waves_and_the_collection_pause(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "churn.py"), "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_quick("churn.py", out)
     r = json.loads((out / "churn.json").read_text())
     for key in ("tls", "plain"):
         rows = r[key]["rows"]
@@ -68,3 +70,17 @@ def test_churn_bench_quick_run_reports_waves_and_the_collection_pause(tmp_path: 
         assert isinstance(r[key]["rss_growth_kib_per_ended_console"], float)
     assert r["gc_pause"]["consoles"] == 10 and r["gc_pause"]["seconds"] > 0
     assert "| TLS | 2 x 5 |" in proc.stdout and "One full collection with 10 idle" in proc.stdout
+
+
+def test_resume_storm_small_run_writes_results(tmp_path: Path) -> None:
+    """bench/resume_storm.py with 20 consoles (SQLite store): every one comes back on the survivor."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "resume_storm.py"), "--consoles", "20", "--store", "sqlite",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads((out / "resume_storm.json").read_text())
+    assert r["back"] == 20 and r["lost"] == 0, r
+    assert r["seconds_to_99pct"] is not None and r["survivor_cpu_seconds"] > 0, r

@@ -118,4 +118,4 @@ async def test_page_port_and_websocket_port(tmp_path: Path) -> None:
                 f"&port={ws_port}&token={token}&extra=extra-123&language=en"
             )
             await br.wait_state("connected")
-            assert br.websockets[-1] == (f"ws://127.0.0.1:{ws_port}/websockify?token={token}&extra=extra-123")
+            assert br.websockets[-1] == (f"ws://127.0.0.1:{ws_port}/websockify?token={token}&extra=extra-123&resume=1")

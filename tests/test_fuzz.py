@@ -36,13 +36,14 @@ from test_certstore import parsers_raise_only_certificate_error
 from consoleproxy import rfb
 from consoleproxy.cloudstack import CloudStackKeys, decrypt, encrypt_cbc_hmac, encrypt_gcm, to_claims
 from consoleproxy.dns import DnsSettings, Responder
-from consoleproxy.errors import ConsoleError, HostnameError, TokenInvalid
+from consoleproxy.errors import ConsoleError, HostnameError, ResumeRefused, TokenInvalid
 from consoleproxy.forwarded import BadForwardedFor, client_address, parse_networks
 from consoleproxy.hostnames import hostname_for_ip, ip_for_hostname, normalize_suffix
 from consoleproxy.listener import HeadScanner, HeadTooLarge
 from consoleproxy.proxyproto import V2_SIGNATURE, ProxyProtocolError
 from consoleproxy.proxyproto import parse as parse_proxy
 from consoleproxy.query import raw_query_param
+from consoleproxy.resume import TicketBody, issue_ticket, open_ticket, seal_body
 from consoleproxy.tokens import Keyring, b64url_encode, decode, issue
 
 # --- token codecs ----------------------------------------------------------------------------
@@ -90,6 +91,56 @@ json_values = st.recursive(
 def test_native_token_random_header(header: dict[str, Any], rest: list[str]) -> None:
     head = b64url_encode(json.dumps(header).encode())
     _only_token_invalid(".".join([head, *rest]))
+
+
+# --- resume tickets ----------------------------------------------------------------------------
+
+BODY = TicketBody(sid="s1", gen=0, host="10.0.0.1", port=5900, vm="vm", started=1_700_000_000,
+                  password="pw", client_ip="192.0.2.1")
+TICKET = issue_ticket(RING, seal_body(RING, BODY), exp=2**40)
+
+
+def _only_resume_refused(text: str) -> None:
+    try:
+        body = open_ticket(RING, text, now=1_800_000_000, client_ip="192.0.2.1")
+    except ResumeRefused as exc:
+        assert exc.close_code == 4005
+        assert text not in str(exc) or len(text) < 8, "an error message quoted the ticket"
+    else:
+        assert text == TICKET and body.sid == "s1"  # only the genuine ticket opens
+
+
+@given(st.text(max_size=400))
+@example("cpr1...")
+@example("cpr1.a.b.c")
+def test_ticket_random_text(text: str) -> None:
+    _only_resume_refused(text)
+
+
+@given(st.data())
+def test_ticket_mutated(data: st.DataObject) -> None:
+    ticket = TICKET
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(ticket)))
+        j = data.draw(st.integers(0, 8))
+        ticket = ticket[:i] + data.draw(st.text(alphabet=B64URL + ".=", max_size=8)) + ticket[i + j :]
+    _only_resume_refused(ticket)
+
+
+@given(st.dictionaries(st.sampled_from(["sid", "gen", "host", "port", "vm", "started", "password",
+                                        "client_ip", "view_only", "max_duration"]) | st.text(max_size=5),
+                       json_values, max_size=10))
+def test_ticket_body_random_fields(fields: dict[str, Any]) -> None:
+    try:
+        TicketBody.from_dict(fields)
+    except ResumeRefused as exc:
+        assert exc.close_code == 4005
+
+
+@given(st.text(max_size=200))
+def test_ticket_with_random_sealed_body(inner: str) -> None:
+    # A genuine outer layer around anything: the inner one must still authenticate.
+    _only_resume_refused(issue_ticket(RING, inner, exp=2**40))
 
 
 CS_KEYS = CloudStackKeys(bytes(range(16)), bytes(range(100, 116)), auth_key=bytes(range(200, 232)))

@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 
 from consoleproxy import recording_format as fmt
 from consoleproxy.recording_policy import input_record, should_record
-from consoleproxy.recording_store import BadRecordingId, BadStoreURL, FileStore, check_id, new_id, parse_store
+from consoleproxy.recording_store import (
+    BadRecordingId,
+    BadStoreURL,
+    FileStore,
+    check_id,
+    matches,
+    new_id,
+    parse_store,
+)
 from consoleproxy.rfb import ClientMessageFilter, RFBError
 
 
@@ -118,6 +126,16 @@ def test_should_record() -> None:
     assert should_record(False, True, "vm", []) and not should_record(True, False, "vm", [])
     assert should_record(False, None, "vm-9", ["vm-9"]) and not should_record(False, None, "vm-1", ["vm-9"])
     assert should_record(True, None, "", [])
+
+
+def test_list_filter_finds_a_consoles_recordings_across_its_resumes() -> None:
+    a = {"vm": "v", "started": 10, "resume_id": "chain-1", "resume_gen": 0}
+    b = {"vm": "v", "started": 20, "resume_id": "chain-1", "resume_gen": 1}
+    other = {"vm": "v", "started": 15, "resume_id": "chain-2", "resume_gen": 0}
+    plain = {"vm": "v", "started": 5}  # resume off
+    got = [m for m in (a, b, other, plain) if matches(m, {"resume_id": "chain-1"})]
+    assert got == [a, b]
+    assert [m for m in (a, plain) if matches(m, {"vm": "v"})] == [a, plain]
 
 
 @pytest.mark.parametrize("split", [1, 3, 5, 7, 100])

@@ -279,3 +279,70 @@ async def test_undecodable_screen_data_is_a_clear_error_not_a_hang(tmp_path: Pat
         status = br.page.locator("#status[data-state='error']")
         await status.wait_for(timeout=10_000)
         assert "could not be decoded at 0:00" in await status.inner_text()
+
+
+# Every text message each of the page's WebSockets got, per socket, in order.
+KEEP_TEXTS = """
+(() => {
+    const Native = window.WebSocket;
+    window.__texts = [];
+    window.WebSocket = function (url, protocols) {
+        const ws = new Native(url, protocols);
+        const mine = [];
+        window.__texts.push(mine);
+        ws.addEventListener("message", (e) => { if (typeof e.data === "string") mine.push(e.data); });
+        return ws;
+    };
+    window.WebSocket.prototype = Native.prototype;
+    Object.assign(window.WebSocket, {CONNECTING: 0, OPEN: 1, CLOSING: 2, CLOSED: 3});
+})();
+"""
+
+
+async def test_recorded_console_shows_the_notice_and_resumes_into_a_linked_recording(tmp_path: Path) -> None:
+    """Both text messages on one console: the notice (before RFB) and the resume tickets (after
+    it). The page shows the notice, keeps the ticket, and after a cut connection resumes; the
+    resumed console is recorded again (the token's record claim travels in the ticket) in a
+    recording of its own, linked to the first by resume_id."""
+    from test_page import RECORD_STATES, cutter, demo_server
+
+    require_tool("chromium", "chromium")
+    rec = {"enabled": False, "store": f"file://{tmp_path / 'rec'}"}  # recorded by the claim only
+    async with demo_server() as demo, running_proxy(tmp_path, recording=rec) as p, cutter(p.port) as hop, \
+            browser(p, "en-US") as br:
+        br.origin = f"http://127.0.0.1:{hop.port}"
+        await br.page.add_init_script(KEEP_TEXTS)
+        token = p.token(port=demo.port, password=demo.password, record=True)
+        await br.page.goto(f"{br.origin}/console?token={token}&language=en")
+        await br.wait_state("connected")
+        notice = br.page.locator("#recording-notice")
+        assert await notice.is_visible()
+        # the ticket arrives right behind ServerInit: wait (bounded) until the page has it
+        await br.page.wait_for_function("() => window.__texts[0].length >= 2", polling=50, timeout=5000)
+        (first,) = list(p.server.registry)
+        first_rid = first.recording
+        assert first_rid is not None
+        await br.page.evaluate(RECORD_STATES)
+        hop.cut()
+        await br.page.wait_for_function(
+            """() => { const s = window.__states, i = s.indexOf('status.reconnecting');
+                       return i >= 0 && s.slice(i).some(k => k.startsWith('status.connected')); }""",
+            polling=50, timeout=10000,
+        )
+        texts = await br.page.evaluate("window.__texts")
+        assert len(texts) == 2
+        for got in texts:  # the notice first, then tickets only
+            assert got[0] == "consoleproxy:recorded" and got[1:]
+            assert all(t.startswith("cpr1.") for t in got[1:])
+        assert await notice.is_visible()  # hidden on reconnecting, shown again by the resumed socket
+        (session,) = list(p.server.registry)
+        assert session.resume_gen == 1 and session.recording is not None and session.recording != first_rid
+        store = p.server.recordings.store
+        async with asyncio.timeout(10):  # the cut console's recording is finished off the loop
+            while (m := store.meta(first_rid)) is None or m.get("state") == "recording":
+                await asyncio.sleep(0.05)
+        again = store.meta(session.recording)
+        assert again is not None
+        assert (m["resume_id"], m["resume_gen"]) == (session.resume_id, 0)
+        assert (again["resume_id"], again["resume_gen"]) == (session.resume_id, 1)
+        br.assert_clean()

@@ -244,3 +244,41 @@ async def test_positive_control_a_link_left_in_place_is_counted(
         gc.collect()
         after = count_live()
         assert after["Relay"] - base["Relay"] == 0, after
+
+
+async def test_a_browser_gone_before_the_relay_starts_ends_as_client_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The browser's connection is lost between its ClientInit and the relay's start: the console
+    ends ("client closed"), its VNC connection is closed and nothing of it stays registered."""
+    start = ProxyServer._start_relay
+    vnc_closed = asyncio.Event()
+
+    def gone_first(self: ProxyServer, ws: Any, *args: Any, **kw: Any) -> None:
+        ws.client.connection_lost(None)  # what the loop runs when the browser's socket breaks
+        start(self, ws, *args, **kw)
+
+    async def backend(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await rfb38_none_handshake(r, w)
+        w.write(SERVER_INIT)
+        await r.read()  # EOF: the proxy closed the VNC connection
+        vnc_closed.set()
+
+    monkeypatch.setattr(ProxyServer, "_start_relay", gone_first)
+    with collector_off():
+        base = count_live()
+        async with tcp_server(backend) as port, proxy(tmp_path, "browser close") as p:
+            async with RFBClient.connect(p.url(p.token(port=port))) as c:
+                await connect_echo(c)
+                await c.close_code()
+            async with asyncio.timeout(10):
+                await vnc_closed.wait()
+            await _wait(lambda: not len(p.server.registry))
+            assert not p.server._relays
+            text = p.server.metrics.render().decode()
+            assert 'consoleproxy_sessions_total{result="client_closed"} 1.0' in text
+            assert "consoleproxy_sessions_active 0.0" in text
+        # Ours are freed. (Its ClientReader is not, yet: aiohttp's WebSocketResponse, which owns a
+        # console until the relay starts, keeps the EOF exception its close() met, whose traceback
+        # holds the response - a cycle inside aiohttp, gone once we own the WebSocket, issue 17.)
+        await _wait(lambda: all(count_live()[k] <= base[k] for k in ("Relay", "Session")))

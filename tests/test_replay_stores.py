@@ -8,8 +8,12 @@ redis-server per test (``redis_server`` fixture, tests/redis_helpers.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import logging
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -22,6 +26,7 @@ import aiohttp
 import pytest
 from harness import RFBClient, connect_echo, echo_backend, expect_close, running_proxy, tcp_server
 from redis_helpers import RedisServer
+from sentinel_helpers import SERVICE, SentinelGroup
 
 from consoleproxy.cloudstack import CloudStackKeys, CloudStackValidator, encrypt_gcm
 from consoleproxy.config import ConfigError, load_config, replace
@@ -34,6 +39,7 @@ from consoleproxy.replay import (
     ReplayStore,
     ReplayStoreFull,
     ReplayStoreUnavailable,
+    SentinelReplayStore,
     SqliteReplayStore,
     StoreURL,
     open_replay_store,
@@ -316,13 +322,145 @@ def test_bad_store_urls(url: str, problem: str) -> None:
         parse_store_url(url)
 
 
+SENTINEL_FORM = r"write redis\+sentinel://HOST:PORT\[,HOST:PORT...\]/SERVICE\[/DB\]"
+
+
+def test_sentinel_urls() -> None:
+    spec = parse_store_url("redis+sentinel://10.0.0.1:26379,10.0.0.2:26380,[fd00::3]:26379/mymaster/2")
+    assert spec.kind == "sentinel" and spec.service == "mymaster" and spec.db == 2 and not spec.tls
+    assert spec.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26380), ("fd00::3", 26379))
+    assert (spec.username, spec.password, spec.sentinel_auth) == (None, None, False)
+    spec = parse_store_url("redis+sentinel://s1,s2:1234/svc")  # port defaults to 26379, DB to 0
+    assert spec.sentinels == (("s1", 26379), ("s2", 1234)) and spec.db == 0
+    spec = parse_store_url(
+        "rediss+sentinel://app:p%40ss@s1:26379/svc/0?ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=required"
+        "&ssl_check_hostname=no&sentinel_auth=yes"
+    )
+    assert spec.tls and (spec.username, spec.password, spec.sentinel_auth) == ("app", "p@ss", True)
+    assert dict(spec.tls_options) == {
+        "ssl_ca_certs": "/etc/ca.pem", "ssl_cert_reqs": "required", "ssl_check_hostname": False}
+    assert "p@ss" not in repr(spec)  # a parsed URL may end up in a log line
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis+sentinel://s1:26379", "names no service: " + SENTINEL_FORM),
+        ("redis+sentinel://s1:26379/", "names no service"),
+        ("redis+sentinel://s1:26379/0", r"names no service \('0' looks like a database number\)"),
+        ("redis+sentinel:///svc", "names no Sentinel"),
+        ("redis+sentinel:s1:26379/svc", "write redis\\+sentinel://"),
+        ("redis+sentinel://s1:99999/svc", r"Sentinel port must be 1-65535 \(bad entry 's1:99999'\)"),
+        ("redis+sentinel://s1:26379,s2:x/svc", r"Sentinel port must be 1-65535 \(bad entry 's2:x'\)"),
+        ("redis+sentinel://s1:0/svc", "Sentinel port must be 1-65535"),
+        ("redis+sentinel://s1:26379,,s2/svc", "names no host"),
+        ("redis+sentinel://[::1/svc", "bad Sentinel address"),
+        ("redis+sentinel://s1/svc/x", "database must be a number, not 'x'"),
+        ("redis+sentinel://s1/svc/0/extra", "too many parts"),
+        ("redis+sentinel://s1/svc?timeout=3", "unknown option 'timeout'"),
+        ("redis+sentinel://s1/svc?ssl_ca_certs=/ca.pem", "needs TLS: write rediss\\+sentinel://"),
+        ("rediss+sentinel://s1/svc?ssl_cert_reqs=maybe", "ssl_cert_reqs takes none, optional or required"),
+        ("redis+sentinel://s1/svc?sentinel_auth=perhaps", "sentinel_auth takes yes or no"),
+        ("redis+sentinel://s1/svc#x", "no fragment"),
+        ("redis+sentinal://s1:26379/svc", "unknown store 'redis\\+sentinal'"),
+        ("sentinel://s1:26379/svc", "unknown store 'sentinel'"),
+    ],
+)
+def test_bad_sentinel_urls(url: str, problem: str) -> None:
+    with pytest.raises(BadStoreURL, match=problem):
+        parse_store_url(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis+sentinel://127.0.0.1:26379", "names no service"),
+        ("redis+sentinel://127.0.0.1:70000/svc", "port must be 1-65535 (bad entry '127.0.0.1:70000')"),
+        ("redis+sentinal://:hunter2@127.0.0.1:26379/svc", "unknown store 'redis+sentinal'"),
+    ],
+)
+def test_bad_sentinel_url_stops_serve_with_one_line(
+    url: str, problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from consoleproxy.cli import main
+
+    conf = tmp_path / "consoleproxy.toml"
+    conf.write_text(f'[cluster]\nreplay_store = "{url}"\n')
+    assert main(["serve", "--config", str(conf)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "configuration error" in err and "[cluster] replay_store" in err and problem in err, err
+    assert "hunter2" not in err
+
+
+def test_sentinel_store_keys_have_defaults_checks_and_env_overrides(tmp_path: Path) -> None:
+    c = load_config(env={}).cluster
+    assert (c.store_grace_seconds, c.store_wait_replicas, c.store_wait_timeout_ms) == (10.0, 1, 100)
+    env = {
+        "CONSOLEPROXY_CLUSTER_STORE_GRACE_SECONDS": "0",
+        "CONSOLEPROXY_CLUSTER_STORE_WAIT_REPLICAS": "2",
+        "CONSOLEPROXY_CLUSTER_STORE_WAIT_TIMEOUT_MS": "250",
+    }
+    c = load_config(env=env).cluster
+    assert (c.store_grace_seconds, c.store_wait_replicas, c.store_wait_timeout_ms) == (0, 2, 250)
+    with pytest.raises(ConfigError, match=r"store_grace_seconds: expected a number from 0 to 3600"):
+        load_config(env={"CONSOLEPROXY_CLUSTER_STORE_GRACE_SECONDS": "-1"})
+    with pytest.raises(ConfigError, match=r"store_wait_replicas: expected a number from 0 to 16"):
+        load_config(env={"CONSOLEPROXY_CLUSTER_STORE_WAIT_REPLICAS": "-1"})
+    # WAIT must end before the store call's own time limit, or every mark would time out
+    cfg = replace(load_config(env={}), cluster={
+        "replay_store": "redis+sentinel://127.0.0.1:26379/svc", "store_timeout_seconds": 0.5,
+        "store_wait_timeout_ms": 500}, admin={"key_file": str(tmp_path / "admin.key")})
+    with pytest.raises(ConfigError, match=r"store_wait_timeout_ms: expected less than store_timeout_seconds"):
+        ProxyServer(cfg, keyring=Keyring.generate())
+
+
+async def test_sentinel_store_is_built_from_the_url_without_connecting(tmp_path: Path) -> None:
+    cfg = replace(load_config(env={}), cluster={
+        "replay_store": "redis+sentinel://:pw@127.0.0.1:1,127.0.0.1:2/svc/3", "store_wait_replicas": 2,
+        "store_wait_timeout_ms": 250}, admin={"key_file": str(tmp_path / "admin.key")})
+    server = ProxyServer(cfg, keyring=Keyring.generate())
+    store = server.replay.store
+    try:
+        assert isinstance(store, SentinelReplayStore)
+        assert (store.service, store.wait_replicas, store.wait_timeout) == ("svc", 2, 0.25)
+        assert "pw" not in store.where and server.replay.grace == 10.0
+        # nothing listens on ports 1 and 2: no primary, so the add is an outage, not a first use
+        with pytest.raises(ReplayStoreUnavailable, match="unavailable"):
+            await store.add("k", time.time() + 60)
+    finally:
+        await server.replay.close()
+
+
+async def test_tls_sentinel_options_reach_redis_py() -> None:
+    """A TLS URL builds a store whose Sentinel clients accept the options (no TypeError later)."""
+    url = "rediss+sentinel://u:s3cretpw@127.0.0.1:1/svc?ssl_cert_reqs=none&ssl_check_hostname=no&sentinel_auth=yes"
+    store = SentinelReplayStore(parse_store_url(url), timeout=0.2)
+    try:
+        with pytest.raises(ReplayStoreUnavailable) as err:
+            await store.add("k", time.time() + 60)
+        assert "s3cretpw" not in err.value.detail and "u:***@" in err.value.detail  # the detail is logged
+        assert await store.ping() is False
+    finally:
+        await store.close()
+
+
+def test_sentinel_store_refuses_a_wait_longer_than_its_timeout() -> None:
+    spec = parse_store_url("redis+sentinel://127.0.0.1:1/svc")
+    with pytest.raises(ValueError, match=r"wait_timeout \(1 s\) must be less than timeout \(1 s\)"):
+        SentinelReplayStore(spec, timeout=1.0, wait_timeout=1.0)
+    with pytest.raises(ValueError, match="wait_replicas must be 0 or more"):
+        SentinelReplayStore(spec, wait_replicas=-1)
+
+
 def test_bad_store_url_is_a_config_error_naming_the_key_without_the_password(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
     conf.write_text('[cluster]\nreplay_store = "redsi://:hunter2@db:6379/0"\n')
     with pytest.raises(ConfigError) as err:
         load_config(conf, env={})
     msg = str(err.value)
-    assert "[cluster] replay_store: expected memory, sqlite:///FILE or redis://" in msg
+    assert "[cluster] replay_store: expected memory, sqlite:///FILE, redis://HOST[:PORT][/DB] or " \
+        "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]" in msg
     assert "unknown store 'redsi'" in msg and "hunter2" not in msg and ":***@db" in msg
 
 
@@ -447,6 +585,51 @@ async def test_refresh_pings_at_most_once_per_interval_and_shares_the_ping() -> 
     assert g.not_ready_reason() is None
 
 
+async def test_unready_only_after_the_grace_and_ready_again_at_once() -> None:
+    clock = Clock(0)
+    flaky = FlakyStore()
+    g = GuardedReplayStore(flaky, clock=clock, grace=10)
+    flaky.up = False
+    with pytest.raises(ReplayStoreUnavailable):
+        await g.add("a", time.time() + 60)  # the outage starts at 0: refused, but still ready
+    assert not g.reachable and g.not_ready_reason() is None
+    clock.now = 9.5
+    await g.refresh()
+    assert g.not_ready_reason() is None  # unreachable for 9.5 s < 10 s
+    clock.now = 10.6
+    await g.refresh()
+    assert g.not_ready_reason() == "replay store unreachable"
+    flaky.up = True
+    clock.now = 11.7
+    await g.refresh()
+    assert g.not_ready_reason() is None
+    # a new outage starts its own grace: the last one's length does not count
+    flaky.up = False
+    clock.now = 20
+    await g.refresh()
+    assert g.not_ready_reason() is None and g.unreachable_since == 20
+
+
+async def test_refresh_with_a_bound_returns_while_a_slow_ping_goes_on() -> None:
+    answer = asyncio.Event()
+
+    class SlowStore(FlakyStore):
+        async def ping(self) -> bool:
+            self.pings += 1
+            await answer.wait()  # a store that takes its time (connect timeout, retry)
+            return False
+
+    slow = SlowStore()
+    g = GuardedReplayStore(slow, clock=Clock(5))
+    await g.refresh(wait=0.01)  # returns without the answer ...
+    assert slow.pings == 1 and g.reachable and g.not_ready_reason() is None
+    answer.set()
+    async with asyncio.timeout(5):  # ... which arrives later and counts
+        while g.reachable:
+            await asyncio.sleep(0.01)
+    assert g.not_ready_reason() == "replay store unreachable"
+
+
 async def test_memory_store_is_never_pinged_nor_unready() -> None:
     g = GuardedReplayStore(MemoryReplayStore())
     await g.refresh()
@@ -550,8 +733,8 @@ async def test_native_token_used_on_one_instance_is_refused_on_another(
 async def test_redis_down_reject_refuses_4008_unready_then_recovers(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    async with running_proxy(tmp_path, cluster={"replay_store": redis_server.url}) as p, \
-            tcp_server(echo_backend) as port:
+    cluster = {"replay_store": redis_server.url, "store_grace_seconds": 0}  # unready at the first miss
+    async with running_proxy(tmp_path, cluster=cluster) as p, tcp_server(echo_backend) as port:
         assert (await _get(p.http_base + "/readyz"))[0] == 200
         async with RFBClient.connect(p.url(p.token(port=port))) as running:
             await connect_echo(running)
@@ -571,6 +754,23 @@ async def test_redis_down_reject_refuses_4008_unready_then_recovers(
             await connect_echo(again)
 
 
+async def test_redis_down_within_the_grace_refuses_4008_but_stays_ready(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    cluster = {"replay_store": redis_server.url, "store_grace_seconds": 60}
+    async with running_proxy(tmp_path, cluster=cluster) as p, tcp_server(echo_backend) as port:
+        redis_server.stop()
+        code, _ = await expect_close(p.url(p.token(port=port)))
+        assert code == 4008  # refused: the store cannot record the token
+        assert not p.server.replay.reachable  # the outage is known ...
+        got, body = await _get(p.http_base + "/readyz")
+        assert (got, body) == (200, {"status": "ready"})  # ... but shorter than the grace
+        redis_server.start()
+        async with RFBClient.connect(p.url(p.token(port=port))) as c:
+            await connect_echo(c)
+        assert p.server.replay.reachable
+
+
 async def test_redis_down_accept_admits_and_counts(
     redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -587,6 +787,18 @@ async def test_redis_down_accept_admits_and_counts(
         assert (await _get(p.http_base + "/readyz"))[0] == 200  # accepting: stays in rotation
 
 
+async def test_readyz_does_not_wait_for_a_hung_store(silent_port: int, tmp_path: Path) -> None:
+    # a ping to this store takes 2 x 3 s; a balancer's check would give up long before
+    cluster = {"replay_store": f"redis://127.0.0.1:{silent_port}/0", "store_timeout_seconds": 3,
+               "store_grace_seconds": 0}
+    async with running_proxy(tmp_path, cluster=cluster) as p:
+        async with asyncio.timeout(2):
+            got, _ = await _get(p.http_base + "/readyz")
+        assert got == 200  # nothing known yet: the first ping is still waiting
+        body = await _wait_ready(p.http_base, 503, timeout=20)  # its failure counts when it comes
+        assert body["reason"] == "replay store unreachable"
+
+
 async def test_hung_redis_refuses_the_console_fast_not_at_the_handshake_timeout(
     silent_port: int, tmp_path: Path
 ) -> None:
@@ -597,3 +809,151 @@ async def test_hung_redis_refuses_the_console_fast_not_at_the_handshake_timeout(
         assert code == 4008  # a hang would end as 4012 after 10 s
         assert time.monotonic() - t0 < 3, "refused within 3 s with a 0.2 s store timeout"
 
+
+
+# --- Redis Sentinel: a real primary, replica and three Sentinels (tests/sentinel_helpers.py) -------
+
+
+def _sentinel_store(group: SentinelGroup, unacked: list[int], **kw: Any) -> SentinelReplayStore:
+    # A replica acknowledges in well under a millisecond here, but the suite shares a loaded 2-core
+    # machine: 1 s keeps "not acknowledged" meaning "the replica could not", not "was not scheduled".
+    kw.setdefault("timeout", 3.0)
+    kw.setdefault("wait_timeout", 1.0)
+    spec = parse_store_url(group.url())
+    return SentinelReplayStore(spec, on_unacknowledged=lambda: unacked.append(1), **kw)
+
+
+def _tries(stats: dict[str, Any], command: str) -> int:
+    """How often a server was sent ``command``: run, refused before running, or failed."""
+    row = stats.get(command, {})
+    return sum(int(row.get(k, 0)) for k in ("calls", "rejected_calls", "failed_calls"))
+
+
+async def _get_key(server: RedisServer, key: str) -> bytes | None:
+    import redis.asyncio as aioredis
+
+    probe = aioredis.Redis(host="127.0.0.1", port=server.port, socket_timeout=1)
+    try:
+        value: bytes | None = await probe.get(key)
+        return value
+    finally:
+        await probe.aclose()
+
+
+@pytest.mark.integration
+async def test_sentinel_store_follows_a_failover_and_never_writes_to_the_old_primary(
+    sentinel_group: SentinelGroup,
+) -> None:
+    g = sentinel_group
+    unacked: list[int] = []
+    store = _sentinel_store(g, unacked)
+    old = g.primary
+    try:
+        assert await store.add("used", time.time() + 600) is True
+        assert unacked == []  # WAIT 1: the replica acknowledged the mark ...
+        assert await _get_key(g.replica, "consoleproxy:replay:used") == b"1"  # ... and holds it
+
+        old.stop(kill=True)  # the primary crashes
+        # Until the Sentinels promote the replica, adds fail (no primary), never "first use" twice
+        # and never against something else. Bounded: the failover takes seconds.
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    assert await store.add("after", time.time() + 600) is True
+                    break
+                except ReplayStoreUnavailable:
+                    await asyncio.sleep(0.1)
+        new = await g.wait_promoted(old)
+        assert new is g.replica
+        assert await store.add("used", time.time() + 600) is False  # marked before: refused after
+        assert await _get_key(new, "consoleproxy:replay:after") == b"1"
+        # the new primary has no replica yet: marks are admitted but counted as unacknowledged
+        assert unacked
+
+        # The old primary comes back as a crashed server does: empty and claiming to be a primary
+        # until the Sentinels turn it into a replica of the new one. Keep marking meanwhile.
+        await asyncio.to_thread(old.start)
+        rejoined = asyncio.create_task(g.wait_rejoined(old, new))
+        n = 0
+        while not rejoined.done():
+            with contextlib.suppress(ReplayStoreUnavailable):  # an overloaded Sentinel's doubt
+                assert await store.add(f"while-rejoining-{n}", time.time() + 600) is True
+            n += 1
+            await asyncio.wait({rejoined}, timeout=0.1)
+        await rejoined  # raises, with the Sentinels' logs, if it took too long
+        before = len(unacked)
+        assert await store.add("rejoined", time.time() + 600) is True
+        assert len(unacked) == before  # acknowledged again by the rejoined server
+        assert await store.add("used", time.time() + 600) is False
+        # Every mark ends with WAIT, which neither replication nor the Sentinels ever send (and a
+        # rejected call is counted too): the new primary saw WAITs, the old one none, as primary
+        # before the Sentinels demoted it or as replica after.
+        assert "cmdstat_wait" in await g.commandstats(new)
+        assert "cmdstat_wait" not in await g.commandstats(old)
+    finally:
+        await store.close()
+
+
+@pytest.mark.integration
+async def test_sentinel_mark_not_acknowledged_by_a_stopped_replica_is_counted(
+    sentinel_group: SentinelGroup, caplog: pytest.LogCaptureFixture
+) -> None:
+    g = sentinel_group
+    unacked: list[int] = []
+    store = _sentinel_store(g, unacked)
+    assert g.replica.proc is not None
+    try:
+        assert await store.add("a", time.time() + 600) is True and unacked == []
+        os.kill(g.replica.proc.pid, signal.SIGSTOP)  # the replica stops reading its link
+        try:
+            with caplog.at_level(logging.WARNING, "consoleproxy.replay"):
+                assert await store.add("b", time.time() + 600) is True  # admitted ...
+                assert await store.add("c", time.time() + 600) is True
+            assert len(unacked) == 2  # ... and counted: the mark is on the primary only
+            warned = [r.getMessage() for r in caplog.records if "acknowledged a token mark" in r.getMessage()]
+            assert len(warned) == 1 and "0 of 1 replicas" in warned[0] and "1000 ms" in warned[0], warned
+            assert await store.add("a", time.time() + 600) is False
+            assert len(unacked) == 2  # a refused token was not marked, so there is nothing to wait for
+        finally:
+            os.kill(g.replica.proc.pid, signal.SIGCONT)
+        async with asyncio.timeout(30):  # the replica catches up; WAIT is acknowledged again
+            for n in itertools.count():
+                before = len(unacked)
+                assert await store.add(f"d{n}", time.time() + 600) is True
+                if len(unacked) == before:
+                    break
+                await asyncio.sleep(0.1)
+        assert await _get_key(g.replica, "consoleproxy:replay:b") == b"1"
+    finally:
+        await store.close()
+
+
+@pytest.mark.integration
+async def test_sentinel_store_leaves_a_demoted_primary_that_is_still_running(
+    sentinel_group: SentinelGroup,
+) -> None:
+    """SENTINEL FAILOVER: the primary stays up and becomes a replica; the store's pooled
+    connections to it must not be used for the next marks (they would get READONLY)."""
+    import redis.asyncio as aioredis
+
+    g = sentinel_group
+    unacked: list[int] = []
+    store = _sentinel_store(g, unacked)
+    old = g.primary
+    try:
+        assert await store.add("a", time.time() + 600) is True  # a pooled connection to the primary
+        sentinel = aioredis.Redis(host="127.0.0.1", port=g.sentinels[0].port, socket_timeout=2)
+        try:
+            assert await sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
+        finally:
+            await sentinel.aclose()
+        new = await g.wait_promoted(old)
+        await g.wait_rejoined(old, new)
+        waits_on_old = _tries(await g.commandstats(old), "cmdstat_wait")
+        # the first mark after the switch goes to the new primary: first use, not an error
+        assert await store.add("b", time.time() + 600) is True
+        assert await store.add("a", time.time() + 600) is False
+        assert await _get_key(new, "consoleproxy:replay:b") == b"1"
+        assert _tries(await g.commandstats(old), "cmdstat_wait") == waits_on_old  # nothing sent to it
+    finally:
+        await store.close()
