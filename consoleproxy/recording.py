@@ -4,9 +4,10 @@ Cost on the relay's hot path: with recording off, one ``is None`` check per read
 it on, each read is copied into a pooled buffer behind a 9-byte record header (the relay's read
 buffer is shared and reused at once); a full buffer (``FLUSH_BYTES``), or one older than
 ``FLUSH_SECONDS`` (the manager's tick), is handed whole to one writer thread per proxy, which adds
-the chunk header and checksum and appends it to the file (O_DIRECT where possible, see ``_Open``). Nothing on the event loop waits for the
-disk: when a recording's bytes not yet written exceed ``MAX_BACKLOG`` (a slow or stuck disk), that
-recording stops ("incomplete", counted and logged) and its console goes on unrecorded.
+the chunk header and checksum and appends it to the file (O_DIRECT where possible, see ``_Open``).
+Nothing on the event loop waits for the disk: when a recording's bytes not yet written exceed
+``MAX_BACKLOG`` (a slow or stuck disk), that recording stops ("incomplete", counted and logged)
+and its console goes on unrecorded.
 
 Memory per recorded console: the ``Recorder`` (slots), an empty buffer while idle, and its input
 observer, the client-message filter (rfb.ClientMessageFilter). No task, no timer, no open file
