@@ -85,6 +85,14 @@ def _text(fields: dict[str, Any], name: str, *, required: bool = True) -> str:
     return str(value)
 
 
+# GET paths of the playback page and its files: served without the bearer key (no secrets).
+PLAYER_PREFIXES = ("/recordings/", "/recordings-static/", "/recordings-novnc/")
+
+
+def _static_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "novnc_static"
+
+
 def admin_app(server: ProxyServer, key: str) -> web.Application:
     expected = f"Bearer {key}".encode()
 
@@ -92,6 +100,10 @@ def admin_app(server: ProxyServer, key: str) -> web.Application:
     async def auth(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        if request.method == "GET" and request.path.startswith(PLAYER_PREFIXES):
+            # The playback page and its scripts hold no secret: the page asks for the key and
+            # sends it as the bearer header to the API (a key never goes into a URL).
+            return await handler(request)
         given = request.headers.get("Authorization", "").encode()
         if not hmac.compare_digest(given, expected):
             return web.json_response(
@@ -240,7 +252,126 @@ def admin_app(server: ProxyServer, key: str) -> web.Application:
             }
         )
 
+    async def recordings_list(request: web.Request) -> web.Response:
+        from .recording_store import matches
+
+        keys = ("vm", "user", "client_ip", "resume_id", "since", "until")
+        filters = {k: v for k, v in request.query.items() if k in keys}
+        for key in ("since", "until"):
+            if key in filters:
+                try:
+                    float(filters[key])
+                except ValueError:
+                    error = f"{key} must be a Unix time, got {filters[key][:30]!r}"
+                    return web.json_response({"error": error}, status=400)
+        recs = server.recordings
+        items = await asyncio.to_thread(recs.store.entries) if recs.store.dir.is_dir() else []
+        body: dict[str, Any] = {}
+        if recs.remote is not None:  # uploaded ones, beside those still in the spool
+            local = {m["id"] for m in items}
+            try:
+                items += [m for m in await recs.remote.entries() if m.get("id") not in local]
+            except Exception as exc:  # the store is down: say so, list what is here
+                body["store_error"] = f"the object store cannot be reached: {exc}"
+        body["recordings"] = sorted((m for m in items if matches(m, filters)), key=lambda m: str(m.get("id")))
+        return web.json_response(body)
+
+    def _recording_path(request: web.Request) -> tuple[str, Path | None] | web.Response:
+        """The ID and its local file (None: not here; in S3 mode it may be in the bucket)."""
+        from .recording_store import BadRecordingId
+
+        rid = request.match_info["id"]
+        try:
+            path = server.recordings.store.path(rid)
+        except BadRecordingId as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        if not path.exists():
+            if server.recordings.remote is None:
+                return web.json_response({"error": f"no recording {rid!r}"}, status=404)
+            return rid, None
+        return rid, path
+
+    async def recordings_get(request: web.Request) -> web.StreamResponse:
+        """The recording's file, checked first: a damaged one is a 422 naming the damage."""
+        from .recording_format import RecordingCorrupt
+        from .recording_store import check_file
+
+        found = _recording_path(request)
+        if isinstance(found, web.Response):
+            return found
+        rid, path = found
+        if rid in server.recordings.active:
+            return web.json_response({"error": f"recording {rid} is still being recorded"}, status=409)
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Disposition": f'attachment; filename="{rid}.cprec"',
+        }
+        if path is not None:
+            try:
+                await asyncio.to_thread(check_file, path)
+            except RecordingCorrupt as exc:
+                return web.json_response({"error": f"recording {rid} is damaged: {exc}"}, status=422)
+            return web.FileResponse(path, headers=headers)
+        # In the bucket: fetched into the spool (streamed), checked, sent, removed.
+        remote = server.recordings.remote
+        assert remote is not None
+        await asyncio.to_thread(server.recordings.store.ensure)
+        tmp = server.recordings.store.dir / f".fetch-{rid}-{secrets.token_hex(4)}"
+        try:
+            try:
+                if not await remote.fetch(rid, tmp):
+                    return web.json_response({"error": f"no recording {rid!r}"}, status=404)
+            except Exception as exc:
+                return web.json_response({"error": f"the object store cannot be reached: {exc}"}, status=503)
+            try:
+                await asyncio.to_thread(check_file, tmp)
+            except RecordingCorrupt as exc:
+                return web.json_response({"error": f"recording {rid} is damaged: {exc}"}, status=422)
+            resp = web.StreamResponse(headers=headers)
+            resp.content_length = (await asyncio.to_thread(tmp.stat)).st_size
+            await resp.prepare(request)
+            f = await asyncio.to_thread(open, tmp, "rb")
+            try:
+                while chunk := await asyncio.to_thread(f.read, 1024 * 1024):
+                    await resp.write(chunk)
+            finally:
+                f.close()
+            await resp.write_eof()
+            return resp
+        finally:
+            await asyncio.to_thread(tmp.unlink, True)
+
+    async def recordings_delete(request: web.Request) -> web.Response:
+        found = _recording_path(request)
+        if isinstance(found, web.Response):
+            return found
+        rid, _ = found
+        if rid in server.recordings.active:
+            return web.json_response({"error": f"recording {rid} is still being recorded"}, status=409)
+        deleted = await asyncio.to_thread(server.recordings.store.delete, rid)
+        if server.recordings.remote is not None:
+            try:
+                deleted = await server.recordings.remote.delete(rid) or deleted
+            except Exception as exc:
+                return web.json_response({"error": f"the object store cannot be reached: {exc}"}, status=503)
+        if not deleted:
+            return web.json_response({"error": f"no recording {rid!r}"}, status=404)
+        return web.json_response({"deleted": rid})
+
+    async def player_page(request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(_static_dir() / "player.html", headers={"Cache-Control": "no-store"})
+
     app = web.Application(middlewares=[auth], client_max_size=1024 * 1024)
+    app.router.add_get("/api/recordings", recordings_list)
+    app.router.add_get("/api/recordings/{id}", recordings_get)
+    app.router.add_delete("/api/recordings/{id}", recordings_delete)
+    app.router.add_get("/recordings/{id}", player_page)
+    static_dir = _static_dir()
+    if static_dir.is_dir():
+        app.router.add_static("/recordings-static/", static_dir, append_version=False)
+    novnc = server._page_dirs()[1]
+    if novnc.is_dir():
+        app.router.add_static("/recordings-novnc/", novnc, append_version=False)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/sessions", sessions)
     app.router.add_delete("/api/sessions/{id}", kill)

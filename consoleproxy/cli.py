@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -356,6 +357,65 @@ def cmd_certs_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recording_store(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The configuration and the local recording store it names (``[recording] store``)."""
+    from .config import load_config
+    from .recording_store import FileStore, parse_store
+
+    cfg = load_config(args.config) if args.config else load_config()
+    url = parse_store(cfg.recording.store)
+    if url.scheme != "file":
+        raise UsageError(f"[recording] store {cfg.recording.store!r} is not a local directory")
+    return cfg, FileStore(Path(url.path))
+
+
+def cmd_recordings_list(args: argparse.Namespace) -> int:
+    from .recording_store import matches
+
+    _, store = _recording_store(args)
+    filters = {k: v for k in ("vm", "user", "client_ip", "since", "until") if (v := getattr(args, k, None))}
+    items = [m for m in (store.entries() if store.dir.is_dir() else []) if matches(m, filters)]
+    if args.json:
+        print(json.dumps(items, indent=1))
+        return 0
+    for m in items:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(m.get("started", 0))))
+        print(f"{m['id']}  {started}Z  vm={m.get('vm') or '-'}  client={m.get('client_ip') or '-'}  "
+              f"{m.get('state')}  {m.get('size', 0)} bytes")
+    return 0
+
+
+def cmd_recordings_export(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .recording_store import check_file
+
+    _, store = _recording_store(args)
+    path = store.path(args.id)
+    if not path.exists():
+        raise UsageError(f"no recording {args.id} in {store.dir}")
+    if path.name.endswith(".part"):
+        raise UsageError(f"recording {args.id} is still being recorded")
+    out = Path(args.out)
+    if out.exists():
+        raise UsageError(f"{out} exists; not overwritten")
+    check_file(path)  # a damaged recording: RecordingCorrupt names where
+    shutil.copyfile(path, out)
+    print(f"{args.id} -> {out} ({out.stat().st_size} bytes)")
+    return 0
+
+
+def cmd_recordings_play_url(args: argparse.Namespace) -> int:
+    from .recording_store import check_id
+
+    cfg, _ = _recording_store(args)
+    check_id(args.id)
+    host = cfg.admin.address
+    if ":" in host:
+        host = f"[{host}]"
+    # The page asks for the admin key itself; it never goes into the URL.
+    print(f"http://{host}:{cfg.admin.port}/recordings/{args.id}")
+    return 0
 def _admin_call(args: argparse.Namespace, method: str, path: str) -> tuple[int, dict[str, Any]]:
     """One request to the running proxy's admin API ([admin] address, port and key_file)."""
     import urllib.error
@@ -453,6 +513,23 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 # --- parser --------------------------------------------------------------------------------
+
+
+def _unix_time(text: str) -> str:
+    try:
+        float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a Unix time in seconds, got {text!r}") from None
+    return text
+
+
+def _recording_id(text: str) -> str:
+    from .recording_store import BadRecordingId, check_id
+
+    try:
+        return check_id(text)
+    except BadRecordingId as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -563,6 +640,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=_seconds, default=300.0, help="seconds to wait (300)")
         p.set_defaults(func=cmd_certs_acme)
 
+    rec = sub.add_parser("recordings", help="console recordings in [recording] store").add_subparsers(
+        dest="recordings_command", required=True, parser_class=_Parser
+    )
+    p = rec.add_parser("list", help="list recordings (filters: --vm, --user, --client-ip, --since, --until)")
+    p.add_argument("--config", help="configuration file (consoleproxy.toml)")
+    p.add_argument("--vm", help="only this VM")
+    p.add_argument("--user", help="only this user")
+    p.add_argument("--client-ip", help="only this client address")
+    p.add_argument("--since", type=_unix_time, help="started at or after this Unix time")
+    p.add_argument("--until", type=_unix_time, help="started at or before this Unix time")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_recordings_list)
+    p = rec.add_parser("export", help="check a recording and copy it to a file")
+    p.add_argument("id", metavar="ID", type=_recording_id)
+    p.add_argument("--out", required=True, help="file to write (not overwritten)")
+    p.add_argument("--config", help="configuration file (consoleproxy.toml)")
+    p.set_defaults(func=cmd_recordings_export)
+    p = rec.add_parser("play-url", help="print the playback page's URL on the admin listener")
+    p.add_argument("id", metavar="ID", type=_recording_id)
+    p.add_argument("--config", help="configuration file (consoleproxy.toml)")
+    p.set_defaults(func=cmd_recordings_play_url)
+
     lb = sub.add_parser("loadbalancer", help="load-balancer configuration").add_subparsers(
         dest="lb_command", required=True, parser_class=_Parser
     )
@@ -603,6 +702,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         str(v)
         for k in (
             "command", "keys_command", "token_command", "dns_command", "lb_command", "certs_command",
+            "recordings_command",
             "acme_command",
         )
         if (v := getattr(args, k, None))

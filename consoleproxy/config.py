@@ -244,6 +244,36 @@ class Input:
     lang_key_release: str = field(default="send", metadata=_opt(_choice("send", "drop")))
 
 
+def _recording_store(v: Any) -> str | None:
+    from .recording_store import BadStoreURL as BadRecordingStore
+    from .recording_store import parse_store
+
+    try:
+        parse_store(v)
+    except BadRecordingStore as exc:
+        return str(exc)
+    return None
+
+
+@dataclass(frozen=True)
+class Recording:
+    # Console recording (recording.py). Off by default; the native token claim `record` overrides
+    # `enabled` for one console, and a VM listed in `vms` is recorded whatever `enabled` says.
+    enabled: bool = field(default=False, metadata=_opt())
+    store: str = field(default="file:///var/lib/consoleproxy/recordings", metadata=_opt(_recording_store))
+    s3_endpoint: str = field(default="", metadata=_opt())
+    s3_region: str = field(default="", metadata=_opt())
+    keys: str = field(default="redact", metadata=_opt(_choice("redact", "full", "none")))
+    # The proxy asks the VNC server for a whole screen this often: a player seeks to these.
+    keyframe_interval_seconds: float = field(default=60, metadata=_opt(_range(1, 86400)))
+    retention_days: float = field(default=0, metadata=_opt(_range(0)))  # 0 = keep
+    max_total_gib: float = field(default=0, metadata=_opt(_range(0)))  # 0 = no cap
+    vms: list[str] = field(default_factory=list, metadata=_opt())
+    # With an s3:// store: recordings are written here first and uploaded when finished; a store
+    # outage leaves them here until it returns (nothing is lost).
+    spool_dir: str = field(default="/var/lib/consoleproxy/recordings-spool", metadata=_opt())
+
+
 @dataclass(frozen=True)
 class Resume:
     # How long a console that lost its WebSocket (network, drain, a lost instance) can come back
@@ -365,6 +395,7 @@ class Config:
     drain: Drain = field(default_factory=Drain)
     page: Page = field(default_factory=Page)
     input: Input = field(default_factory=Input)
+    recording: Recording = field(default_factory=Recording)
     resume: Resume = field(default_factory=Resume)
     dns: Dns = field(default_factory=Dns)
     cluster: Cluster = field(default_factory=Cluster)

@@ -93,5 +93,17 @@ class Metrics:
             registry=r,
         )
 
+        self.recordings_active = Gauge(
+            p + "recordings_active", "Consoles being recorded now", registry=r
+        )
+        self.recording_bytes_total = Counter(
+            p + "recording_bytes_total", "Bytes of recordings written to the store", registry=r
+        )
+        self.recordings_incomplete_total = Counter(
+            p + "recordings_incomplete_total",
+            "Recordings that stopped before their console ended (slow or failing store)",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -48,7 +48,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WebSocketError, WSMessage, WSMsgType, web
 
@@ -66,6 +66,9 @@ from .wsframes import (
     close_reason,
     frame,
 )
+
+if TYPE_CHECKING:
+    from .recording import Recorder
 
 __all__ = [
     "CLOSE_TIMEOUT", "MAX_IOV", "READ_SIZE", "STREAM_LIMIT", "ClientReader", "ConsoleWebSocket", "Relay",
@@ -246,6 +249,8 @@ class _Backend(asyncio.BufferedProtocol):
         s = r.session
         s.bytes_down += n
         s.last_activity = time.monotonic()
+        if r.recorder is not None:
+            r.recorder.down(data)  # copies: ``data`` may be a view of the shared read buffer
         out = r.ws_transport
         if out.is_closing():
             r.end("client closed")
@@ -574,6 +579,7 @@ class Relay:
         "close_reason",
         "ended",
         "reader",
+        "recorder",
         "session",
         "vnc_fd",
         "ws",
@@ -600,6 +606,9 @@ class Relay:
         self._writer = writer
         self.session = session
         self.client_filter = client_filter
+        # recording.Recorder of a recorded console (its ``down`` sees every VNC -> browser byte);
+        # None costs the down path one check per read.
+        self.recorder: Recorder | None = None
         assert ws.client is not None, "the WebSocket is prepared"
         if ws.client.transport is None:  # lost right after the handshake's last read
             raise ConnectionResetError("the browser closed its connection")
@@ -679,6 +688,12 @@ class Relay:
     def abort(self) -> None:
         """Cut the browser's connection now (shutdown: its close handshake took too long)."""
         self.ws_transport.abort()
+
+    def inject(self, message: bytes) -> None:
+        """Send the VNC server a message of our own (a recording's keyframe request), between
+        the browser's messages (the caller checks the filter is at a message boundary)."""
+        if not self.ended:
+            write_buffers(self._vnc, self.vnc_fd, [message])
 
     def browser_drained(self) -> None:
         """The browser's transport is below its low-water mark again: read the VNC server."""

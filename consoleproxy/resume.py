@@ -100,6 +100,7 @@ class TicketBody:
     max_duration: int | None = None
     lang_key_release: str | None = None
     session_uuid: str | None = None  # CloudStack's sessionUuid: its load report keeps the console's
+    record: bool | None = None  # the token's ``record`` claim: a resumed console is recorded as before
 
     def __repr__(self) -> str:
         return f"TicketBody(sid={self.sid!r}, gen={self.gen}, vm={self.vm!r}, target={self.host}:{self.port})"
@@ -115,13 +116,15 @@ class TicketBody:
                 d[key] = value
         if self.view_only:
             d["view_only"] = True
+        if self.record is not None:
+            d["record"] = self.record
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TicketBody:
         """Check every field's type (the body was sealed by us, but a key can leak)."""
         known = {"sid", "gen", "host", "port", "vm", "started", "password", "name", "client_ip",
-                 "view_only", "max_duration", "lang_key_release", "session_uuid"}
+                 "view_only", "max_duration", "lang_key_release", "session_uuid", "record"}
         if set(d) - known or not {"sid", "gen", "host", "port", "vm", "started"} <= set(d):
             raise ResumeRefused("resume ticket invalid")
         sid, gen, host, port, vm, started = (d[k] for k in ("sid", "gen", "host", "port", "vm", "started"))
@@ -134,6 +137,7 @@ class TicketBody:
             and isinstance(d.get("view_only", False), bool)
             and (d.get("max_duration") is None or (_nat(d["max_duration"]) and d["max_duration"] > 0))
             and d.get("lang_key_release") in (None, *LANG_KEY_RELEASE)
+            and (d.get("record") is None or isinstance(d["record"], bool))
         )
         if ok and d.get("client_ip") is not None:
             try:
@@ -147,6 +151,7 @@ class TicketBody:
             password=d.get("password"), name=d.get("name"), client_ip=d.get("client_ip"),
             view_only=d.get("view_only", False), max_duration=d.get("max_duration"),
             lang_key_release=d.get("lang_key_release"), session_uuid=d.get("session_uuid"),
+            record=d.get("record"),
         )
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, IntEnum, auto
 
@@ -700,6 +701,7 @@ _XVP = 250
 _SET_DESKTOP_SIZE = 251
 _GII = 253
 _EXTENDED_MOUSE_BUTTONS = -316
+_OBSERVED = frozenset((_KEY_EVENT, _POINTER_EVENT, _CLIENT_CUT_TEXT))  # and QEMU key (checked)
 _HEADER_PEEK = 16  # more than the longest prefix any message needs to know its length (9)
 
 # Fixed-length messages: type -> total length.
@@ -763,6 +765,15 @@ class ClientMessageFilter:
     release event for Lang1, Lang2 keys") sent one anyway, which Windows reads as a second press.
     Deciding needs the whole 12-byte extended key event (8-byte KeyEvent), so at most that much is
     held between feeds.
+
+    ``observer`` (the recorder, recording.py) is called with every whole input message the filter
+    forwards: KeyEvent, QEMU extended key event, PointerEvent, and ClientCutText with its text
+    (bounded by ``max_cut_text``). To hand over whole messages it holds a split key or pointer
+    message (at most 12 bytes) between feeds, as ``drop_lang_release`` does.
+
+    ``lenient`` (a recorded console that neither drops input nor Lang releases): a message that
+    cannot be framed does not end the console; from there on every byte passes unframed, and
+    nothing more is observed (recording must never break a console).
     """
 
     def __init__(
@@ -772,8 +783,14 @@ class ClientMessageFilter:
         max_cut_text: int = DEFAULT_MAX_CUT_TEXT,
         expect_client_init: bool = True,
         drop_lang_release: bool = False,
+        observer: Callable[[bytes], None] | None = None,
+        lenient: bool = False,
     ) -> None:
         self.view_only = view_only
+        self.lenient = lenient
+        self.unframed = False  # lenient, after a message that could not be framed
+        self.observer = observer
+        self._cut: bytearray | None = None  # a ClientCutText being collected for the observer
         self.drop_lang_release = drop_lang_release
         self.max_cut_text = max_cut_text
         self.dropped = 0  # messages dropped so far (input of a view-only console, Lang releases)
@@ -788,6 +805,8 @@ class ClientMessageFilter:
         self._extended_mouse = False
 
     def feed(self, data: bytes) -> bytes:
+        if self.unframed:
+            return bytes(data)
         out = bytearray()
         i, n = 0, len(data)
         while i < n:
@@ -798,8 +817,13 @@ class ClientMessageFilter:
                     out += chunk
                     if self._scan_encodings:
                         self._scan(chunk)
+                    if self._cut is not None:
+                        self._cut += chunk
                 i += k
                 self._remaining -= k
+                if not self._remaining and self._cut is not None:
+                    cut, self._cut = self._cut, None
+                    self._observe(bytes(cut))
                 continue
             if self._client_init:
                 out += data[i : i + 1]  # ClientInit: the shared flag
@@ -808,7 +832,17 @@ class ClientMessageFilter:
                 continue
             held = bytes(self._header)
             peek = held + data[i : i + _HEADER_PEEK]
-            total = self._message_length(peek)
+            try:
+                total = self._message_length(peek)
+            except RFBError:
+                if not self.lenient:
+                    raise
+                self.unframed = True
+                self.observer = None
+                self._header.clear()
+                out += held
+                out += data[i:]
+                break
             if total is None:
                 self._header += data[i:]
                 break
@@ -824,12 +858,33 @@ class ClientMessageFilter:
             else:
                 out += held
             self._remaining = total - len(held)
+            if not drop and self.observer is not None and (
+                mtype in _OBSERVED or (mtype == _QEMU and peek[1] == 0)
+            ):
+                whole = peek[:total]
+                if len(whole) == total:
+                    self._remaining = 0
+                    self._scan_encodings = False
+                    out += data[i : i + total - len(held)]
+                    i += total - len(held)
+                    self._observe(whole)
+                    continue
+                self._cut = bytearray(held)  # a long ClientCutText: the rest follows
             self._scan_encodings = mtype == _SET_ENCODINGS and not drop
             if self._scan_encodings:
                 self._enc_partial.clear()
                 self._enc_skip = 4  # type, padding, count
                 self._scan(held)
         return bytes(out)
+
+    @property
+    def at_message_boundary(self) -> bool:
+        """Whether the next byte starts a client message: one may be inserted here."""
+        return not (self._remaining or self._header or self._client_init or self.unframed)
+
+    def _observe(self, message: bytes) -> None:
+        assert self.observer is not None
+        self.observer(message)
 
     def _scan(self, chunk: bytes) -> None:
         """Watch SetEncodings for ExtendedMouseButtons (it changes the PointerEvent length)."""
@@ -856,13 +911,14 @@ class ClientMessageFilter:
         t = h[0]
         fixed = _FIXED.get(t)
         if fixed is not None:
-            if t == _KEY_EVENT and self.drop_lang_release and len(h) < fixed:
-                return None  # the keysym decides whether it is a Lang release
+            if t == _KEY_EVENT and (self.drop_lang_release or self.observer) and len(h) < fixed:
+                return None  # the keysym decides whether it is a Lang release; the observer sees it
             return fixed
         if t == _POINTER_EVENT:
             if len(h) < 2:
                 return None
-            return 7 if self._extended_mouse and h[1] & 0x80 else 6
+            n = 7 if self._extended_mouse and h[1] & 0x80 else 6
+            return None if self.observer is not None and len(h) < n else n
         if t == _SET_ENCODINGS:
             if len(h) < 4:
                 return None
@@ -882,7 +938,7 @@ class ClientMessageFilter:
             if len(h) < 2:
                 return None
             if h[1] == 0:
-                if self.drop_lang_release and len(h) < 12:
+                if (self.drop_lang_release or self.observer) and len(h) < 12:
                     return None  # the key code decides whether it is a Lang release
                 return 12  # extended key event
             if h[1] == 1:

@@ -51,6 +51,9 @@ from .listener import AcceptSettings, ConsoleSite, handler_args
 from .memory import Trimmer, malloc_trim
 from .metrics import Metrics
 from .query import raw_query_param
+from .recording import Recordings
+from .recording_policy import should_record
+from .recording_store import FileStore, parse_store
 from .relay import CLOSE_TIMEOUT, STREAM_LIMIT, ClientReader, ConsoleWebSocket, Relay
 from .reload import ReloadError, ReloadResult, plan
 from .replay import (
@@ -81,6 +84,14 @@ audit_log = logging.getLogger("consoleproxy.audit")
 
 DEV_SUFFIX = "*.consoleproxy.local"
 CERT_RECHECK_SECONDS = 60.0
+# A browser offering this WebSocket subprotocol (our console page) is told, in a text message
+# before RFB starts, that its session is recorded; noVNC ignores a text message (it has no bytes).
+# The page's other text messages are resume tickets ("cpr1.<base64url>...", resume.py), which
+# never contain ':': a text message starting with NOTICE_PREFIX is a notice, anything else a
+# ticket (README, "Resume"; docs/recording.md).
+NOTICE_PROTOCOL = "consoleproxy.notice"
+NOTICE_PREFIX = "consoleproxy:"
+RECORDED_NOTICE = NOTICE_PREFIX + "recorded"
 # /readyz waits at most this long for a replay store ping: far below any balancer's check timeout.
 READYZ_STORE_WAIT = 0.1
 
@@ -166,6 +177,19 @@ class ProxyServer:
         self._by_resume: dict[str, Session] = {}
         self._burns: set[asyncio.Task[None]] = set()
         self.health = HealthRunner(self)  # [health] checks; scheduled from start()
+        self.recordings = self._recordings()
+
+    def _recordings(self) -> Recordings:
+        """``[recording]``: a local directory, or an S3 bucket fed from a local spool."""
+        rc = self.cfg.recording
+        url = parse_store(rc.store)  # checked by load_config
+        if url.scheme == "file":
+            return Recordings(rc, FileStore(Path(url.path)), self.metrics)
+        from .recording_s3 import S3Store
+
+        spool = FileStore(self.cfg.path(rc.spool_dir))
+        remote = S3Store(url.path, url.prefix, endpoint=rc.s3_endpoint, region=rc.s3_region, spool=spool)
+        return Recordings(rc, spool, self.metrics, remote)
 
     def _replay_store(self) -> GuardedReplayStore:
         """``[cluster] replay_store`` with its failure policy; a SQLite file is opened now."""
@@ -322,6 +346,7 @@ class ProxyServer:
         await asite.start()
         self._admin_site = asite
         self._sweeper = asyncio.create_task(self._sweep())
+        self.recordings.start(self._relays.values)
         if self._dns_settings is not None:
             self.dns = DnsServer(self._dns_settings, self.metrics, challenges=self.challenges)
             await self.dns.start()
@@ -519,6 +544,7 @@ class ProxyServer:
                 await self._relays_gone.wait()
         for relay in list(self._relays.values()):
             relay.abort()
+        await self.recordings.close()
         if self._burns:
             await asyncio.wait(self._burns, timeout=2)
         if self.acme is not None:
@@ -625,10 +651,15 @@ class ProxyServer:
                     if ticket is not None and old.resume_id == ticket.sid:
                         old.resume_id = None  # its own resumed connection: no mark as used
                     old.close(SessionKilled.close_code, "replaced by a newer console for this VM")
+                rc = self.cfg.recording
+                record = should_record(rc.enabled, claims.record, claims.vm, rc.vms)
+                if record and NOTICE_PROTOCOL in request.headers.get("Sec-WebSocket-Protocol", ""):
+                    # Our console page offers this protocol: it shows "this session is recorded".
+                    await ws.send_str(RECORDED_NOTICE)
                 reader, writer = await self._connect(claims)
                 if ticket is not None:
                     await self._use_ticket(ticket, request)
-                client_leftover = await self._rfb_handshake(ws, reader, writer, claims, session)
+                client_leftover, server_init = await self._rfb_handshake(ws, reader, writer, claims, session)
                 if wants_resume and keys is not None:
                     session.resume_body = seal_body(keys, _ticket_body(session, claims))
                     await ws.send_str(self._ticket(keys, session))
@@ -638,7 +669,10 @@ class ProxyServer:
             del claims
             # From here the relay owns the console: it ends it (``_relay_ended``) and closes both
             # sockets; this handler returns at once and aiohttp frees what it kept for it.
-            self._start_relay(ws, reader, writer, session, client_leftover, drop_lang_release=drop_lang)
+            self._start_relay(
+                ws, reader, writer, session, client_leftover, drop_lang_release=drop_lang,
+                server_init=server_init if record else None,
+            )
             relaying = True
         except TimeoutError:
             result = "handshake timeout"
@@ -849,10 +883,11 @@ class ProxyServer:
         writer: asyncio.StreamWriter,
         claims: Claims,
         session: Session,
-    ) -> bytes:
+    ) -> tuple[bytes, bytes]:
         """Authenticate to the VNC server, then give the browser a no-password 3.8 server.
 
-        Returns the browser's bytes that followed its security choice; the relay forwards them.
+        Returns the browser's bytes that followed its security choice (the relay forwards them)
+        and the ServerInit the browser got (a recording starts with it).
         """
         browser = rfb.ClientHandshake()
         # Send our version to the browser first so its reply overlaps the backend handshake.
@@ -927,7 +962,7 @@ class ProxyServer:
         await ws.send_bytes(bytes(init))  # with anything the server pipelined after it
         session.bytes_up += 1  # the init messages count as relayed, as they did when streamed
         session.bytes_down += len(init)
-        return leftover[1:]
+        return leftover[1:], bytes(init)
 
     def _backend_tls_context(self, cfg: Config | None = None) -> ssl.SSLContext:
         cfg = cfg or self.cfg  # a reload's, checked before it is used
@@ -955,22 +990,41 @@ class ProxyServer:
         client_leftover: bytes,
         *,
         drop_lang_release: bool = False,
+        server_init: bytes | None = None,
     ) -> None:
+        """Relay the console; with ``server_init`` (the ServerInit the browser got), record it."""
         flt = None
-        if session.view_only or drop_lang_release:
+        recorder = None
+        if server_init is not None:
+            recorder = self.recordings.begin(session)
+        if session.view_only or drop_lang_release or recorder is not None:
             # What a client pipelined behind its ClientInit goes through the same filter.
-            flt = rfb.ClientMessageFilter(
+            filt = rfb.ClientMessageFilter(
                 view_only=session.view_only,
                 drop_lang_release=drop_lang_release,
                 expect_client_init=False,
-            ).feed
-        relay = Relay(
-            ws, reader, writer, session,
-            client_filter=flt,
-            client_leftover=client_leftover,
-            on_end=self._relay_ended,
-            on_closed=self._relay_closed,
-        )
+                observer=recorder.input if recorder is not None else None,
+                lenient=not (session.view_only or drop_lang_release),
+            )
+            flt = filt.feed
+            if recorder is not None:
+                recorder.filter = filt
+        try:
+            relay = Relay(
+                ws, reader, writer, session,
+                client_filter=flt,
+                client_leftover=client_leftover,
+                on_end=self._relay_ended,
+                on_closed=self._relay_closed,
+            )
+        except BaseException:
+            if recorder is not None:
+                recorder.close()
+            raise
+        if recorder is not None:
+            assert server_init is not None
+            recorder.server_init(server_init)
+            relay.recorder = recorder
         session.closer = relay.stop
         self._relays[session.id] = relay
         if session.resume_id is not None:
@@ -986,6 +1040,9 @@ class ProxyServer:
 
     def _relay_ended(self, relay: Relay, result: str) -> None:
         self.metrics.sessions_active.dec()
+        recorder, relay.recorder = relay.recorder, None
+        if recorder is not None:
+            recorder.close()
         session = relay.session
         if session.resume_id is not None:
             if self._by_resume.get(session.resume_id) is session:
@@ -1121,7 +1178,7 @@ def _ticket_claims(t: TicketBody) -> Claims:
     return Claims(
         host=t.host, port=t.port, vm=t.vm, exp=now, iat=now, jti=t.sid, password=t.password,
         name=t.name, client_ip=t.client_ip, view_only=t.view_only, max_duration=t.max_duration,
-        lang_key_release=t.lang_key_release,
+        lang_key_release=t.lang_key_release, record=t.record,
     )
 
 
@@ -1132,7 +1189,7 @@ def _ticket_body(session: Session, claims: Claims) -> TicketBody:
         vm=claims.vm, started=int(session.started), password=claims.password, name=claims.name,
         client_ip=claims.client_ip, view_only=claims.view_only,
         max_duration=claims.max_duration, lang_key_release=claims.lang_key_release,
-        session_uuid=session.session_uuid,
+        session_uuid=session.session_uuid, record=claims.record,
     )
 
 

@@ -48,6 +48,8 @@ class Session:
     # Set by the server once the relay runs; asks the relay to end with a close code.
     closer: SessionCloser | None = None
     end_reason: str | None = None
+    # The ID of this console's recording (recording.py), when it is recorded.
+    recording: str | None = None
     # Resume (resume.py): the chain id and generation, the sealed ticket body (no password in
     # the clear) and when the last ticket went out (monotonic). None when resume is off.
     resume_id: str | None = None
@@ -91,6 +93,7 @@ class Session:
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "view_only": self.view_only,
+            **({"recording": self.recording} if self.recording else {}),
         }
 
 

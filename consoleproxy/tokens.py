@@ -119,7 +119,9 @@ def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 _REQUIRED = ("host", "port", "vm", "exp", "iat", "jti")
-_OPTIONAL = ("password", "name", "client_ip", "view_only", "max_duration", "lang_key_release")
+_OPTIONAL = (
+    "password", "name", "client_ip", "view_only", "max_duration", "lang_key_release", "record",
+)
 LANG_KEY_RELEASE = ("send", "drop")  # values of the claim and of [input] lang_key_release
 _KNOWN = frozenset(_REQUIRED + _OPTIONAL)
 _MAX_TIME = 2**53  # JavaScript-safe integers; far beyond any real date
@@ -142,6 +144,8 @@ class Claims:
     max_duration: int | None = None
     # "send" or "drop": overrides [input] lang_key_release for this console; None = the config's.
     lang_key_release: str | None = None
+    # Record this console (true) or not (false) whatever [recording] enabled says; None = config's.
+    record: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form: required claims always, optional ones only when set."""
@@ -165,6 +169,8 @@ class Claims:
             d["max_duration"] = self.max_duration
         if self.lang_key_release is not None:
             d["lang_key_release"] = self.lang_key_release
+        if self.record is not None:
+            d["record"] = self.record
         return d
 
     def masked_dict(self) -> dict[str, Any]:
@@ -250,6 +256,9 @@ class Claims:
             not isinstance(lang_key_release, str) or lang_key_release not in LANG_KEY_RELEASE
         ):
             raise TokenInvalid("claim 'lang_key_release' must be \"send\" or \"drop\"")
+        record = d.get("record")
+        if record is not None and not isinstance(record, bool):
+            raise TokenInvalid("claim 'record' must be true or false")
 
         return cls(
             host=host,
@@ -264,6 +273,7 @@ class Claims:
             view_only=view_only,
             max_duration=max_duration,
             lang_key_release=lang_key_release,
+            record=record,
         )
 
 
@@ -445,6 +455,7 @@ def issue(
     view_only: bool = False,
     max_duration: int | None = None,
     lang_key_release: str | None = None,
+    record: bool | None = None,
     now: int | None = None,
 ) -> str:
     """Mint a token with the keyring's first key. Bad arguments raise ``ValueError``."""
@@ -477,6 +488,7 @@ def issue(
         view_only=view_only,
         max_duration=max_duration,
         lang_key_release=lang_key_release,
+        record=record,
     )
     try:
         Claims.from_dict(claims.to_dict())  # the same checks decode applies: never mint a dud

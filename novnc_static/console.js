@@ -244,19 +244,31 @@ function connect(after) {
     // "disconnect" event does not carry them. This listener runs before noVNC's onclose.
     let ws;
     try {
-        ws = new WebSocket(url, ["binary"]);
+        // "consoleproxy.notice": the proxy may tell this page (a text message before RFB) that
+        // the session is recorded; the proxy still picks "binary".
+        ws = new WebSocket(url, ["binary", "consoleproxy.notice"]);
     } catch (e) {
         setStatus("error", "status.nowebsocket", null, e.message);
         return;
     }
     socket = ws;
+    $("recording-notice").hidden = true;
     if (resuming) {
         const sent = ticket;
         ws.addEventListener("open", () => ws.send(new TextEncoder().encode(sent)));
     }
     ws.addEventListener("message", (e) => {
-        // The proxy's text messages are resume tickets; noVNC reads only binary ones.
-        if (typeof e.data === "string") {
+        // noVNC reads only binary messages; the proxy's text ones are ours. A notice starts with
+        // "consoleproxy:" (only "consoleproxy:recorded" so far; others are ignored); everything
+        // else is a resume ticket ("cpr1.…", base64url and dots: never a ':').
+        if (typeof e.data !== "string") {
+            return;
+        }
+        if (e.data.startsWith("consoleproxy:")) {
+            if (e.data === "consoleproxy:recorded") {
+                $("recording-notice").hidden = false;
+            }
+        } else {
             ticket = e.data;
         }
     });

@@ -25,6 +25,7 @@ import pytest
 from harness import SERVER_INIT, Proxy, RFBClient, connect_echo, make_config, rfb38_none_handshake, tcp_server
 
 from consoleproxy import relay
+from consoleproxy.recording import Recorder
 from consoleproxy.relay import ClientReader, Relay, _Backend
 from consoleproxy.server import ProxyServer
 from consoleproxy.sessions import Session
@@ -61,10 +62,11 @@ def collector_off() -> Iterator[None]:
 
 def count_live() -> dict[str, int]:
     """Live objects of one console, found without a collection (gc.get_objects() only lists)."""
-    counts = dict.fromkeys(("Relay", "ClientReader", "_Backend", "Session", "SSLProtocol", "SSLObject"), 0)
+    names = ("Relay", "ClientReader", "_Backend", "Session", "SSLProtocol", "SSLObject", "Recorder")
+    counts = dict.fromkeys(names, 0)
     for o in gc.get_objects():
         t = type(o)
-        if t in (Relay, ClientReader, _Backend, Session):
+        if t in (Relay, ClientReader, _Backend, Session, Recorder):
             counts[t.__name__] += 1
         elif t.__name__ == "SSLProtocol" and t.__module__ in ("asyncio.sslproto", "uvloop.loop"):
             # The proxy's (server side) and the test clients'; the clients' are freed as well.
@@ -81,9 +83,11 @@ async def _wait(cond: Any, timeout: float = 20) -> None:
 
 
 @contextlib.asynccontextmanager
-async def proxy(tmp_path: Path, way: str) -> AsyncIterator[Proxy]:
+async def proxy(tmp_path: Path, way: str, record: bool = False) -> AsyncIterator[Proxy]:
     limits = {"max_sessions_per_client_ip": 0, "max_handshakes_per_ip": 0, "connections_per_ip_per_second": 0}
-    sections = SECTIONS.get(way, {})
+    sections = dict(SECTIONS.get(way, {}))
+    if record:
+        sections["recording"] = {"enabled": True, "store": f"file://{tmp_path / 'rec'}"}
     sections = {**sections, "limits": {**limits, **sections.get("limits", {})}}
     keyring = Keyring.generate()
     server = ProxyServer(make_config(tmp_path, **sections), keyring=keyring)
@@ -97,7 +101,7 @@ async def proxy(tmp_path: Path, way: str) -> AsyncIterator[Proxy]:
             await server.close()
 
 
-async def open_and_end(tmp_path: Path, way: str) -> Proxy:
+async def open_and_end(tmp_path: Path, way: str, record: bool = False) -> Proxy:
     """N consoles relay (an echo each way), then all end ``way``; returns once all are gone."""
     quit_vnc = asyncio.Event()
     go = asyncio.Event()
@@ -111,7 +115,7 @@ async def open_and_end(tmp_path: Path, way: str) -> Proxy:
                 await quit_vnc.wait()
                 return  # tcp_server closes the connection
 
-    async with tcp_server(backend) as port, proxy(tmp_path, way) as p:
+    async with tcp_server(backend) as port, proxy(tmp_path, way, record) as p:
         ready = [asyncio.Event() for _ in range(N)]
 
         async def console(i: int) -> None:
@@ -171,6 +175,24 @@ async def open_and_end(tmp_path: Path, way: str) -> Proxy:
 async def test_an_ended_console_is_freed_without_the_cycle_collector(
     tmp_path: Path, way: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    await check_freed(tmp_path, way, monkeypatch)
+
+
+RECORDED_WAYS = ["browser close", "vnc close", "admin kill", "shutdown", "relay fails to start"]
+
+
+@pytest.mark.parametrize("way", RECORDED_WAYS)
+async def test_an_ended_recorded_console_is_freed_too(
+    tmp_path: Path, way: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recorder (and the filter it observes input through) leaves no cycle either."""
+    await check_freed(tmp_path, way, monkeypatch, record=True)
+    assert list((tmp_path / "rec").glob("*.cprec")), "the consoles were recorded"
+
+
+async def check_freed(
+    tmp_path: Path, way: str, monkeypatch: pytest.MonkeyPatch, record: bool = False
+) -> None:
     if way == "relay fails to start":
         def broken(self: Relay) -> None:
             raise RuntimeError("simulated bug")
@@ -181,7 +203,7 @@ async def test_an_ended_console_is_freed_without_the_cycle_collector(
         monkeypatch.setattr(logging.getLogger("consoleproxy"), "propagate", False)
     with collector_off():
         base = count_live()
-        await open_and_end(tmp_path, way)
+        await open_and_end(tmp_path, way, record)
         # Sockets close in the loop's next turns (connection_lost): wait for that, bounded.
         left: dict[str, int] = {}
 

@@ -46,6 +46,7 @@ def _backend(browser_slow: bool = False) -> tuple[_Backend, FakeTransport, Any]:
         ws_transport=FakeTransport(),
         ws_fd=-1,  # no socket: frames go through the transport's write
         client=SimpleNamespace(writing_paused=browser_slow),
+        recorder=None,  # not recorded
         end=lambda why: None,
     )
     vnc = FakeTransport()

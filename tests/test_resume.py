@@ -33,13 +33,13 @@ from websockets.exceptions import ConnectionClosed
 from consoleproxy.cloudstack import CloudStackKeys, encrypt_gcm
 from consoleproxy.errors import ConfigError, ResumeRefused, TokenInvalid
 from consoleproxy.resume import TicketBody, issue_ticket, open_ticket, seal_body, used_key
-from consoleproxy.server import ProxyServer
+from consoleproxy.server import NOTICE_PREFIX, RECORDED_NOTICE, ProxyServer
 from consoleproxy.tokens import Keyring, decode, issue
 
 RING = Keyring.generate()
 BODY = TicketBody(sid="chain", gen=3, host="10.0.0.5", port=5901, vm="vm-9", started=1_700_000_000,
                   password="s3cret", name="web", client_ip="192.0.2.7", view_only=True,
-                  max_duration=600, lang_key_release="drop", session_uuid="uuid-1")
+                  max_duration=600, lang_key_release="drop", session_uuid="uuid-1", record=True)
 NOW = 1_800_000_000
 
 
@@ -54,6 +54,23 @@ def test_round_trip_keeps_every_field_and_hides_the_password() -> None:
     body = open_ticket(RING, _ticket(), now=NOW, client_ip="192.0.2.7")
     assert body.to_dict() == BODY.to_dict()
     assert "s3cret" not in repr(body) and "s3cret" not in _ticket()
+
+
+def test_a_record_claim_that_is_not_a_boolean_is_refused() -> None:
+    bad = TicketBody(sid="chain", gen=0, host="h", port=5900, vm="v", started=1,
+                     record="yes")  # type: ignore[arg-type]
+    with pytest.raises(ResumeRefused, match="resume ticket invalid"):
+        open_ticket(RING, _ticket(bad), now=NOW, client_ip="192.0.2.7")
+
+
+def test_a_ticket_is_never_taken_for_the_recorded_notice() -> None:
+    """The page tells the proxy's text messages apart by NOTICE_PREFIX: a ticket never has a ':'."""
+    for _ in range(50):
+        ticket = _ticket()
+        assert ":" not in ticket and not ticket.startswith(NOTICE_PREFIX)
+    assert RECORDED_NOTICE.startswith(NOTICE_PREFIX)
+    with pytest.raises(ResumeRefused):
+        open_ticket(RING, RECORDED_NOTICE, now=NOW, client_ip="192.0.2.7")
 
 
 def test_expired_ticket_is_refused_with_its_reason() -> None:

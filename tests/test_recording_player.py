@@ -1,0 +1,348 @@
+"""The recording player in Chromium (issue 19): a console to real QEMU through the proxy, recorded,
+played back on the admin listener; and a synthetic 10-minute recording to seek in.
+
+The live frame is taken in the browser at the moment its WebSocket closes (the proxy ends the
+console, so every byte it sent, and recorded, arrived before its close frame and was drawn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import require_tool
+from harness import Proxy, running_proxy
+from test_page import Browser, browser, console_url
+
+from consoleproxy import recording_format as fmt
+from consoleproxy.recording_store import FileStore, new_id
+
+pytestmark = pytest.mark.integration
+
+PASSWORD = "Hunter2-qemu"
+
+# Keeps every WebSocket the page opens, and the canvas as it is when the socket closes.
+CAPTURE_ON_CLOSE = """
+(() => {
+    const Native = window.WebSocket;
+    window.WebSocket = function (url, protocols) {
+        const ws = new Native(url, protocols);
+        ws.addEventListener("close", () => {
+            const c = document.querySelector("#screen canvas");
+            const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+            crypto.subtle.digest("SHA-256", d).then((h) => {
+                window.__lastFrame = {
+                    width: c.width, height: c.height,
+                    sha: Array.from(new Uint8Array(h)).map((b) => b.toString(16).padStart(2, "0")).join(""),
+                };
+            });
+        });
+        return ws;
+    };
+    window.WebSocket.prototype = Native.prototype;
+    Object.assign(window.WebSocket, {CONNECTING: 0, OPEN: 1, CLOSING: 2, CLOSED: 3});
+})();
+"""
+
+CANVAS_SHA = """async () => {
+    const c = document.querySelector("#screen canvas");
+    const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+    const h = await crypto.subtle.digest("SHA-256", d);
+    return {width: c.width, height: c.height,
+            sha: Array.from(new Uint8Array(h)).map((b) => b.toString(16).padStart(2, "0")).join("")};
+}"""
+
+
+async def open_player(br: Browser, p: Proxy, rid: str) -> None:
+    await br.page.goto(f"{p.admin}/recordings/{rid}")
+    await br.page.fill("#key", p.server.admin_key or "")
+    await br.page.click("#load")
+    status = br.page.locator("#status")
+    await status.wait_for()
+    await br.page.wait_for_function(
+        "() => !['key', 'loading'].includes(document.querySelector('#status').dataset.state)", polling=50
+    )
+
+
+def assert_clean(br: Browser, p: Proxy) -> None:
+    """No errors; nothing fetched from outside the console's and the admin listener's origins."""
+    assert not br.errors, br.errors
+    outside = [u for u in br.requests if not u.startswith((br.origin + "/", p.admin + "/", "data:", "blob:"))]
+    assert not outside, outside
+
+
+async def wait_playing(br: Browser) -> None:
+    status = br.page.locator("#status")
+    state = await status.get_attribute("data-state")
+    assert state in ("playing", "ended"), f"{state}: {await status.inner_text()} {br.errors}"
+
+
+async def test_playback_ends_on_the_live_consoles_last_frame(tmp_path: Path) -> None:
+    from test_real_vnc import qemu
+
+    require_tool("chromium", "chromium")
+    rec = {"enabled": True, "store": f"file://{tmp_path / 'rec'}", "keyframe_interval_seconds": 2}
+    async with qemu(tmp_path) as port, running_proxy(tmp_path, recording=rec) as p, browser(p) as br:
+        await br.page.add_init_script(CAPTURE_ON_CLOSE)
+        await br.page.goto(console_url(p, p.token(port=port, name="rec-01"), language="en"))
+        await br.wait_state("connected")
+        notice = br.page.locator("#recording-notice")
+        assert await notice.is_visible()
+        await br.page.wait_for_function(
+            "() => { const c = document.querySelector('#screen canvas');"
+            " return c && c.width === 720 && c.height === 400; }", polling=100, timeout=45_000)
+        await br.page.focus("#screen canvas")
+        await br.page.keyboard.type(PASSWORD)  # typed in the page: kept as redacted key events
+        await br.page.mouse.click(100, 100)
+        # A keyframe (the proxy's full-update request) while the page runs.
+        recorder = next(iter(p.server.recordings.active.values()))
+        rid = recorder.rid
+        async with asyncio.timeout(20):
+            while not recorder.keyframes:
+                await asyncio.sleep(0.05)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(p.admin + "/api/sessions", headers=p.admin_headers) as r:
+                (s,) = (await r.json())["sessions"]
+            async with http.delete(f"{p.admin}/api/sessions/{s['id']}", headers=p.admin_headers) as r:
+                assert r.status == 200
+        live = await (await br.page.wait_for_function("() => window.__lastFrame", polling=50)).json_value()
+        assert (live["width"], live["height"]) == (720, 400)
+        meta = await wait_finished(p, rid)
+        assert meta["state"] == "complete"
+        # The password typed in the page is nowhere in the stored bytes (keys = "redact").
+        data = p.server.recordings.store.path(rid).read_bytes()
+        assert PASSWORD.encode() not in data
+        for ch in set(PASSWORD):
+            # The key messages noVNC sent (QEMU extended key event, KeyEvent), as they would appear.
+            for msg in (struct.pack(">BBHI", 255, 0, 1, ord(ch)), struct.pack(">BBxxI", 4, 1, ord(ch))):
+                assert msg not in data, (ch, msg)
+        kinds = [r.kind for r in fmt.records(data)]
+        assert fmt.KEY not in kinds and kinds.count(fmt.KEY_REDACTED) >= 2 * len(PASSWORD)
+
+        await open_player(br, p, rid)
+        await wait_playing(br)
+        await br.page.select_option("#speed", "8")
+        await br.page.evaluate("() => window.player.seek(window.player.rec.endMs)")
+        await br.page.wait_for_selector("#status[data-state='ended']")
+        played = await br.page.evaluate(CANVAS_SHA)
+        assert played == live, "the player's last frame differs from the live console's"
+        # The input track: redacted keys and the click.
+        track = await br.page.locator("#track").inner_text()
+        assert "key down (redacted)" in track and "pointer" in track and PASSWORD not in track
+        assert_clean(br, p)
+
+
+async def wait_finished(p: Proxy, rid: str) -> dict[str, Any]:
+    async with asyncio.timeout(15):
+        while True:
+            m = p.server.recordings.store.meta(rid)
+            if m is not None and m.get("state") != "recording":
+                return m
+            await asyncio.sleep(0.05)
+
+
+# --- a synthetic 10-minute recording -------------------------------------------------------------
+
+W, H = 64, 48
+SERVER_INIT = struct.pack(">HHBBBBHHHBBBxxx", W, H, 32, 24, 0, 1, 255, 255, 255, 16, 8, 0) + \
+    struct.pack(">I", 5) + b"synth"
+
+
+def frame_pixels(second: int) -> bytes:
+    """The whole screen at ``second``: one colour per second (noVNC's 32 bpp, B G R X)."""
+    r, g, b = (second * 7) % 256, (second * 13) % 256, (second * 29) % 256
+    return bytes((b, g, r, 0)) * (W * H)
+
+
+def raw_update(second: int) -> bytes:
+    return struct.pack(">BxHHHHHi", 0, 1, 0, 0, W, H, 0) + frame_pixels(second)
+
+
+def synthetic_recording(store: FileStore, minutes: int = 10) -> str:
+    """A recording as the proxy writes it: a full Raw update every second, keyframes every 60 s."""
+    rid = new_id()
+    meta = {"id": rid, "vm": "synthetic", "client_ip": "127.0.0.1", "started": time.time(), "keys": "redact"}
+    store.ensure()
+    out = bytearray(fmt.header(meta))
+    index = fmt.Index(header=meta)
+    for minute in range(minutes):
+        recs = bytearray()
+        for s in range(minute * 60, minute * 60 + 60):
+            if s == 0:
+                recs += fmt.record(fmt.DOWN, 0, SERVER_INIT)
+            if s % 60 == 0 and s:
+                recs += fmt.record(fmt.KEYFRAME, s * 1000)
+                index.keyframes.append(s * 1000)
+            recs += fmt.record(fmt.DOWN, s * 1000 + 1, raw_update(s))
+        index.chunks.append((len(out), minute * 60_000))
+        out += fmt.chunk(recs, minute * 60_000)
+    index.end_ms = minutes * 60_000
+    index.complete = True
+    out += fmt.end(index)
+    (store.dir / f"{rid}.cprec").write_bytes(out)
+    store.write_meta(rid, {**meta, "state": "complete"})
+    return rid
+
+
+def expected_sha(second: int) -> str:
+    # getImageData is RGBA with alpha 255.
+    r, g, b = (second * 7) % 256, (second * 13) % 256, (second * 29) % 256
+    return hashlib.sha256(bytes((r, g, b, 255)) * (W * H)).hexdigest()
+
+
+async def test_seeking_in_a_ten_minute_recording(tmp_path: Path) -> None:
+    require_tool("chromium", "chromium")
+    rec = {"store": f"file://{tmp_path / 'rec'}"}
+    async with running_proxy(tmp_path, recording=rec) as p, browser(p) as br:
+        rid = synthetic_recording(p.server.recordings.store)
+        await open_player(br, p, rid)
+        await wait_playing(br)
+        await br.page.click("#play")  # pause
+        await br.page.wait_for_selector("#status[data-state='paused']")
+        assert await br.page.evaluate("() => window.player.rec.endMs") == 600_000
+        # The middle, then back to the start and forward again: each seek shows its frame < 1 s.
+        for second in (300, 30, 301, 599):
+            t0 = await br.page.evaluate("() => performance.now()")
+            await br.page.evaluate(f"() => window.player.seek({second * 1000 + 500})")
+            shown = f"async () => (await ({CANVAS_SHA})()).sha === '{expected_sha(second)}'"
+            await br.page.wait_for_function(shown, polling=20, timeout=5_000)
+            elapsed = await br.page.evaluate("() => performance.now()") - t0
+            assert elapsed < 1000, f"seeking to {second} s took {elapsed:.0f} ms"
+        keyframes = await br.page.locator("#track li.keyframe").count()
+        assert keyframes == 9
+        assert_clean(br, p)
+
+
+async def test_damaged_recording_is_a_clear_error_in_the_player(tmp_path: Path) -> None:
+    require_tool("chromium", "chromium")
+    rec = {"store": f"file://{tmp_path / 'rec'}"}
+    async with running_proxy(tmp_path, recording=rec) as p, browser(p) as br:
+        store = p.server.recordings.store
+        rid = synthetic_recording(store, minutes=1)
+        path = store.path(rid)
+        path.write_bytes(path.read_bytes()[:-100])
+        await open_player(br, p, rid)
+        status = br.page.locator("#status[data-state='error']")
+        await status.wait_for()
+        text = await status.inner_text()
+        assert text.startswith("Cannot play this recording: recording") and "damaged: truncated" in text
+        br.errors.clear()  # the 422 itself is logged by the browser
+
+
+async def test_recorded_notice_in_korean_and_english_only_when_recorded(tmp_path: Path) -> None:
+    from consoleproxy.demo import DemoVncServer
+
+    require_tool("chromium", "chromium")
+    demo = DemoVncServer()
+    await demo.start()
+    rec = {"enabled": True, "store": f"file://{tmp_path / 'rec'}"}
+    try:
+        async with running_proxy(tmp_path, recording=rec) as p:
+            for lang, locale, text in (("ko", "ko-KR", "이 세션은 녹화되고 있습니다."),
+                                       ("en", "en-US", "This session is recorded.")):
+                async with browser(p, locale) as br:
+                    await br.page.goto(console_url(p, p.token(port=demo.port, password=demo.password),
+                                                   language=lang))
+                    await br.wait_state("connected")
+                    notice = br.page.locator("#recording-notice")
+                    assert await notice.is_visible() and await notice.inner_text() == text
+            async with browser(p) as br:  # record=false: no notice
+                token = p.token(port=demo.port, password=demo.password, record=False)
+                await br.page.goto(console_url(p, token, language="en"))
+                await br.wait_state("connected")
+                assert not await br.page.locator("#recording-notice").is_visible()
+                br.assert_clean()
+    finally:
+        await demo.close()
+
+
+async def test_undecodable_screen_data_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
+    """A well-formed file whose screen bytes noVNC cannot parse (an unknown server message)."""
+    require_tool("chromium", "chromium")
+    rec = {"store": f"file://{tmp_path / 'rec'}"}
+    async with running_proxy(tmp_path, recording=rec) as p, browser(p) as br:
+        store = p.server.recordings.store
+        store.ensure()
+        rid = new_id()
+        meta = {"id": rid, "vm": "bad", "started": time.time(), "keys": "redact"}
+        recs = fmt.record(fmt.DOWN, 0, SERVER_INIT) + fmt.record(fmt.DOWN, 500, b"\x77garbage")
+        index = fmt.Index(header=meta, chunks=[(0, 0)], end_ms=2000, complete=True)
+        (store.dir / f"{rid}.cprec").write_bytes(fmt.header(meta) + fmt.chunk(recs, 0) + fmt.end(index))
+        store.write_meta(rid, {**meta, "state": "complete"})
+        await open_player(br, p, rid)
+        status = br.page.locator("#status[data-state='error']")
+        await status.wait_for(timeout=10_000)
+        assert "could not be decoded at 0:00" in await status.inner_text()
+
+
+# Every text message each of the page's WebSockets got, per socket, in order.
+KEEP_TEXTS = """
+(() => {
+    const Native = window.WebSocket;
+    window.__texts = [];
+    window.WebSocket = function (url, protocols) {
+        const ws = new Native(url, protocols);
+        const mine = [];
+        window.__texts.push(mine);
+        ws.addEventListener("message", (e) => { if (typeof e.data === "string") mine.push(e.data); });
+        return ws;
+    };
+    window.WebSocket.prototype = Native.prototype;
+    Object.assign(window.WebSocket, {CONNECTING: 0, OPEN: 1, CLOSING: 2, CLOSED: 3});
+})();
+"""
+
+
+async def test_recorded_console_shows_the_notice_and_resumes_into_a_linked_recording(tmp_path: Path) -> None:
+    """Both text messages on one console: the notice (before RFB) and the resume tickets (after
+    it). The page shows the notice, keeps the ticket, and after a cut connection resumes; the
+    resumed console is recorded again (the token's record claim travels in the ticket) in a
+    recording of its own, linked to the first by resume_id."""
+    from test_page import RECORD_STATES, cutter, demo_server
+
+    require_tool("chromium", "chromium")
+    rec = {"enabled": False, "store": f"file://{tmp_path / 'rec'}"}  # recorded by the claim only
+    async with demo_server() as demo, running_proxy(tmp_path, recording=rec) as p, cutter(p.port) as hop, \
+            browser(p, "en-US") as br:
+        br.origin = f"http://127.0.0.1:{hop.port}"
+        await br.page.add_init_script(KEEP_TEXTS)
+        token = p.token(port=demo.port, password=demo.password, record=True)
+        await br.page.goto(f"{br.origin}/console?token={token}&language=en")
+        await br.wait_state("connected")
+        notice = br.page.locator("#recording-notice")
+        assert await notice.is_visible()
+        # the ticket arrives right behind ServerInit: wait (bounded) until the page has it
+        await br.page.wait_for_function("() => window.__texts[0].length >= 2", polling=50, timeout=5000)
+        (first,) = list(p.server.registry)
+        first_rid = first.recording
+        assert first_rid is not None
+        await br.page.evaluate(RECORD_STATES)
+        hop.cut()
+        await br.page.wait_for_function(
+            """() => { const s = window.__states, i = s.indexOf('status.reconnecting');
+                       return i >= 0 && s.slice(i).some(k => k.startsWith('status.connected')); }""",
+            polling=50, timeout=10000,
+        )
+        texts = await br.page.evaluate("window.__texts")
+        assert len(texts) == 2
+        for got in texts:  # the notice first, then tickets only
+            assert got[0] == "consoleproxy:recorded" and got[1:]
+            assert all(t.startswith("cpr1.") for t in got[1:])
+        assert await notice.is_visible()  # hidden on reconnecting, shown again by the resumed socket
+        (session,) = list(p.server.registry)
+        assert session.resume_gen == 1 and session.recording is not None and session.recording != first_rid
+        store = p.server.recordings.store
+        async with asyncio.timeout(10):  # the cut console's recording is finished off the loop
+            while (m := store.meta(first_rid)) is None or m.get("state") == "recording":
+                await asyncio.sleep(0.05)
+        again = store.meta(session.recording)
+        assert again is not None
+        assert (m["resume_id"], m["resume_gen"]) == (session.resume_id, 0)
+        assert (again["resume_id"], again["resume_gen"]) == (session.resume_id, 1)
+        br.assert_clean()
