@@ -399,6 +399,10 @@ _ADD = (
 _PURGE = "DELETE FROM replay WHERE key IN (SELECT key FROM replay WHERE expires_at < ? LIMIT ?)"
 
 
+# How long opening the SQLite file may wait for another process's lock (SqliteReplayStore._open).
+OPEN_TIMEOUT = 10.0
+
+
 class SqliteReplayStore:
     """Keys in one SQLite file, shared by the processes of one machine (not over NFS).
 
@@ -436,6 +440,20 @@ class SqliteReplayStore:
         self._call(lambda conn: None)
 
     def _open(self) -> sqlite3.Connection:
+        # Workers of one `serve --workers N` open the file at the same moment; the journal-mode
+        # switch and the schema take the write lock, and on a loaded machine one worker can hold
+        # it past the busy timeout (a worker then failed to start). Opening may wait longer than
+        # one console's add: up to OPEN_TIMEOUT, retried while the file is locked.
+        deadline = time.monotonic() + max(self.timeout, OPEN_TIMEOUT)
+        while True:
+            try:
+                return self._open_once()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _open_once(self) -> sqlite3.Connection:
         # check_same_thread=False: opened by the constructor, then used only by the worker thread.
         conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
         try:

@@ -17,6 +17,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -160,6 +161,22 @@ async def test_sqlite_locked_past_the_timeout_is_unavailable_not_first_use(tmp_p
     finally:
         blocker.close()
         await store.close()
+
+
+def test_sqlite_open_waits_for_another_process_opening_the_same_file(tmp_path: Path) -> None:
+    """Workers of `serve --workers N` open the file at once: one holding the write lock past the
+    busy timeout (a loaded machine) must not fail another's start."""
+    path = tmp_path / "r.db"
+    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN EXCLUSIVE")  # what a worker setting up the schema holds
+    release = threading.Timer(0.5, lambda: blocker.execute("ROLLBACK"))
+    release.start()
+    try:
+        store = SqliteReplayStore(path, timeout=0.1)  # 5 busy timeouts before the lock goes
+        asyncio.run(store.close())
+    finally:
+        release.join()
+        blocker.close()
 
 
 def test_sqlite_file_that_cannot_be_created_fails_at_start(tmp_path: Path) -> None:
