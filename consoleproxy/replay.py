@@ -723,7 +723,9 @@ class SentinelReplayStore(RedisReplayStore):
 
     async def close(self) -> None:
         await self._redis.aclose()
-        await self._sentinel.aclose()
+        # Sentinel.aclose() came after redis 5.0.1, our lowest: close its clients one by one.
+        for client in self._sentinel.sentinels:
+            await client.aclose()
 
 
 # --- the failure policy ----------------------------------------------------------------------
