@@ -682,6 +682,19 @@ class SentinelReplayStore(RedisReplayStore):
         )
 
     async def _mark(self, key: str, ttl_ms: int) -> list[Any]:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import ReadOnlyError
+
+        try:
+            return await self._mark_once(key, ttl_ms)
+        except (ReadOnlyError, RedisConnectionError):
+            # A demoted primary closes its clients (or answers READONLY). Newer redis-py retries a
+            # pipeline on a fresh connection itself; 5.0.1, our lowest, does not: drop the pool's
+            # connections, and the one retry asks the Sentinels for the primary again.
+            await self._redis.connection_pool.disconnect()
+            return await self._mark_once(key, ttl_ms)
+
+    async def _mark_once(self, key: str, ttl_ms: int) -> list[Any]:
         async with self._slots, self._redis.pipeline(transaction=False) as pipe:
             pipe.set(self.key_prefix + key, b"1", nx=True, px=ttl_ms)
             if self.wait_replicas:
