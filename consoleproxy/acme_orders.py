@@ -40,8 +40,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import os
-import secrets
 import ssl
 import time
 from collections.abc import Callable
@@ -72,6 +70,7 @@ from .acme_policy import (
 )
 from .certstore import DEV_SERVER_ITEM, CertificateError, CertStore, Item, bundle_key, verify_bundle
 from .config import Config
+from .devcert import write_private
 from .metrics import Metrics
 from .replay import ReplayStore, ReplayStoreUnavailable
 
@@ -144,19 +143,6 @@ def _load_roots(path: Path | None) -> list[x509.Certificate]:
         return x509.load_pem_x509_certificates(path.read_bytes())
     except (OSError, ValueError) as exc:
         raise AcmeError("rejected", f"cannot read the roots file {path}: {exc}") from None
-
-
-def _write_secret(path: Path, data: bytes) -> None:
-    """0600 from the first byte (O_CREAT mode), then an atomic rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _new_key(key_type: str) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
@@ -421,7 +407,7 @@ class AcmeManager:
                 raise AcmeError("rejected", f"{path} is not an EC private key")
         else:
             key = ec.generate_private_key(ec.SECP256R1())
-            _write_secret(path, _pkcs8(key))
+            write_private(path, _pkcs8(key))
         return JWKEC(key=key)
 
     def _note_retry_after(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
@@ -525,7 +511,7 @@ class AcmeManager:
         # Recorded before the swap so no instance ever sees our bundle as "not ACME's".
         known = self._issued_fingerprints()[-9:]
         data = json.dumps({"fingerprints": [*known, fingerprint]}).encode()
-        _write_secret(self.acme_dir / "issued.json", data)
+        write_private(self.acme_dir / "issued.json", data)
 
     def _server_item_name(self) -> str:
         """The item that serves our key already (an upload is replaced, kept as ``previous``)."""

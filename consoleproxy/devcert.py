@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import os
+import secrets
 import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ from .certstore import (
     ip_or_dns,
 )
 
-__all__ = ["CA_FILE", "CA_KEY_FILE", "ensure_dev_certificate"]
+__all__ = ["CA_FILE", "CA_KEY_FILE", "ensure_dev_certificate", "write_private"]
 
 CA_FILE = "dev-ca.pem"
 CA_KEY_FILE = "dev-ca.key"
@@ -42,9 +43,12 @@ CA_DAYS = 3650
 LEAF_DAYS = 397
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def write_private(path: Path, data: bytes) -> None:
+    """A secret file: 0600 from the first byte (O_CREAT mode), then an atomic rename into place
+    (a unique temporary name, so two writers never share one)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, data)
         os.fsync(fd)
@@ -118,7 +122,7 @@ def _make_ca(store_dir: Path, now: dt.datetime) -> tuple[x509.Certificate, ec.El
         .add_extension(ski, critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_private(
+    write_private(
         store_dir / CA_KEY_FILE,
         key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
