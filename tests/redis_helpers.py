@@ -24,6 +24,16 @@ def ephemeral_port() -> int:
         return port
 
 
+def answers_ping(proc: subprocess.Popen[bytes], port: int) -> bool:
+    """Whether a just-started redis-server (or Sentinel) answers PING within START_TIMEOUT."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline and proc.poll() is None:
+        if redis_ping(port):
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def redis_ping(port: int, timeout: float = 0.5) -> bool:
     """True when something on 127.0.0.1:port answers ``PING`` with ``+PONG``."""
     try:
@@ -61,11 +71,8 @@ class RedisServer:
                 stderr=subprocess.STDOUT,
             )
             log.close()
-            deadline = time.monotonic() + START_TIMEOUT
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                if redis_ping(self.port):
-                    return
-                time.sleep(0.02)
+            if answers_ping(self.proc, self.port):
+                return
             self.stop()
         tail = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"redis-server did not answer PING within {START_TIMEOUT:g} s:\n{tail}")

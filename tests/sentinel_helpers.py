@@ -12,13 +12,12 @@ import asyncio
 import contextlib
 import secrets
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis_helpers import START_TIMEOUT, RedisServer, ephemeral_port, redis_ping
+from redis_helpers import START_TIMEOUT, RedisServer, answers_ping, ephemeral_port
 
 SERVICE = "cpservice"
 DOWN_AFTER_MS = 1000  # primary considered down after 1 s without a valid reply
@@ -64,11 +63,8 @@ class SentinelServer:
                 [self.binary, str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
             )
             log.close()
-            deadline = time.monotonic() + START_TIMEOUT
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                if redis_ping(self.port):
-                    return
-                time.sleep(0.02)
+            if answers_ping(self.proc, self.port):
+                return
             self.stop()
         tail = (self.directory / "sentinel.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"redis-server --sentinel did not answer PING within {START_TIMEOUT:g} s:\n{tail}")
