@@ -60,6 +60,15 @@ def _only_token_invalid(token: str) -> None:
         assert token not in str(exc) or len(token) < 8, "an error message quoted the token"
 
 
+def mutate(data: st.DataObject, text: str) -> str:
+    """1-4 splices of up to 8 base64url characters, each over up to 8 of ``text``'s."""
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(text)))
+        j = data.draw(st.integers(0, 8))
+        text = text[:i] + data.draw(st.text(alphabet=B64URL + ".=", max_size=8)) + text[i + j :]
+    return text
+
+
 @given(st.text(max_size=400))
 @example("....")
 @example("a.b.c.d.e")
@@ -69,12 +78,7 @@ def test_native_token_random_text(text: str) -> None:
 
 @given(st.data())
 def test_native_token_mutated(data: st.DataObject) -> None:
-    token = GOOD
-    for _ in range(data.draw(st.integers(1, 4))):
-        i = data.draw(st.integers(0, len(token)))
-        j = data.draw(st.integers(0, 8))
-        token = token[:i] + data.draw(st.text(alphabet=B64URL + ".=", max_size=8)) + token[i + j :]
-    _only_token_invalid(token)
+    _only_token_invalid(mutate(data, GOOD))
 
 
 json_values = st.recursive(
@@ -119,12 +123,7 @@ def test_ticket_random_text(text: str) -> None:
 
 @given(st.data())
 def test_ticket_mutated(data: st.DataObject) -> None:
-    ticket = TICKET
-    for _ in range(data.draw(st.integers(1, 4))):
-        i = data.draw(st.integers(0, len(ticket)))
-        j = data.draw(st.integers(0, 8))
-        ticket = ticket[:i] + data.draw(st.text(alphabet=B64URL + ".=", max_size=8)) + ticket[i + j :]
-    _only_resume_refused(ticket)
+    _only_resume_refused(mutate(data, TICKET))
 
 
 @given(st.dictionaries(st.sampled_from(["sid", "gen", "host", "port", "vm", "started", "password",
