@@ -35,16 +35,10 @@ from harness import running_proxy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consoleproxy.certstore import (
-    CertificateError,
-    CertStore,
-    Item,
-    SNIContexts,
-    make_ssl_context,
-    parse_certificate_pem,
-    parse_private_key_pem,
-    verify_bundle,
-)
+from consoleproxy.certchain import Item, verify_bundle
+from consoleproxy.certpem import CertificateError, parse_certificate_pem, parse_private_key_pem
+from consoleproxy.certsni import SNIContexts, make_ssl_context
+from consoleproxy.certstore import CertStore
 from consoleproxy.devcert import ensure_dev_certificate
 
 HOST = "10-1-2-3.consoleproxy.company.com"
