@@ -116,6 +116,54 @@ def _swap_link(link: Path, target: str) -> None:
 
 
 
+def write_bundle(bundles_dir: Path, bundle: VerifiedBundle, now: dt.datetime) -> tuple[Path, dict[str, Any]]:
+    """A new bundle directory under ``bundles_dir``, written whole (files fsynced, then renamed)."""
+    stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
+    d = bundles_dir / f"{key_dirname(bundle.key_name)}-{stamp}-{secrets.token_hex(3)}"
+    tmp = d.with_name("." + d.name + ".tmp")
+    tmp.mkdir(mode=0o700)
+    meta: dict[str, Any] = {
+        "key": bundle.key_name,
+        "names": bundle.names,
+        "not_after": bundle.not_after.isoformat(),
+        "fingerprint": bundle.fingerprint,
+        "subject": dn(bundle.leaf.subject),
+        "issuer": dn(bundle.leaf.issuer),
+        "created": now.isoformat(),
+        "items": bundle.items,
+        "digest": bundle.digest(),
+        "warnings": bundle.warnings,
+    }
+    _write_file(tmp / "chain.pem", bundle.pem_chain())
+    _write_file(tmp / "root.pem", bundle.pem_root())
+    _write_file(tmp / "key.pem", bundle.pem_key(), 0o600)
+    _write_file(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+    _fsync_dir(tmp)
+    os.rename(tmp, d)
+    _fsync_dir(bundles_dir)
+    return d, meta
+
+
+def item_entry(it: Item) -> dict[str, Any]:
+    """One staged item as ``CertStore.list`` shows it (never its key)."""
+    entry: dict[str, Any] = {"type": "item", "name": it.name, "id": it.id}
+    try:
+        cert = parse_certificate_pem(it.certificate, it.name)
+    except CertificateError as exc:
+        entry["error"] = str(exc)
+    else:
+        entry |= {
+            "subject": dn(cert.subject),
+            "issuer": dn(cert.issuer),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "fingerprint": cert.fingerprint(hashes.SHA256()).hex(),
+        }
+    entry["has_private_key"] = it.private_key is not None
+    if it.domain_suffix:
+        entry["domainsuffix"] = it.domain_suffix
+    return entry
+
+
 class CertStore:
     """The store directory (layout in the module docstring). Writers hold an flock."""
 
@@ -317,7 +365,7 @@ class CertStore:
             live_meta = self._meta(self._bundle_dir(self.live_dir, bundle.key_name))
             if live_meta is not None and live_meta.get("digest") == bundle.digest():
                 continue
-            new_dirs.append((bundle.key_name, *self._write_bundle(bundle, now)))
+            new_dirs.append((bundle.key_name, *write_bundle(self.bundles_dir, bundle, now)))
         item_path = self.items_dir / f"{stored.name}.json"
         old_bytes = item_path.read_bytes() if replaced is not None and item_path.is_file() else None
         record = {
@@ -346,32 +394,6 @@ class CertStore:
             raise
         self._collect_garbage()
         return [meta for _k, _d, meta in new_dirs]
-
-    def _write_bundle(self, bundle: VerifiedBundle, now: dt.datetime) -> tuple[Path, dict[str, Any]]:
-        stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
-        d = self.bundles_dir / f"{key_dirname(bundle.key_name)}-{stamp}-{secrets.token_hex(3)}"
-        tmp = d.with_name("." + d.name + ".tmp")
-        tmp.mkdir(mode=0o700)
-        meta: dict[str, Any] = {
-            "key": bundle.key_name,
-            "names": bundle.names,
-            "not_after": bundle.not_after.isoformat(),
-            "fingerprint": bundle.fingerprint,
-            "subject": dn(bundle.leaf.subject),
-            "issuer": dn(bundle.leaf.issuer),
-            "created": now.isoformat(),
-            "items": bundle.items,
-            "digest": bundle.digest(),
-            "warnings": bundle.warnings,
-        }
-        _write_file(tmp / "chain.pem", bundle.pem_chain())
-        _write_file(tmp / "root.pem", bundle.pem_root())
-        _write_file(tmp / "key.pem", bundle.pem_key(), 0o600)
-        _write_file(tmp / "meta.json", json.dumps(meta, indent=1).encode())
-        _fsync_dir(tmp)
-        os.rename(tmp, d)
-        _fsync_dir(self.bundles_dir)
-        return d, meta
 
     def _collect_garbage(self) -> None:
         """Only bundles that live/ or previous/ point at are kept."""
@@ -418,24 +440,7 @@ class CertStore:
     # Defined last: inside the class body the name shadows the builtin used in annotations above.
     def list(self) -> list[dict[str, Any]]:
         """Items (never their keys) then one entry per live and previous bundle."""
-        out: list[dict[str, Any]] = []
-        for it in self.items():
-            entry: dict[str, Any] = {"type": "item", "name": it.name, "id": it.id}
-            try:
-                cert = parse_certificate_pem(it.certificate, it.name)
-            except CertificateError as exc:
-                entry["error"] = str(exc)
-            else:
-                entry |= {
-                    "subject": dn(cert.subject),
-                    "issuer": dn(cert.issuer),
-                    "not_after": cert.not_valid_after_utc.isoformat(),
-                    "fingerprint": cert.fingerprint(hashes.SHA256()).hex(),
-                }
-            entry["has_private_key"] = it.private_key is not None
-            if it.domain_suffix:
-                entry["domainsuffix"] = it.domain_suffix
-            out.append(entry)
+        out: list[dict[str, Any]] = [item_entry(it) for it in self.items()]
         for which, label in ((self.live_dir, "live"), (self.previous_dir, "previous")):
             for key in self._keys(which):
                 meta = self._meta(self._bundle_dir(which, key))
