@@ -22,7 +22,6 @@ from .config import Config, Limits
 from .config import Drain as DrainSettings
 from .errors import SessionKilled, ShuttingDown
 from .listener import ConsoleSite
-from .memory import Trimmer
 from .metrics import Metrics
 from .reload import ReloadError
 from .sessions import Registry
@@ -48,12 +47,14 @@ async def sweep(
     *,
     limits: Callable[[], Limits],
     registry: Registry,
-    trimmer: Trimmer,
+    tick: Callable[[], None],
     pinged: Callable[[], Iterable[Pinged]],
     refresh_tickets: Callable[[float], None],
     certificates: ServingCertificates,
 ) -> None:
-    """Enforce idle timeout and lifetime for all sessions from one task (no task per console)."""
+    """Enforce idle timeout and lifetime for all sessions from one task (no task per console).
+
+    ``tick`` runs once a pass (the memory trimmer's); ``pinged``: the browser connections to ping."""
     next_cert_check = time.monotonic() + CERT_RECHECK_SECONDS
     while True:
         lim = limits()  # read each pass: a reload's limits apply from the next one
@@ -64,7 +65,7 @@ async def sweep(
         # the interval) is seen 0-20% late; one pass every 3 s by default (~2 ms for 10,000 consoles).
         shortest = min(x for x in (idle, life, ping, 50.0) if x > 0)
         await asyncio.sleep(min(max(shortest / 10, 0.05), 5.0))
-        trimmer.tick()
+        tick()
         now = time.monotonic()
         if certificates.store is not None and now >= next_cert_check:
             # A certificate can expire while we run: readiness and the metric must notice.

@@ -276,7 +276,7 @@ class ProxyServer:
         self._runners.append(arunner)
         self._admin_sockets = await bind_admin(arunner, self.cfg.admin.address, self.cfg.admin.port)
         self._sweeper = asyncio.create_task(sweep(
-            limits=lambda: self.cfg.limits, registry=self.registry, trimmer=self.trimmer,
+            limits=lambda: self.cfg.limits, registry=self.registry, tick=lambda: self.trimmer.tick(),
             pinged=self._pinged, refresh_tickets=self._refresh_tickets, certificates=certs,
         ))
         self.recordings.start(self._relays.values)
