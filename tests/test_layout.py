@@ -71,3 +71,28 @@ def test_the_marker_is_read_from_docstrings() -> None:
     assert MARKER.search("Text.\n\nLonger than 600 lines because the pipeline is still here.\n")
     assert not MARKER.search("It is longer than it should be.")
     assert not MARKER.search("Longer than 600 lines.")
+
+
+def _private_reads_of_the_server(path: Path) -> list[str]:
+    """``server._x``, ``s._x``, ``self.server._x`` and ``getattr(…, "_x")`` in one module."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            v = node.value
+            if (isinstance(v, ast.Name) and v.id in ("server", "s")) or (
+                isinstance(v, ast.Attribute) and v.attr == "server"
+            ):
+                found.append(f"{path.name}:{node.lineno} .{node.attr}")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr":
+            names = [a.value for a in node.args[1:2] if isinstance(a, ast.Constant)]
+            if names and isinstance(names[0], str) and names[0].startswith("_"):
+                found.append(f"{path.name}:{node.lineno} getattr {names[0]}")
+    return found
+
+
+def test_admin_and_health_use_the_control_interface() -> None:
+    """They reach the server through control.ProxyControl (mypy checks the types), never its
+    private attributes."""
+    modules = ("admin.py", "health.py")
+    found = [hit for name in modules for hit in _private_reads_of_the_server(PACKAGE / name)]
+    assert not found, found
