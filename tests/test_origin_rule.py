@@ -140,3 +140,22 @@ def test_the_server_reads_host_not_forwarded_host() -> None:
                        "Origin": "https://evil.example"})
     assert _check({"Host": "console.example", "X-Forwarded-Host": "evil.example",
                    "Origin": "https://console.example"})
+
+
+def test_edge_forms_as_the_rule_reads_them() -> None:
+    # A trailing dot is another spelling to this rule: refused (browsers drop it from Origin).
+    assert not ok("https://console.example", "console.example.", TLS)
+    # A path never comes from a browser; the host part before it is what counts.
+    assert ok("https://console.example/x", "console.example", TLS)
+    # Bytes that are not UTF-8 reach us as surrogate escapes (aiohttp): never our host.
+    raw = b"https://console.ex\xe4mple".decode("utf-8", "surrogateescape")
+    assert not ok(raw, "console.example", TLS)
+    # Over a plain port, an https page on our host is the balancer terminating TLS.
+    assert ok("https://console.example:443", "console.example:6060")
+
+
+def test_forwarded_headers_change_nothing() -> None:
+    for name, value in (("X-Forwarded-Proto", "https"), ("Forwarded", "host=evil.example;proto=https"),
+                        ("X-Forwarded-For", "203.0.113.7")):
+        assert not _check({"Host": "console.example", name: value, "Origin": "https://evil.example"})
+        assert _check({"Host": "console.example", name: value, "Origin": "http://console.example"})
