@@ -47,31 +47,51 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from .certchain import (
     DEV_SERVER_ITEM,
+    EXPIRY_WARNING,
     Item,
     VerifiedBundle,
     bundle_key,
     default_bundle_key,
     dirname_key,
     dn,
+    ip_or_dns,
     item_key,
     key_dirname,
     parse_item,
     verify_bundle,
 )
-from .certpem import CertificateError, item_error, parse_certificate_pem, split_pem_certs
-from .certsni import SNIContexts
+from .certpem import (
+    CertificateError,
+    ServerKey,
+    item_error,
+    parse_certificate_pem,
+    parse_private_key_pem,
+    split_pem_certs,
+)
+from .certsni import SNIContexts, make_ssl_context
 
-# CertStore and ImportResult are this module's; the rest is re-exported for code written before
-# the split (and for other branches of issue 17): new code imports from certpem, certchain, certsni.
+# CertStore, ImportResult and the two writers are this module's. The other names are the ones
+# code imported from here before the split, re-exported so that code (and issue 17's other
+# branches, merged after this one) keeps working; new code imports them from certpem, certchain
+# and certsni.
 __all__ = [
     "DEV_SERVER_ITEM",
+    "EXPIRY_WARNING",
     "CertStore",
     "CertificateError",
     "ImportResult",
     "Item",
     "SNIContexts",
+    "ServerKey",
+    "VerifiedBundle",
     "bundle_key",
+    "ip_or_dns",
+    "item_entry",
+    "make_ssl_context",
+    "parse_certificate_pem",
+    "parse_private_key_pem",
     "verify_bundle",
+    "write_bundle",
 ]
 
 
