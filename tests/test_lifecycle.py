@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from consoleproxy.certstate import ServingCertificates
 from consoleproxy.config import Drain as DrainSettings
@@ -23,14 +24,15 @@ def _session(closed: list[tuple[str, int, str]], vm: str) -> Session:
     return s
 
 
-async def _until(cond: object, seconds: float = 5) -> None:
+async def _until(cond: Callable[[], object], seconds: float = 5) -> None:
     async with asyncio.timeout(seconds):
-        while not cond():  # type: ignore[operator]
+        while not cond():
             await asyncio.sleep(0.01)
 
 
 async def test_drain_refuses_after_grace_and_closes_at_the_deadline() -> None:
-    metrics, reg, closed = Metrics(), Registry(max_sessions=10), []
+    metrics, reg = Metrics(), Registry(max_sessions=10)
+    closed: list[tuple[str, int, str]] = []
     s = _session(closed, "a")
     reg.add(s)
     d = Drain(metrics)
@@ -54,7 +56,8 @@ async def test_a_drain_without_consoles_ends_after_its_grace() -> None:
 
 
 def test_kill() -> None:
-    reg, closed = Registry(max_sessions=10), []
+    reg = Registry(max_sessions=10)
+    closed: list[tuple[str, int, str]] = []
     s = _session(closed, "a")
     reg.add(s)
     assert kill(reg, s.id) and closed == [("a", SessionKilled.close_code, "ended by an administrator")]
@@ -62,7 +65,9 @@ def test_kill() -> None:
 
 
 async def test_sweeper_applies_idle_timeout_and_lifetime() -> None:
-    reg, closed, ticks, refreshed = Registry(max_sessions=10), [], [], []
+    reg, ticks = Registry(max_sessions=10), []
+    closed: list[tuple[str, int, str]] = []
+    refreshed: list[float] = []
     idle, old, fresh = _session(closed, "idle"), _session(closed, "old"), _session(closed, "fresh")
     now = time.monotonic()
     idle.last_activity = now - 100
