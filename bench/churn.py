@@ -41,7 +41,7 @@ import relay_bench as rb  # noqa: E402
 import relay_parts as parts  # noqa: E402
 
 KIB = 1024
-# The churn proxy pings every 5 s, so its sweeper passes every 0.5 s (server._sweep: a tenth).
+# The churn proxy pings every 5 s, so its sweeper passes every 0.5 s (lifecycle.sweep: a tenth).
 PING_SECONDS = 5
 SWEEP_SECONDS = PING_SECONDS / 10
 GOAL_KIB_PER_ENDED = 8.0

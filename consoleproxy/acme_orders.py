@@ -68,7 +68,9 @@ from .acme_policy import (
     renew_at,
     retry_delay,
 )
-from .certstore import DEV_SERVER_ITEM, CertificateError, CertStore, Item, bundle_key, verify_bundle
+from .certchain import DEV_SERVER_ITEM, Item, bundle_key, verify_bundle
+from .certpem import CertificateError
+from .certstore import CertStore
 from .config import Config
 from .devcert import write_private
 from .metrics import Metrics

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .certstore import CertificateError, Item
+from .certchain import Item
+from .certpem import CertificateError
 from .errors import ConfigError
 from .metrics import CONTENT_TYPE_LATEST
 from .reload import ReloadError
 
 if TYPE_CHECKING:
-    from .server import ProxyServer
+    from .control import ProxyControl
 
 __all__ = ["admin_app", "load_or_create_admin_key", "startup_admin_key"]
 
@@ -93,7 +94,7 @@ def _static_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "novnc_static"
 
 
-def admin_app(server: ProxyServer, key: str) -> web.Application:
+def admin_app(server: ProxyControl, key: str) -> web.Application:
     expected = f"Bearer {key}".encode()
 
     @web.middleware
@@ -244,7 +245,7 @@ def admin_app(server: ProxyServer, key: str) -> web.Application:
 
     async def getstatus(request: web.Request) -> web.Response:
         """CloudStack's console-proxy load report, so its management server can balance."""
-        removed, server.removed_sessions = server.removed_sessions, []
+        removed = server.take_removed_sessions()
         return web.json_response(
             {
                 "connections": [s.cloudstack_status() for s in server.registry],
@@ -369,7 +370,7 @@ def admin_app(server: ProxyServer, key: str) -> web.Application:
     static_dir = _static_dir()
     if static_dir.is_dir():
         app.router.add_static("/recordings-static/", static_dir, append_version=False)
-    novnc = server._page_dirs()[1]
+    novnc = server.page_dirs()[1]
     if novnc.is_dir():
         app.router.add_static("/recordings-novnc/", novnc, append_version=False)
     app.router.add_get("/metrics", metrics)

@@ -252,7 +252,7 @@ def _use_loop(name: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .server import run_forever
+    from .lifecycle import run_forever
 
     cfg = load_config(args.config)
     _use_loop(args.loop)
@@ -308,7 +308,7 @@ def _store(args: argparse.Namespace) -> CertStore:
 
 
 def cmd_certs_import(args: argparse.Namespace) -> int:
-    from .certstore import Item
+    from .certchain import Item
 
     store = _store(args)
     passphrase = None

@@ -22,15 +22,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .certstore import (
-    EXPIRY_WARNING,
-    CertificateError,
-    CertStore,
-    Item,
-    VerifiedBundle,
-    bundle_key,
-    ip_or_dns,
-)
+from .certchain import EXPIRY_WARNING, Item, VerifiedBundle, bundle_key, ip_or_dns
+from .certpem import CertificateError
+from .certstore import CertStore
 
 __all__ = ["CA_FILE", "CA_KEY_FILE", "ensure_dev_certificate", "write_private"]
 

@@ -53,14 +53,15 @@ import dns.rcode
 import dns.rdatatype
 import psutil
 
-from .certstore import CertificateError, CertStore
+from .certpem import CertificateError
+from .certstore import CertStore
 from .diagnose import certificate_summary, os_error_text
 from .proxyproto import V2_SIGNATURE
 from .rfb import VersionError, parse_version
 
 if TYPE_CHECKING:
     from .config import Health
-    from .server import ProxyServer
+    from .control import ProxyControl
 
 __all__ = [
     "ADVANCED",
@@ -364,9 +365,9 @@ def _loopback_for(host: str) -> str:
 
 
 class HealthRunner:
-    """Runs the checks for one ``ProxyServer`` on their intervals and on demand."""
+    """Runs the checks for one proxy (control.ProxyControl) on their intervals and on demand."""
 
-    def __init__(self, server: ProxyServer) -> None:
+    def __init__(self, server: ProxyControl) -> None:
         self.server = server
         self.cfg: Health = server.cfg.health
         self.results: dict[tuple[str, str], CheckResult] = {}
@@ -472,18 +473,16 @@ class HealthRunner:
     def _listeners(self) -> list[tuple[str, str, int | None]]:
         s = self.server
         out: list[tuple[str, str, int | None]] = []
-        for site in s._sites:
-            if not site.sockets:
-                out.append(("public", _loopback_for(site.host), None))
-            for sock in site.sockets:
+        for host, sockets in s.public_listeners():
+            if not sockets:
+                out.append(("public", _loopback_for(host), None))
+            for sock in sockets:
                 addr = sock.getsockname()
                 out.append(("public", _loopback_for(str(addr[0])), int(addr[1])))
-        admin = getattr(s, "_admin_site", None)
-        server = getattr(admin, "_server", None) if admin is not None else None
-        socks = list(getattr(server, "sockets", None) or [])
-        if admin is not None and not socks:
+        socks = s.admin_sockets()
+        if socks is not None and not socks:
             out.append(("admin", s.cfg.admin.address, None))
-        for sock in socks:
+        for sock in socks or ():
             addr = sock.getsockname()
             out.append(("admin", _loopback_for(str(addr[0])), int(addr[1])))
         return out
@@ -497,7 +496,8 @@ class HealthRunner:
 
     async def _tls_check(self) -> Outcome:
         s = self.server
-        if s.tls is None or not s._sites or not s._sites[0].sockets:
+        listeners = s.public_listeners()
+        if s.tls is None or not listeners or not listeners[0][1]:
             return Outcome(False, "no TLS listener is open")
         key = s.tls.default_key or next(iter(sorted(s.tls.contexts)), None)
         store = s.certstore
@@ -510,7 +510,7 @@ class HealthRunner:
             return Outcome(False, f"certificate {key}: {exc}")
         # A name the certificate must cover: the FQDN, or one a-b-c-d name under the wildcard.
         name = "127-0-0-1." + key[2:] if key.startswith("*.") else key
-        addr = s._sites[0].sockets[0].getsockname()
+        addr = listeners[0][1][0].getsockname()
         return await check_tls_handshake(
             _loopback_for(str(addr[0])), int(addr[1]), name, root, proxy_protocol=s.cfg.listen.proxy_protocol
         )

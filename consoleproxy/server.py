@@ -1,21 +1,28 @@
-"""The aiohttp application: public listeners and the console path.
+"""The proxy: composition and lifecycle of one instance, and (for now) the console pipeline.
 
 A console's bytes go ``server`` (upgrade, token) -> ``tokens`` -> ``targets`` -> ``sessions``
 (limits) -> ``rfb`` (security handshake on both sides) -> ``relay``. Errors after the upgrade are
 sent as WebSocket close codes (DESIGN.md 8): a browser cannot read the HTTP status of a failed
 upgrade, but it can read a close code.
+
+Everything else a proxy does lives in a module of its own, composed here: service wiring
+(wiring.py), the HTTP apps and page (webapps.py), certificates while serving (certstate.py), live
+reload (reconfigure.py), readiness (readiness.py), origin (origin.py), the sweeper, drain and
+signals (lifecycle.py), metrics and audit (bookkeeping.py, outcome.py); admin.py and health.py
+reach the server through control.ProxyControl.
+
+Longer than 600 lines because the console pipeline (``handle_websocket`` through
+``_relay_closed``) is still here while issue 17's browser and VNC sides are rewritten; it moves
+to a module of its own after they merge, leaving ProxyServer composition and lifecycle only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import ipaddress
-import json
 import logging
-import signal
 import socket
 import ssl
 import time
@@ -24,16 +31,17 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from . import rfb
+from . import rfb, wiring
 from .acme_orders import AcmeManager
 from .acme_policy import ChallengeRecords
-from .assets import default_page_dirs
-from .certstore import CertificateError, CertStore, SNIContexts, bundle_key
-from .cloudstack import CloudStackKeyError, CloudStackKeys, CloudStackValidator
-from .config import Config, ConfigError, load_config
-from .devcert import CA_FILE as DEV_CA_FILE
-from .devcert import ensure_dev_certificate
-from .dns import DnsServer, DnsSettings
+from .bookkeeping import Bookkeeping
+from .certpem import CertificateError
+from .certsni import SNIContexts
+from .certstate import ServingCertificates
+from .certstore import CertStore
+from .cloudstack import CloudStackValidator
+from .config import Config
+from .dns import DnsServer
 from .errors import (
     BackendAuthFailed,
     BackendUnreachable,
@@ -47,22 +55,17 @@ from .errors import (
 )
 from .forwarded import client_address, parse_networks
 from .health import HealthRunner
+from .lifecycle import Drain, kill, sweep
 from .listener import AcceptSettings, ConsoleSite, handler_args
 from .memory import Trimmer, malloc_trim
 from .metrics import Metrics
+from .origin import check_origin
 from .query import raw_query_param
-from .recording import Recordings
+from .readiness import ReadinessState, not_ready_reason
+from .reconfigure import prepare, swap_validators
 from .recording_policy import should_record
-from .recording_store import FileStore, parse_store
 from .relay import CLOSE_TIMEOUT, STREAM_LIMIT, ClientReader, ConsoleWebSocket, Relay
-from .reload import ReloadError, ReloadResult, plan
-from .replay import (
-    BadStoreURL,
-    GuardedReplayStore,
-    ReplayStoreUnavailable,
-    open_replay_store,
-    redact_url,
-)
+from .reload import ReloadResult
 from .resume import (
     MAX_TICKET_BYTES,
     TicketBody,
@@ -72,18 +75,16 @@ from .resume import (
     seal_body,
     used_key,
 )
-from .sessions import Registry, Session
-from .targets import TargetPolicy, check_hostname_syntax, is_ip_address, local_addresses
-from .tokens import Claims, Keyring, KeyringError, TokenValidator
+from .sessions import Session
+from .targets import check_hostname_syntax, is_ip_address
+from .tokens import Claims, Keyring, TokenValidator
+from .webapps import bind_admin, page_dirs, page_handler, public_app, redirect_app
 from .wsframes import close_reason as _reason
 
-__all__ = ["ProxyServer", "run_forever"]
+__all__ = ["NOTICE_PREFIX", "NOTICE_PROTOCOL", "RECORDED_NOTICE", "ProxyServer"]
 
 log = logging.getLogger("consoleproxy")
-audit_log = logging.getLogger("consoleproxy.audit")
 
-DEV_SUFFIX = "*.consoleproxy.local"
-CERT_RECHECK_SECONDS = 60.0
 # A browser offering this WebSocket subprotocol (our console page) is told, in a text message
 # before RFB starts, that its session is recorded; noVNC ignores a text message (it has no bytes).
 # The page's other text messages are resume tickets ("cpr1.<base64url>...", resume.py), which
@@ -97,7 +98,13 @@ READYZ_STORE_WAIT = 0.1
 
 
 class ProxyServer:
-    """One proxy instance: public listener(s) from ``[listen]`` and the admin listener."""
+    """One proxy instance: public listener(s) from ``[listen]`` and the admin listener.
+
+    Implements control.ProxyControl for admin.py and health.py.
+
+    Longer than 300 lines because it still holds the console pipeline (``handle_websocket``
+    through ``_relay_closed``), which moves to its own module after issue 17's merge.
+    """
 
     def __init__(
         self,
@@ -113,47 +120,28 @@ class ProxyServer:
         # a new version binds them beside this one (docs/upgrade.md).
         self.reuse_port = reuse_port or cfg.listen.reuse_port
         self.metrics = metrics or Metrics()
-        # Certificates for the public listeners; set up in start() when [listen] tls is on.
-        self.tls = tls
-        self.certstore: CertStore | None = tls.store if tls else None
-        self.certificate_problem: str | None = None
-        self.dev_ca: Path | None = None
-        self.replay = self._replay_store()
+        # Certificates for the public listeners; loaded in start() when [listen] tls is on.
+        self.certificates = ServingCertificates(self.metrics, tls)
+        self.replay = wiring.replay_store(cfg, self.metrics)
         self.validator: TokenValidator | None = None
         self.cloudstack: CloudStackValidator | None = None
         if cfg.tokens.format == "cloudstack":
-            self.cloudstack = self._cloudstack_validator()
+            self.cloudstack = wiring.cloudstack_validator(cfg, self.replay)
         else:
-            if keyring is None:
-                keyring = Keyring.load(cfg.path(cfg.tokens.keyring))
-            self.validator = TokenValidator(
-                keyring,
-                self.replay,
-                skew_seconds=cfg.tokens.skew_seconds,
-                single_use=cfg.tokens.single_use,
-            )
-        self.targets = TargetPolicy.from_config(
-            cfg.targets.allowed_cidrs, cfg.targets.ports, own=local_addresses()
-        )
+            self.validator = wiring.token_validator(cfg, keyring, self.replay)
+        self.targets = wiring.target_policy(cfg)
         self._trusted_proxies = parse_networks(cfg.listen.trusted_proxies)
-        self._allowed_origins = {a.strip().lower().rstrip("/") for a in cfg.origin.allowed}
+        self.origin_policy = wiring.origin_policy(cfg)
         # Built once: a missing or bad CA file is a configuration error at start, not per console.
-        self._backend_tls = self._backend_tls_context()
-        lim = cfg.limits
-        self.registry = Registry(
-            max_sessions=lim.max_sessions,
-            max_per_vm=lim.max_sessions_per_vm,
-            per_vm_policy=lim.per_vm_policy,
-            max_per_client_ip=lim.max_sessions_per_client_ip,
-        )
-        self.draining = False
-        self.refusing = False  # set when a drain's grace period is over
-        self._drain_task: asyncio.Task[None] | None = None
-        self._idle = asyncio.Event()  # set whenever no session is open
-        self._idle.set()
-        self.drained = asyncio.Event()  # set when a drain has run to its end
+        self._backend_tls = wiring.backend_tls_context(cfg)
+        self.registry = wiring.registry(cfg.limits)
+        self.drain = Drain(self.metrics)
+        self._idle = self.drain.idle  # set whenever no session is open
+        self.books = Bookkeeping(self.metrics, lambda: self.cfg.log.audit)
         self._runners: list[web.AppRunner] = []
         self._sites: list[ConsoleSite] = []
+        self._redirect_site: ConsoleSite | None = None
+        self._admin_sockets: list[socket.socket] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         # Consoles whose browser connection is open: relaying, or closing (close handshake).
         self._relays: dict[str, Relay] = {}
@@ -163,79 +151,19 @@ class ProxyServer:
         self._relays_gone.set()
         # Gives the pages of ended consoles back to the OS (memory.py: ~9 KiB of RSS a TLS console).
         self.trimmer = Trimmer(malloc_trim())
-        # Sessions ended since the last /cmd/getstatus, reported once (CloudStack's removedSessions).
-        self.removed_sessions: list[str] = []
         self.admin_key: str | None = None
         self.dns: DnsServer | None = None
         # [acme]: challenge answers (DNS responder, redirect port) and the renewal loop.
         self.challenges: ChallengeRecords | None = None
         self.acme: AcmeManager | None = None
-        self._dns_settings = self._dns_config()
+        self._dns_settings = wiring.dns_settings(cfg)
         # Resume (resume.py): the keyring that seals tickets, consoles by resume chain id, and the
         # store writes that mark a generation used when its console must not come back.
-        self._resume_keys = self._resume_keyring(keyring)
+        self._resume_keys = wiring.resume_keyring(cfg, keyring, native_tokens=self.validator is not None)
         self._by_resume: dict[str, Session] = {}
         self._burns: set[asyncio.Task[None]] = set()
         self.health = HealthRunner(self)  # [health] checks; scheduled from start()
-        self.recordings = self._recordings()
-
-    def _recordings(self) -> Recordings:
-        """``[recording]``: a local directory, or an S3 bucket fed from a local spool."""
-        rc = self.cfg.recording
-        url = parse_store(rc.store)  # checked by load_config
-        if url.scheme == "file":
-            return Recordings(rc, FileStore(Path(url.path)), self.metrics)
-        from .recording_s3 import S3Store
-
-        spool = FileStore(self.cfg.path(rc.spool_dir))
-        remote = S3Store(url.path, url.prefix, endpoint=rc.s3_endpoint, region=rc.s3_region, spool=spool)
-        return Recordings(rc, spool, self.metrics, remote)
-
-    def _replay_store(self) -> GuardedReplayStore:
-        """``[cluster] replay_store`` with its failure policy; a SQLite file is opened now."""
-        c = self.cfg.cluster
-        sentinel = c.replay_store.strip().lower().startswith(("redis+sentinel:", "rediss+sentinel:"))
-        if sentinel and c.store_wait_timeout_ms >= c.store_timeout_seconds * 1000:
-            raise ConfigError(
-                f"[cluster] store_wait_timeout_ms: expected less than store_timeout_seconds "
-                f"({c.store_timeout_seconds:g} s), got {c.store_wait_timeout_ms} ms"
-            )
-        try:
-            store = open_replay_store(
-                c.replay_store, base_dir=self.cfg.base_dir, timeout=c.store_timeout_seconds,
-                wait_replicas=c.store_wait_replicas, wait_timeout=c.store_wait_timeout_ms / 1000,
-                on_unacknowledged=self.metrics.replay_store_unacknowledged_total.inc,
-            )
-        except BadStoreURL as exc:
-            raise ConfigError(f"[cluster] replay_store: {exc}") from None
-        except ReplayStoreUnavailable as exc:
-            raise ConfigError(f"[cluster] replay_store: cannot open it: {exc.detail}") from None
-        return GuardedReplayStore(
-            store,
-            on_error=c.on_store_error,
-            on_failure=self.metrics.replay_store_errors_total.inc,
-            name=redact_url(c.replay_store),
-            grace=c.store_grace_seconds,
-        )
-
-    def _resume_keyring(self, keyring: Keyring | None) -> Keyring | None:
-        """Native tokens: their keyring (tickets use keys derived from it). CloudStack tokens:
-        ``[tokens] keyring`` when the file exists (the same file on every instance), else resume
-        is off: a key of this process alone would strand consoles on a lost instance."""
-        if not self.cfg.resume.window_seconds:
-            return None
-        if self.validator is not None:
-            return None  # read from the validator each time: it follows a keyring reload
-        if keyring is not None:
-            return keyring
-        path = self.cfg.path(self.cfg.tokens.keyring)
-        if not path.is_file():
-            log.info("resume is off: CloudStack tokens and no [tokens] keyring file at %s", path)
-            return None
-        try:
-            return Keyring.load(path)
-        except KeyringError as exc:
-            raise ConfigError(f"[tokens] keyring (for resume tickets): {exc}") from None
+        self.recordings = wiring.recordings(cfg, self.metrics)
 
     @property
     def resume_keyring(self) -> Keyring | None:
@@ -243,64 +171,64 @@ class ProxyServer:
             return None
         return self.validator.keyring if self.validator is not None else self._resume_keys
 
-    def _cloudstack_validator(self, cfg: Config | None = None) -> CloudStackValidator:
-        """Tokens as a CloudStack/Mold management server makes them (DESIGN 7); ``cfg``: a reload's."""
-        cfg = cfg or self.cfg
-        c = cfg.cloudstack
-        try:
-            auth = base64.b64decode(c.auth_key, validate=True) if c.auth_key else None
-        except ValueError:
-            raise ConfigError("[cloudstack] auth_key: expected base64") from None
-        try:
-            keys = CloudStackKeys.load(cfg.path(c.key_iv_file), auth_key=auth)
-        except CloudStackKeyError as exc:
-            raise ConfigError(f"[cloudstack] key_iv_file: {exc}") from None
-        return CloudStackValidator(
-            keys,
-            self.replay,
-            hash_key=c.hash_key,
-            check_source_ip=c.check_source_ip,
-            check_extra=c.check_extra,
-        )
+    # --- state other modules read (control.ProxyControl) -------------------------------------
 
-    # --- lifecycle -------------------------------------------------------------------------
+    @property
+    def tls(self) -> SNIContexts | None:
+        return self.certificates.tls
+
+    @property
+    def certstore(self) -> CertStore | None:
+        return self.certificates.store
+
+    @property
+    def certificate_problem(self) -> str | None:
+        return self.certificates.problem
+
+    @property
+    def dev_ca(self) -> Path | None:
+        return self.certificates.dev_ca
+
+    @property
+    def draining(self) -> bool:
+        return self.drain.draining
+
+    @property
+    def refusing(self) -> bool:
+        return self.drain.refusing
+
+    @property
+    def drained(self) -> asyncio.Event:
+        return self.drain.drained
+
+    @property
+    def public_ports(self) -> list[int]:
+        return [s.port for s in self._sites]
+
+    @property
+    def admin_port(self) -> int:
+        assert self._admin_sockets, "the admin listener is not started"
+        port: int = self._admin_sockets[0].getsockname()[1]
+        return port
+
+    def page_dirs(self) -> tuple[Path, Path]:
+        return page_dirs(self.cfg)
+
+    def public_listeners(self) -> list[tuple[str, list[socket.socket]]]:
+        return [(site.host, list(site.sockets)) for site in self._sites]
+
+    def admin_sockets(self) -> list[socket.socket] | None:
+        return None if self._admin_sockets is None else list(self._admin_sockets)
+
+    def take_removed_sessions(self) -> list[str]:
+        return self.books.take_removed()
+
+    # --- lifecycle ---------------------------------------------------------------------------
 
     def public_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024)
-        app.router.add_get("/websockify", self.handle_websocket)
-        app.router.add_get("/healthz", self.handle_healthz)
-        app.router.add_get("/readyz", self.handle_readyz)
-        static, novnc = self._page_dirs()
-        # The console page, at our path and at CloudStack's (its query parameters are read by
-        # the page's script, not here).
-        app.router.add_get("/console", self.handle_page)
-        app.router.add_get("/resource/noVNC/vnc.html", self.handle_page)
-        if static.is_dir():
-            app.router.add_static("/static/", static, append_version=False)
-        if novnc.is_dir():
-            app.router.add_static("/novnc/", novnc, append_version=False)
-        return app
-
-    def _page_dirs(self) -> tuple[Path, Path]:
-        default_static, default_novnc = default_page_dirs()
-        pg = self.cfg.page
-        static = self.cfg.path(pg.static_dir) if pg.static_dir else default_static
-        novnc = self.cfg.path(pg.novnc_dir) if pg.novnc_dir else default_novnc
-        return static, novnc
-
-    async def handle_page(self, request: web.Request) -> web.StreamResponse:
-        page = self._page_dirs()[0] / "console.html"
-        if not page.is_file():
-            return web.Response(status=503, text=f"console page not installed ({page} missing)\n")
-        return web.FileResponse(
-            page,
-            headers={
-                "Cache-Control": "no-store",
-                "Referrer-Policy": "no-referrer",  # the token is in the URL
-                "X-Content-Type-Options": "nosniff",
-                "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; "
-                "img-src 'self' data: blob:; style-src 'self'; frame-ancestors 'none'",
-            },
+        return public_app(
+            self.cfg, websocket=self.handle_websocket, healthz=self.handle_healthz,
+            readyz=self.handle_readyz, page=page_handler(lambda: self.cfg),
         )
 
     async def start(self) -> None:
@@ -309,16 +237,17 @@ class ProxyServer:
         # Checked before anything binds: a public admin address needs a key file made beforehand.
         self.admin_key = startup_admin_key(self.cfg.admin.address, self.cfg.path(self.cfg.admin.key_file))
         lst = self.cfg.listen
-        if lst.tls and self.tls is None:
-            self.tls = await asyncio.to_thread(self._load_tls)
-        if self.cfg.acme.enabled and self.certstore is not None:
-            self.challenges = ChallengeRecords(self.certstore.directory / "acme" / "challenges.json")
+        certs = self.certificates
+        if lst.tls and certs.tls is None:
+            await asyncio.to_thread(certs.load, self.cfg.tls, self.cfg.path(self.cfg.tls.store))
+        if self.cfg.acme.enabled and certs.store is not None:
+            self.challenges = ChallengeRecords(certs.store.directory / "acme" / "challenges.json")
         runner = web.AppRunner(
             self.public_app(), access_log=None, handle_signals=False, **handler_args(self.cfg.limits)
         )
         await runner.setup()
         self._runners.append(runner)
-        ctx = self.tls.context if (lst.tls and self.tls) else None
+        ctx = certs.tls.context if (lst.tls and certs.tls) else None
         accept = AcceptSettings.from_config(self.cfg.limits, lst.proxy_protocol, lst.trusted_proxies)
         for port in lst.ports:
             # listener.py: handshake limits, PROXY protocol, then TLS (SNI via ctx) and aiohttp.
@@ -329,7 +258,10 @@ class ProxyServer:
             await site.start()
             self._sites.append(site)
         if lst.tls and lst.redirect_http_port:
-            rrunner = web.AppRunner(self._redirect_app(), access_log=None, handle_signals=False)
+            rrunner = web.AppRunner(
+                redirect_app(self.challenges, lambda: self.public_ports[0]), access_log=None,
+                handle_signals=False,
+            )
             await rrunner.setup()
             self._runners.append(rrunner)
             # The same accept layer as the console ports (slow heads, floods, per-source rates), but
@@ -342,196 +274,64 @@ class ProxyServer:
         arunner = web.AppRunner(admin_app(self, self.admin_key), access_log=None)
         await arunner.setup()
         self._runners.append(arunner)
-        asite = web.TCPSite(arunner, self.cfg.admin.address, self.cfg.admin.port)
-        await asite.start()
-        self._admin_site = asite
-        self._sweeper = asyncio.create_task(self._sweep())
+        self._admin_sockets = await bind_admin(arunner, self.cfg.admin.address, self.cfg.admin.port)
+        self._sweeper = asyncio.create_task(sweep(
+            limits=lambda: self.cfg.limits, registry=self.registry, tick=lambda: self.trimmer.tick(),
+            pinged=self._pinged, refresh_tickets=self._refresh_tickets, certificates=certs,
+        ))
         self.recordings.start(self._relays.values)
         if self._dns_settings is not None:
             self.dns = DnsServer(self._dns_settings, self.metrics, challenges=self.challenges)
             await self.dns.start()
             log.info("DNS responder for %s on %s", self._dns_settings.zone, self.cfg.dns.listen)
         self.health.start()
-        if self.challenges is not None and self.certstore is not None:
+        if self.challenges is not None and certs.store is not None:
             self.acme = AcmeManager(
-                self.cfg, self.certstore, self.challenges, lock=self.replay, metrics=self.metrics,
+                self.cfg, certs.store, self.challenges, lock=self.replay, metrics=self.metrics,
                 on_installed=self._acme_installed,
             )
             self.acme.start()
+
+    def _pinged(self) -> list[ClientReader]:
+        """Every open browser connection: in the RFB handshake, relaying, or closing."""
+        return [*self._handshaking, *(relay.client for relay in self._relays.values())]
 
     def _acme_installed(self) -> None:
         with contextlib.suppress(CertificateError):  # logged; the old certificates stay
             self.reload_certificates()
 
-    def _dns_config(self) -> DnsSettings | None:
-        """Checked at construction so bad settings fail before anything binds."""
-        d = self.cfg.dns
-        if not d.enabled:
-            return None
-        try:
-            settings = DnsSettings(
-                zone=d.zone,
-                listen=d.listen,
-                ttl=d.ttl,
-                nameservers=tuple(d.nameservers),
-                apex_addresses=tuple(d.apex_addresses),
-                public_ranges=tuple(d.public_ranges),
-                rate_limit_qps=d.rate_limit_qps,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"[dns] {exc}") from None
-        return settings
-
-    def _redirect_app(self) -> web.Application:
-        """Plain HTTP that only sends browsers to the HTTPS listener (same host, path, query)."""
-
-        async def acme_http01(request: web.Request) -> web.Response:
-            # RFC 8555 8.3: the key authorization as the body, for the CA's validation request.
-            answer = self.challenges.http(request.match_info["token"]) if self.challenges else None
-            if answer is None:
-                raise web.HTTPNotFound()
-            return web.Response(text=answer, content_type="application/octet-stream")
-
-        async def redirect(request: web.Request) -> web.Response:
-            host = request.url.raw_host or "localhost"
-            if ":" in host:  # IPv6 literal
-                host = f"[{host}]"
-            port = self.public_ports[0]
-            netloc = host if port == 443 else f"{host}:{port}"
-            raise web.HTTPMovedPermanently(f"https://{netloc}{request.raw_path}")
-
-        app = web.Application(client_max_size=1024)
-        app.router.add_get("/.well-known/acme-challenge/{token}", acme_http01)
-        app.router.add_route("*", "/{tail:.*}", redirect)
-        return app
-
-    # --- certificates ----------------------------------------------------------------------
-
-    def _load_tls(self) -> SNIContexts:
-        """The store's live bundles; a development CA and wildcard when the store has none."""
-        t = self.cfg.tls
-        store = CertStore(self.cfg.path(t.store))
-        name = t.fqdn or t.domain_suffix or None
-        live = store.live_bundles()
-        if not live:
-            self.dev_ca = ensure_dev_certificate(store.directory, t.domain_suffix or DEV_SUFFIX)
-        elif bundle_key(t.domain_suffix or DEV_SUFFIX) in live and (store.directory / DEV_CA_FILE).is_file():
-            self.dev_ca = store.directory / DEV_CA_FILE  # made by an earlier start
-        if self.dev_ca is not None:
-            log.warning("no certificate configured: serving a development certificate; "
-                        "trust this CA in the browser: %s", self.dev_ca)
-        self.certstore = store
-        sni = SNIContexts(store, default_key=name)
-        self._certificate_state()
-        return sni
-
-    def _certificate_state(self) -> None:
-        """Refresh the expiry metric and readiness from the store's live bundles."""
-        store = self.certstore
-        if store is None:
-            return
-        problem = None
-        keys = list(store.live_bundles())
-        if not keys:
-            problem = "no usable certificate"
-        for key in keys:
-            try:
-                bundle = store.verify(key)
-            except CertificateError as exc:
-                problem = f"certificate {key}: {exc}"
-                continue
-            self.metrics.certificate_expiry_timestamp_seconds.labels(key).set(
-                bundle.not_after.timestamp()
-            )
-        self.certificate_problem = problem
-
     def reload_certificates(self) -> list[str]:
         """Use the store's current live bundles for new handshakes; on error keep the old ones."""
-        if self.tls is None:
-            return []
-        try:
-            keys = self.tls.reload()
-        except CertificateError as exc:
-            log.error("certificate reload failed; keeping the current certificates: %s", exc)
-            raise
-        finally:
-            self._certificate_state()
-        log.info("certificates reloaded: %s", ", ".join(keys))
-        return keys
+        return self.certificates.reload()
 
     def reload(self) -> ReloadResult:
-        """SIGHUP and ``POST /api/reload`` (reload.py): read the configuration file and the key and
-        certificate files again; build and check everything first, then swap it in. Any error raises
-        ReloadError and changes nothing. Open consoles keep what they started with."""
-        try:
-            cfg_now = self.cfg
-            loaded = load_config(cfg_now.source) if cfg_now.source is not None else cfg_now
-            p = plan(cfg_now, loaded)
-            cfg = p.config
-            changed = list(p.changed)
-            keyring = cloudstack = None
-            if self.validator is not None:
-                keyring = Keyring.load(cfg.path(cfg.tokens.keyring))
-                if keyring != self.validator.keyring:
-                    changed.append(f"keyring ({', '.join(keyring.kids)})")
-            if self.cloudstack is not None:
-                cloudstack = self._cloudstack_validator(cfg)
-                if cloudstack.keys != self.cloudstack.keys:
-                    changed.append("CloudStack key/IV")
-            targets = TargetPolicy.from_config(cfg.targets.allowed_cidrs, cfg.targets.ports,
-                                               own=local_addresses())
-            backend_tls = self._backend_tls_context(cfg)
-            # Last: the certificates swap themselves only when the whole store loads.
-            certificates = self.tls.reload() if self.tls is not None else []
-        except (ConfigError, ConsoleProxyError, CertificateError, OSError, ValueError) as exc:
-            log.error("reload failed; nothing changed, the running configuration stays: %s", exc)
-            raise ReloadError(str(exc)) from None
-        finally:
-            if self.tls is not None:
-                self._certificate_state()
+        """SIGHUP and ``POST /api/reload``: build and check everything first (reconfigure.py),
+        then swap it in. Any error raises ReloadError and changes nothing."""
+        p = prepare(self.cfg, validator=self.validator, cloudstack=self.cloudstack, replay=self.replay,
+                    certificates=self.certificates)
         # Nothing below can fail: the new values go live together.
-        self.cfg = cfg
-        if self.validator is not None and keyring is not None:
-            self.validator.keyring = keyring
-            self.validator.skew_seconds = cfg.tokens.skew_seconds
-            self.validator.single_use = cfg.tokens.single_use
-        if self.cloudstack is not None and cloudstack is not None:
-            for attr in ("keys", "hash_key", "check_source_ip", "check_extra"):
-                setattr(self.cloudstack, attr, getattr(cloudstack, attr))
-        self.targets = targets
-        self._backend_tls = backend_tls
-        self._allowed_origins = {a.strip().lower().rstrip("/") for a in cfg.origin.allowed}
-        lim = cfg.limits
-        self.registry.max_sessions = lim.max_sessions
-        self.registry.max_per_vm = lim.max_sessions_per_vm
-        self.registry.per_vm_policy = lim.per_vm_policy
-        self.registry.max_per_client_ip = lim.max_sessions_per_client_ip
-        if cfg.log.level != cfg_now.log.level:
-            logging.getLogger().setLevel(cfg.log.level.upper())
-        result = ReloadResult(tuple(changed), p.restart, tuple(certificates))
+        cfg_now, self.cfg = self.cfg, p.cfg
+        swap_validators(p, self.validator, self.cloudstack)
+        self.targets = p.targets
+        self._backend_tls = p.backend_tls
+        self.origin_policy = wiring.origin_policy(p.cfg)
+        wiring.apply_limits(self.registry, p.cfg.limits)
+        if p.cfg.log.level != cfg_now.log.level:
+            logging.getLogger().setLevel(p.cfg.log.level.upper())
+        result = ReloadResult(p.changed, p.restart, p.certificates)
         log.info("reload: %s", result.summary())
         return result
 
-    @staticmethod
-    def _site_port(site: web.TCPSite) -> int:
-        server = site._server
-        # asyncio's Server, or uvloop's (serve --loop uvloop): both have .sockets
-        assert server is not None
-        sockets: Any = getattr(server, "sockets", None)
-        port: int = sockets[0].getsockname()[1]
-        return port
+    def start_drain(self) -> bool:
+        """Begin draining (idempotent); returns False when already draining."""
+        hand_over = self._sites if self.cfg.listen.reuse_port else ()
+        return self.drain.start(self.cfg.drain, self.registry, hand_over=hand_over)
 
-    @property
-    def public_ports(self) -> list[int]:
-        return [s.port for s in self._sites]
-
-    @property
-    def admin_port(self) -> int:
-        return self._site_port(self._admin_site)
+    def kill(self, session_id: str, reason: str = "ended by an administrator") -> bool:
+        return kill(self.registry, session_id, reason)
 
     async def close(self) -> None:
-        if self._drain_task is not None:
-            self._drain_task.cancel()
+        self.drain.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -557,26 +357,23 @@ class ProxyServer:
         self._runners.clear()
         await self.replay.close()
 
-    # --- health ----------------------------------------------------------------------------
+    # --- health ------------------------------------------------------------------------------
 
     async def handle_healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     def not_ready_reason(self) -> str | None:
-        if self.draining:
-            return "draining"
-        if self.cfg.listen.tls and self.certificate_problem:
-            return self.certificate_problem
-        if self.acme is not None and (acme_problem := self.acme.problem()) is not None:
-            return acme_problem
-        if (store_problem := self.replay.not_ready_reason()) is not None:
-            return store_problem
-        if (health_problem := self.health.unready_reason()) is not None:
-            return health_problem  # a failed check listed in [health] failures_to_unready
-        unready_at = self.cfg.limits.unready_at_sessions
-        if self.registry.at_capacity() or (unready_at and len(self.registry) >= unready_at):
-            return "at capacity"
-        return None
+        return not_ready_reason(ReadinessState(
+            draining=self.draining,
+            tls=self.cfg.listen.tls,
+            certificate_problem=self.certificates.problem,
+            acme_problem=self.acme.problem() if self.acme is not None else None,
+            store_problem=self.replay.not_ready_reason(),
+            health_problem=self.health.unready_reason(),
+            sessions=len(self.registry),
+            at_capacity=self.registry.at_capacity(),
+            unready_at_sessions=self.cfg.limits.unready_at_sessions,
+        ))
 
     async def handle_readyz(self, request: web.Request) -> web.Response:
         # Pings a shared store at most once a second; answers from the last known state when the
@@ -791,28 +588,9 @@ class ProxyServer:
         await ws.close(code=code, message=message)
 
     def _check_origin(self, request: web.Request) -> None:
-        """Refuse cross-site WebSockets (a page elsewhere using a victim's token or cookies).
-
-        A browser always sends Origin. It must name the host this console is served from (any
-        port: CloudStack serves the page and the WebSocket on different ports) or be listed in
-        ``[origin] allowed``. No Origin means a non-browser client, which still needs a token.
-        """
-        origin = request.headers.get("Origin")
-        o = self.cfg.origin
-        if origin is None:
-            if o.allow_missing:
-                return
-            raise Forbidden("a browser Origin header is required")
-        value = origin.strip().lower().rstrip("/")
-        if value in self._allowed_origins:
-            return
-        scheme, sep, rest = value.partition("://")
-        host = (request.host or "").lower()
-        if sep and _hostname(rest) == _hostname(host) and _hostname(host):
-            # Behind a balancer that terminates TLS the page is https even when we are not.
-            if scheme == "https" or (scheme == "http" and not self.cfg.listen.tls):
-                return
-        raise Forbidden(f"origin {origin[:80]!r} may not open consoles here")
+        """Refuse cross-site WebSockets: the rule is origin.check_origin, over the request's
+        Origin and Host headers (never X-Forwarded-Host)."""
+        check_origin(request.headers.get("Origin"), request.host, self.origin_policy)
 
     async def _check_target(self, claims: Claims) -> Claims:
         """``[targets]`` for the claims' host; a name is resolved once and replaced by the address."""
@@ -964,23 +742,6 @@ class ProxyServer:
         session.bytes_down += len(init)
         return leftover[1:], bytes(init)
 
-    def _backend_tls_context(self, cfg: Config | None = None) -> ssl.SSLContext:
-        cfg = cfg or self.cfg  # a reload's, checked before it is used
-        t = cfg.targets
-        cafile = cfg.path(t.vnc_ca_file) if t.vnc_ca_file else None
-        try:
-            ctx = ssl.create_default_context(cafile=cafile)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"[targets] vnc_ca_file: cannot load {cafile}: {exc}") from None
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if t.insecure:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        else:
-            # Hypervisor certificates name hosts, not the addresses tokens carry.
-            ctx.check_hostname = False
-        return ctx
-
     def _start_relay(
         self,
         ws: ConsoleWebSocket,
@@ -1062,107 +823,14 @@ class ProxyServer:
             self._relays_gone.set()
 
     def _end(self, session: Session, result: str) -> None:
-        if session.closer is not None and len(self.removed_sessions) < 10000:
-            self.removed_sessions.append(session.session_uuid or session.id)
+        """A console is over (refused, or its relay ended): counted, audited, out of the limits."""
         self.registry.remove(session)
         if not len(self.registry):
             self._idle.set()
-        m = self.metrics
-        m.bytes_total.labels("up").inc(session.bytes_up)
-        m.bytes_total.labels("down").inc(session.bytes_down)
-        m.sessions_total.labels(_result_label(result)).inc()
-        m.session_duration_seconds.observe(time.monotonic() - session.started_mono)
-        self._audit("session_end", session, result=result)
+        self.books.ended(session, result)
 
     def _audit(self, event: str, session: Session, **extra: Any) -> None:
-        if not self.cfg.log.audit or not audit_log.isEnabledFor(logging.INFO):
-            return  # not built when it would not be written (~11 µs a console start or end)
-        record = {"event": event, "time": round(time.time(), 3), **session.info(), **extra}
-        audit_log.info(json.dumps(record, sort_keys=True))
-
-    # --- time limits -----------------------------------------------------------------------
-
-    async def _sweep(self) -> None:
-        """Enforce idle timeout and lifetime for all sessions from one task (no task per console)."""
-        next_cert_check = time.monotonic() + CERT_RECHECK_SECONDS
-        while True:
-            lim = self.cfg.limits  # read each pass: a reload's limits apply from the next one
-            idle = lim.idle_timeout_seconds
-            life = lim.max_lifetime_seconds
-            ping = lim.ping_interval_seconds
-            # A tenth of the shortest limit: pings go out 0-10% late and a missing pong (due at half
-            # the interval) is seen 0-20% late; one pass every 3 s by default (~2 ms for 10,000 consoles).
-            shortest = min(x for x in (idle, life, ping, 50.0) if x > 0)
-            await asyncio.sleep(min(max(shortest / 10, 0.05), 5.0))
-            self.trimmer.tick()
-            now = time.monotonic()
-            if self.certstore is not None and now >= next_cert_check:
-                # A certificate can expire while we run: readiness and the metric must notice.
-                next_cert_check = now + CERT_RECHECK_SECONDS
-                await asyncio.to_thread(self._certificate_state)
-            if ping:
-                for client in list(self._handshaking):
-                    client.heartbeat(now, ping)
-                for relay in list(self._relays.values()):
-                    relay.client.heartbeat(now, ping)
-            self._refresh_tickets(now)
-            for s in self.registry:
-                if s.closer is None:
-                    continue
-                if idle and now - s.last_activity > idle:
-                    s.close(4012, f"idle for more than {idle:g} s")
-                    continue
-                cap = min(x for x in (life, s.max_duration or 0, float("inf")) if x)
-                if now - s.started_mono > cap:
-                    s.close(4012, f"console lifetime of {cap:g} s reached")
-
-    # --- drain -------------------------------------------------------------------------------
-
-    def start_drain(self) -> bool:
-        """Begin draining (idempotent); returns False when already draining."""
-        if self.draining:
-            return False
-        self.draining = True
-        self.metrics.draining.set(1)
-        if self.cfg.listen.reuse_port:
-            # Hand the ports over to the instance listening beside us; open consoles stay.
-            for site in self._sites:
-                site.stop_listening()
-            log.info("draining: public ports closed, new connections go to the other instance")
-        log.info("draining: readiness now fails; new consoles refused after %g s",
-                 self.cfg.drain.grace_seconds)
-        self._drain_task = asyncio.create_task(self._drain())
-        return True
-
-    async def _drain(self) -> None:
-        d = self.cfg.drain
-        await asyncio.sleep(d.grace_seconds)
-        self.refusing = True
-        if d.deadline_seconds:
-            try:
-                async with asyncio.timeout(max(d.deadline_seconds - d.grace_seconds, 0)):
-                    await self._idle.wait()
-            except TimeoutError:
-                for s in list(self.registry):
-                    s.close(ShuttingDown.close_code, "proxy shutting down (drain deadline)")
-        await self._idle.wait()
-        log.info("drain complete: no consoles left")
-        self.drained.set()
-
-    def kill(self, session_id: str, reason: str = "ended by an administrator") -> bool:
-        s = self.registry.get(session_id)
-        if s is None:
-            return False
-        s.close(SessionKilled.close_code, reason)
-        return True
-
-
-def _hostname(netloc: str) -> str:
-    """``Host:port`` or ``[v6]:port`` -> the host part, lower-case."""
-    netloc = netloc.split("/", 1)[0]
-    if netloc.startswith("["):
-        return netloc[1:].partition("]")[0]
-    return netloc.rpartition(":")[0] if netloc.count(":") == 1 else netloc
+        self.books.audit(event, session, **extra)
 
 
 def _query(request: web.Request, name: str) -> str | None:
@@ -1191,45 +859,3 @@ def _ticket_body(session: Session, claims: Claims) -> TicketBody:
         max_duration=claims.max_duration, lang_key_release=claims.lang_key_release,
         session_uuid=session.session_uuid, record=claims.record,
     )
-
-
-def _result_label(result: str) -> str:
-    """Collapse free-text endings into a few metric label values."""
-    if result in ("client closed", "server closed"):
-        return result.replace(" ", "_")
-    if result.startswith("idle") or "lifetime" in result:
-        return "timeout"
-    if "administrator" in result or "replaced" in result:
-        return "killed"
-    for known in ("token", "forbidden", "limit", "unreachable", "authentication", "handshake"):
-        if known in result:
-            return known
-    return "error"
-
-
-def _reload_quietly(server: ProxyServer) -> None:
-    with contextlib.suppress(ReloadError):  # logged; everything old stays
-        server.reload()
-
-
-async def run_forever(cfg: Config, *, worker_index: int | None = None) -> int:
-    tag = "" if worker_index is None else f"[w{worker_index}] "
-    logging.basicConfig(level=cfg.log.level.upper(), format=f"%(asctime)s {tag}%(name)s %(message)s")
-    server = ProxyServer(cfg, reuse_port=worker_index is not None)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    # Installed before the listeners open, so a SIGTERM at any point drains instead of killing.
-    # SIGTERM drains (the way orchestrators stop a service); SIGINT stops at once.
-    loop.add_signal_handler(signal.SIGTERM, server.start_drain)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload_quietly, server)
-    await server.start()
-    log.info("serving on %s ports %s; admin on %s:%d", cfg.listen.address, server.public_ports,
-             cfg.admin.address, server.admin_port)
-    waits = [asyncio.ensure_future(server.drained.wait()), asyncio.ensure_future(stop.wait())]
-    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    for w in waits:
-        w.cancel()
-    await server.close()
-    return 0
-

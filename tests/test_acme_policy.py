@@ -31,7 +31,8 @@ from consoleproxy.acme_policy import (
     renew_at,
     retry_delay,
 )
-from consoleproxy.certstore import CertificateError, CertStore
+from consoleproxy.certpem import CertificateError
+from consoleproxy.certstore import CertStore
 from consoleproxy.config import ConfigError
 from consoleproxy.dns import DnsSettings, Responder
 from consoleproxy.replay import MemoryReplayStore

@@ -35,16 +35,10 @@ from harness import running_proxy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consoleproxy.certstore import (
-    CertificateError,
-    CertStore,
-    Item,
-    SNIContexts,
-    make_ssl_context,
-    parse_certificate_pem,
-    parse_private_key_pem,
-    verify_bundle,
-)
+from consoleproxy.certchain import Item, verify_bundle
+from consoleproxy.certpem import CertificateError, parse_certificate_pem, parse_private_key_pem
+from consoleproxy.certsni import SNIContexts, make_ssl_context
+from consoleproxy.certstore import CertStore
 from consoleproxy.devcert import ensure_dev_certificate
 
 HOST = "10-1-2-3.consoleproxy.company.com"
@@ -811,3 +805,16 @@ async def test_one_session_ticket_per_tls13_connection(tmp_path: Path) -> None:
     out = out_b.decode(errors="replace")
     assert re.search(r"HTTP/1.[01] 200", out), out[-2000:]
     assert out.count("NewSessionTicket") == 1, out[-4000:]
+
+
+def test_names_of_the_store_before_its_split_still_import() -> None:
+    """certstore.py was split (certpem, certchain, certsni); code importing from it keeps working."""
+    import consoleproxy.certstore as store
+    from consoleproxy import certchain, certpem, certsni
+
+    before = ["CertStore", "CertificateError", "ImportResult", "Item", "SNIContexts", "ServerKey",
+              "VerifiedBundle", "bundle_key", "ip_or_dns", "make_ssl_context", "parse_certificate_pem",
+              "parse_private_key_pem", "verify_bundle", "DEV_SERVER_ITEM", "EXPIRY_WARNING"]
+    assert set(before) <= set(store.__all__)
+    assert store.CertificateError is certpem.CertificateError
+    assert store.verify_bundle is certchain.verify_bundle and store.SNIContexts is certsni.SNIContexts

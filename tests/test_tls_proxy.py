@@ -302,9 +302,9 @@ async def test_http_port_only_redirects_to_https(tmp_path: Path) -> None:
 async def test_readyz_fails_when_the_live_certificate_expires(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import consoleproxy.server as server_mod
+    import consoleproxy.lifecycle as lifecycle
 
-    monkeypatch.setattr(server_mod, "CERT_RECHECK_SECONDS", 0.2)
+    monkeypatch.setattr(lifecycle, "CERT_RECHECK_SECONDS", 0.2)
     chain = make_chain()
     short = make_cert(
         SUFFIX,
