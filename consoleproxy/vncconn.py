@@ -34,6 +34,7 @@ import socket
 import ssl
 import threading
 from dataclasses import dataclass
+from typing import cast
 
 from . import rfb
 from .errors import BackendAuthFailed, BackendUnreachable
@@ -107,8 +108,8 @@ class VNCConnection(asyncio.BufferedProtocol):
     # -- asyncio.BufferedProtocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's are not asyncio.Transport subclasses: no isinstance check).
+        self.transport = cast(asyncio.Transport, transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         self._view = view = _read_buffer()
