@@ -18,12 +18,12 @@ connection's own ``pending`` before ``buffer_updated`` returns, so the shared on
 ``pending`` is bounded by ``PENDING_LIMIT``: over it, reading pauses until the handshake takes the
 bytes (the server's TCP window then shrinks), as StreamReader's limit did.
 
-VeNCrypt's TLS costs, measured with ``loop.start_tls`` on CPython 3.11 (tests/vnc_tls_memory.py
-style run, 200 connections to a TLS server on loopback, RSS delta per connection after the TLS
-handshake, both ends in one process so halved): about 270 KiB per VeNCrypt console with asyncio's
-loop, almost all of it SSLProtocol's 256 KiB receive buffer (a zeroed bytearray each, so resident),
-and about 40 KiB with uvloop (its SSLProtocol reads into smaller buffers). A MemoryBIO transport
-with one shared read buffer per thread would save the 256 KiB.
+VeNCrypt's TLS through the public ``loop.start_tls`` costs, measured (bench/vnc_start_tls_memory.py,
+N=500 connections, RSS per connection after ``start_tls``, CPython 3.11.7): 286 KiB per VeNCrypt
+console on asyncio's loop, almost all of it SSLProtocol's own 256 KiB receive buffer (a zeroed
+bytearray per connection, so resident), and 39 KiB on uvloop 0.23. The relay used to swap that
+buffer for a shared one through private attributes (no longer: public APIs only); a MemoryBIO
+TLS transport with one read buffer per thread would save those 256 KiB again.
 """
 
 from __future__ import annotations
