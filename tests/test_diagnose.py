@@ -22,7 +22,7 @@ from test_real_vnc import qemu
 from test_vencrypt import qemu_tls
 
 import consoleproxy.diagnose as diagnose_mod
-from consoleproxy import cli
+from consoleproxy import cli, vncconn
 from consoleproxy.diagnose import (
     BadDiagnosticTarget,
     RFBProbe,
@@ -102,6 +102,7 @@ def nothing_may_run(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(asyncio, "create_subprocess_exec", boom)
     monkeypatch.setattr(asyncio, "open_connection", boom)
+    monkeypatch.setattr(vncconn, "open_connection", boom)  # the probe's connect
     monkeypatch.setattr(subprocess, "Popen", boom)
     monkeypatch.setattr(diagnose_mod, "run_tool", boom)
     monkeypatch.setattr(diagnose_mod, "probe", boom)
