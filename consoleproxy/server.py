@@ -74,7 +74,7 @@ from .resume import (
 from .sessions import Registry, Session
 from .targets import TargetPolicy, check_hostname_syntax, is_ip_address, local_addresses
 from .tokens import Claims, Keyring, KeyringError, TokenValidator
-from .vncconn import VNCConnection
+from .vncconn import Handover, VNCConnection
 from .wsframes import close_reason as _reason
 
 __all__ = ["ProxyServer", "run_forever"]
@@ -939,6 +939,7 @@ class ProxyServer:
         """Relay the console; with ``server_init`` (the ServerInit the browser got), record it."""
         flt = None
         recorder = None
+        vnc_side: Handover | None = None
         if server_init is not None:
             recorder = self.recordings.begin(session)
         if session.view_only or drop_lang_release or recorder is not None:
@@ -956,14 +957,17 @@ class ProxyServer:
         try:
             # Detached here, and the relay attaches in this same callback (relay.start below):
             # no byte the VNC server sends can reach the handshake's protocol in between.
+            vnc_side = vnc.detach()
             relay = Relay(
-                ws, vnc.detach(), session,
+                ws, vnc_side, session,
                 client_filter=flt,
                 client_leftover=client_leftover,
                 on_end=self._relay_ended,
                 on_closed=self._relay_closed,
             )
         except BaseException:
+            if vnc_side is not None:
+                vnc_side.transport.close()  # no relay owns it
             if recorder is not None:
                 recorder.close()
             raise

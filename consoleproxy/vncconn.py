@@ -241,21 +241,26 @@ class VNCConnection(asyncio.BufferedProtocol):
         """Hand the transport and the pending bytes to the relay; reading pauses until it resumes.
 
         Call it in the same callback as the relay attaches (no await in between): the transport
-        still calls this protocol until its ``set_protocol``.
+        still calls this protocol until its ``set_protocol``. From here the transport is the
+        caller's to close, and this object keeps nothing: uvloop's TCP transport under a
+        VeNCrypt TLS one keeps the bound methods of the protocol it had before ``start_tls``
+        (this one) for the connection's life, so nothing here may point back at the transport.
         """
         self._check_attached()
         t = self.transport
         assert t is not None
         self._detached = True
+        self.transport = None
+        self._readable = self._drained = None
         if not self._reading_paused and not t.is_closing():
             with contextlib.suppress(RuntimeError, NotImplementedError):
                 t.pause_reading()
         pending = bytes(self._pending)
-        self._pending.clear()
+        self._pending = bytearray()
         return Handover(t, pending, eof=self._eof, writing_paused=self._writing_paused)
 
     def close(self) -> None:
-        """Close the connection (also after ``detach``: the relay never started)."""
+        """Close the connection (after ``detach`` the transport is the relay's: nothing to do)."""
         if self.transport is not None:
             self.transport.close()
 
