@@ -10,9 +10,10 @@ diagnostics do.
   name of ``[A-Za-z0-9.-]`` (no leading ``-``, at most 253 characters); anything else raises
   ``BadDiagnosticTarget`` before any socket or process exists. Tools run with
   ``create_subprocess_exec`` (an argument vector, never a shell).
-* ``RFBProbe``: sans-I/O, fed the server's bytes; it never authenticates. After the security types
-  it stops, unless VeNCrypt is offered: then it negotiates VeNCrypt 0.2 to read the subtypes and,
-  when an X.509 subtype is offered, asks for TLS so the glue can read the certificate.
+* ``RFBProbe``: ``rfb.ServerHandshake`` in its probe mode (sans-I/O, it never authenticates). After
+  the security types it stops, unless VeNCrypt is offered: then it negotiates VeNCrypt 0.2 to read
+  the subtypes and, when an X.509 subtype is offered, asks for TLS so the glue can read the
+  certificate.
 * ``probe`` / ``diagnose``: the asyncio glue, each step under a time limit.
 """
 
@@ -26,10 +27,8 @@ import os
 import re
 import shutil
 import ssl
-import struct
 import time
 from dataclasses import asdict, dataclass, field
-from enum import Enum, auto
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +36,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from .errors import ConsoleProxyError
-from .rfb import (
-    MAX_REASON_LENGTH,
-    MAX_SECURITY_TYPES,
-    LimitExceeded,
-    RecvBuffer,
-    RFBError,
-    SecurityType,
-    VersionError,
-    decode_reason,
-    format_version,
-    parse_version,
-)
+from .rfb import RFBError, ServerHandshake, ServerHandshakeState
+from .vncconn import drive, open_connection
 
 __all__ = [
     "BadDiagnosticTarget",
@@ -96,9 +85,6 @@ VENCRYPT_SUBTYPE_NAMES = {
     263: "TLSSASL",
     264: "X509SASL",
 }
-# X.509 subtypes carry a certificate (the TLS* ones are anonymous Diffie-Hellman); None first, so
-# the probe never has to answer a VNC challenge.
-_X509_SUBTYPES = (260, 261, 262, 264)
 
 
 def os_error_text(exc: OSError) -> str:
@@ -152,157 +138,32 @@ def validate_port(value: object) -> int:
 # --- the RFB probe (sans-I/O) -----------------------------------------------------------------
 
 
-class ProbeState(Enum):
-    VERSION = auto()  # the server's ProtocolVersion
-    SECURITY_33 = auto()  # 3.3: U32 security type chosen by the server
-    SECURITY_TYPES = auto()  # 3.7+: U8 count + types
-    VENCRYPT_VERSION = auto()  # 2 bytes
-    VENCRYPT_ACK = auto()  # U8, 0 = our 0.2 accepted
-    VENCRYPT_SUBTYPES = auto()  # U8 count + U32 subtypes
-    SUBTYPE_ACK = auto()  # U8, 1 = accepted; then TLS
-    TLS = auto()  # the glue performs the TLS handshake now
-    DONE = auto()
+class RFBProbe(ServerHandshake):
+    """Read what a VNC server offers without authenticating: ``rfb.ServerHandshake`` in probe mode.
 
-
-class RFBProbe:
-    """Read what a VNC server offers without authenticating; see the module docstring.
-
-    Invariant: each step checks ``state`` and assigns the next one in the same call. ``done`` is
-    True in DONE; ``wants_tls`` in TLS. Protocol violations raise ``RFBError``.
+    ``done`` once it has read all it can (or the server refused: ``refused``); ``wants_tls`` when
+    the glue should run the TLS handshake to read the certificate. Protocol violations raise
+    ``RFBError``.
     """
 
     def __init__(self, *, want_certificate: bool = True) -> None:
-        self.state = ProbeState.VERSION
-        self._want_certificate = want_certificate
-        self._buf = RecvBuffer()
-        self._out = bytearray()
-        self.server_version: tuple[int, int] | None = None
-        self.security_types: list[int] = []
-        self.vencrypt_version: tuple[int, int] | None = None
-        self.vencrypt_subtypes: list[int] = []
-        self.tls_subtype: int | None = None
-        self.refused: str | None = None  # the server's own failure reason
-        self.note: str | None = None  # why the probe stopped early (for humans)
+        super().__init__(None, probe=True, probe_tls=want_certificate)
 
     @property
     def done(self) -> bool:
-        return self.state is ProbeState.DONE
+        return self.state in (ServerHandshakeState.PROBED, ServerHandshakeState.FAILED)
 
     @property
     def wants_tls(self) -> bool:
-        return self.state is ProbeState.TLS
+        return self.state is ServerHandshakeState.TLS_HANDSHAKE
 
-    def data_to_send(self) -> bytes:
-        out = bytes(self._out)
-        self._out.clear()
-        return out
+    @property
+    def tls_subtype(self) -> int | None:
+        return self.vencrypt_subtype
 
-    def receive_data(self, data: bytes) -> None:
-        if self.state in (ProbeState.DONE, ProbeState.TLS):
-            return
-        self._buf.data += data
-        while self.state not in (ProbeState.DONE, ProbeState.TLS) and self._step():
-            pass
-
-    def _reason(self, offset: int) -> str | None:
-        raw = self._buf.take_string(offset, MAX_REASON_LENGTH, "failure reason")
-        return None if raw is None else decode_reason(raw, "no reason given")
-
-    def _finish(self, note: str | None = None) -> bool:
-        self.state = ProbeState.DONE
-        self.note = note
-        return False
-
-    def _step(self) -> bool:
-        S = ProbeState
-        st = self.state
-        if st is S.VERSION:
-            head = bytes(self._buf.data[:4])
-            if not b"RFB ".startswith(head):
-                raise VersionError(f"peer does not speak RFB: first bytes are {head!r}")
-            raw = self._buf.take(12)
-            if raw is None:
-                return False
-            major, minor = self.server_version = parse_version(raw)
-            if major < 3:
-                raise VersionError(f"server announced RFB {major}.{minor}; 3.3 or later is required")
-            use = (3, 8) if (major > 3 or minor >= 8) else (3, 7) if minor == 7 else (3, 3)
-            self._out += format_version(use)
-            self.state = S.SECURITY_33 if use == (3, 3) else S.SECURITY_TYPES
-            return True
-        if st is S.SECURITY_33:
-            if len(self._buf) < 4:
-                return False
-            (stype,) = struct.unpack_from(">I", self._buf.data)
-            if stype == 0:
-                reason = self._reason(4)
-                if reason is None:
-                    return False
-                self.refused = reason
-                return self._finish()
-            self._buf.take(4)
-            self.security_types = [stype]
-            return self._finish()
-        if st is S.SECURITY_TYPES:
-            if not self._buf:
-                return False
-            count = self._buf.data[0]
-            if count == 0:
-                reason = self._reason(1)
-                if reason is None:
-                    return False
-                self.refused = reason
-                return self._finish()
-            if count > MAX_SECURITY_TYPES:
-                raise LimitExceeded(f"server offers {count} security types; at most {MAX_SECURITY_TYPES}")
-            raw = self._buf.take(1 + count)
-            if raw is None:
-                return False
-            self.security_types = list(raw[1:])
-            if SecurityType.VENCRYPT not in self.security_types:
-                return self._finish()
-            self._out.append(SecurityType.VENCRYPT)
-            self.state = S.VENCRYPT_VERSION
-            return True
-        if st is S.VENCRYPT_VERSION:
-            raw = self._buf.take(2)
-            if raw is None:
-                return False
-            self.vencrypt_version = (raw[0], raw[1])
-            if self.vencrypt_version < (0, 2):
-                return self._finish(f"VeNCrypt {raw[0]}.{raw[1]} is older than 0.2")
-            self._out += b"\x00\x02"
-            self.state = S.VENCRYPT_ACK
-            return True
-        if st is S.VENCRYPT_ACK:
-            raw = self._buf.take(1)
-            if raw is None:
-                return False
-            if raw[0] != 0:
-                return self._finish("server refused VeNCrypt 0.2")
-            self.state = S.VENCRYPT_SUBTYPES
-            return True
-        if st is S.VENCRYPT_SUBTYPES:
-            subtypes = self._buf.take_vencrypt_subtypes()
-            if subtypes is None:
-                return False
-            self.vencrypt_subtypes = list(subtypes)
-            usable = [s for s in _X509_SUBTYPES if s in self.vencrypt_subtypes]
-            if not usable or not self._want_certificate:
-                return self._finish(None if usable else "no X.509 subtype: no certificate to show")
-            self.tls_subtype = usable[0]
-            self._out += struct.pack(">I", usable[0])
-            self.state = S.SUBTYPE_ACK
-            return True
-        if st is S.SUBTYPE_ACK:
-            raw = self._buf.take(1)
-            if raw is None:
-                return False
-            if raw[0] != 1:
-                return self._finish(f"server refused VeNCrypt subtype {self.tls_subtype}")
-            self.state = S.TLS
-            return False
-        return False
+    @property
+    def note(self) -> str | None:
+        return self.probe_note
 
 
 # --- reports ----------------------------------------------------------------------------------
@@ -380,30 +241,17 @@ async def _probe_once(
     """One connection: fills ``report`` up to the certificate; raises OSError/RFBError/TimeoutError."""
     t0 = time.monotonic()
     async with asyncio.timeout(time_limit):
-        reader, writer = await asyncio.open_connection(host, port)
+        conn = await open_connection(host, port)
     report.connect_seconds = round(time.monotonic() - t0, 6)
     machine = RFBProbe()
     try:
         async with asyncio.timeout(time_limit):
-            while not machine.done and not machine.wants_tls:
-                data = await reader.read(4096)
-                if not data:
-                    raise RFBError(f"server closed the connection in state {machine.state.name}")
-                machine.receive_data(data)
-                if out := machine.data_to_send():
-                    writer.write(out)
-                    await writer.drain()
-            if machine.wants_tls:
-                await writer.start_tls(tls)
-                sslobj = writer.get_extra_info("ssl_object")
-                der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-                if der:
-                    report.certificate = certificate_summary(der)
+            if await drive(conn, machine, tls) is None:
+                raise RFBError(f"server closed the connection in state {machine.state.name}")
+            if der := conn.peer_certificate():  # after TLS: what the server presented
+                report.certificate = certificate_summary(der)
     finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1):
-                await writer.wait_closed()
+        conn.close()
     return machine
 
 
@@ -438,11 +286,11 @@ async def probe(
         return report
     if machine.server_version is not None:
         report.rfb_version = "{}.{}".format(*machine.server_version)
-    report.security_types = _named(machine.security_types, SECURITY_TYPE_NAMES)
+    report.security_types = _named(list(machine.security_types), SECURITY_TYPE_NAMES)
     report.refused = machine.refused
     if machine.vencrypt_version is not None:
         report.vencrypt_version = "{}.{}".format(*machine.vencrypt_version)
-    report.vencrypt_subtypes = _named(machine.vencrypt_subtypes, VENCRYPT_SUBTYPE_NAMES)
+    report.vencrypt_subtypes = _named(list(machine.vencrypt_subtypes), VENCRYPT_SUBTYPE_NAMES)
     if report.certificate is not None:
         report.certificate["trusted"] = trusted is None
         if trusted is not None:

@@ -69,9 +69,10 @@ from .wsframes import (
 
 if TYPE_CHECKING:
     from .recording import Recorder
+    from .vncconn import Handover
 
 __all__ = [
-    "CLOSE_TIMEOUT", "MAX_IOV", "READ_SIZE", "STREAM_LIMIT", "ClientReader", "ConsoleWebSocket", "Relay",
+    "CLOSE_TIMEOUT", "MAX_IOV", "READ_SIZE", "ClientReader", "ConsoleWebSocket", "Relay",
     "frame_header", "socket_fd", "write_buffers",
 ]
 
@@ -85,8 +86,6 @@ READ_SIZE = 1024 * 1024
 CLIENT_READ_SIZE = 256 * 1024
 # Frames up to this size are written as one joined bytes object (header + payload).
 SMALL_FRAME = 16 * 1024
-# StreamReader buffer limit during the handshake (it pauses the socket at 2 x this).
-STREAM_LIMIT = 256 * 1024
 
 _H2 = struct.Struct(">BB").pack
 _H4 = struct.Struct(">BBH").pack
@@ -571,14 +570,15 @@ class Relay:
         "_on_end",
         "_pending",
         "_vnc",
+        "_vnc_eof",
+        "_vnc_pending",
+        "_vnc_writing_paused",
         "_why",
-        "_writer",
         "client",
         "client_filter",
         "close_code",
         "close_reason",
         "ended",
-        "reader",
         "recorder",
         "session",
         "vnc_fd",
@@ -590,8 +590,7 @@ class Relay:
     def __init__(
         self,
         ws: ConsoleWebSocket,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        vnc: Handover,
         session: Session,
         *,
         client_filter: Callable[[bytes], bytes] | None = None,
@@ -600,10 +599,12 @@ class Relay:
         on_closed: Callable[[Relay], None] | None = None,
     ) -> None:
         self.ws: ConsoleWebSocket | None = ws
-        self.reader: asyncio.StreamReader | None = reader
-        self._vnc: Any = writer.transport
-        # Kept only because a StreamWriter closes its transport when collected (3.11.5+).
-        self._writer = writer
+        # The VNC connection from vncconn.VNCConnection.detach(): its reading is paused until
+        # ``start`` attaches (in the same callback), its bytes read past the handshake go first.
+        self._vnc: asyncio.Transport = vnc.transport
+        self._vnc_pending = vnc.pending
+        self._vnc_eof = vnc.eof
+        self._vnc_writing_paused = vnc.writing_paused
         self.session = session
         self.client_filter = client_filter
         # recording.Recorder of a recorded console (its ``down`` sees every VNC -> browser byte);
@@ -748,31 +749,20 @@ class Relay:
         write_buffers(self._vnc, self.vnc_fd, pieces)
 
     def _attach(self) -> None:
-        """Move the VNC socket from its StreamReader to ``_Backend`` (bytes it buffered go first)."""
-        transport: Any = self._vnc
+        """Give the VNC transport to ``_Backend``: the bytes the handshake read past ServerInit
+        go to the browser first, then what the transport reads once it resumes.
+
+        Public transport APIs only. No per-read size is set: both protocols are buffered, so a
+        read's size is the buffer ``get_buffer`` returns (READ_SIZE), whatever the loop.
+        """
+        transport = self._vnc
         backend = _Backend(self, transport)
         self._backend = backend
-        # Bytes the StreamReader holds from the handshake's last read belong to the browser.
-        reader, self.reader = self.reader, None  # with its StreamReaderProtocol: done with
-        assert reader is not None
-        buffered: bytearray = getattr(reader, "_buffer", bytearray())
-        pending = bytes(buffered)
-        buffered.clear()
-        eof = reader.at_eof()
+        pending, self._vnc_pending = self._vnc_pending, b""
+        eof = self._vnc_eof
         transport.set_protocol(backend)
-        # The StreamReader and its protocol (~1 KiB) are done; the StreamWriter, kept only for its
-        # transport, was their last holder (and of a finished future).
-        w: Any = self._writer
-        for name in ("_protocol", "_reader", "_complete_fut"):
-            if getattr(w, name, None) is not None:
-                setattr(w, name, None)
         self.vnc_fd = socket_fd(transport)
-        if hasattr(transport, "max_size"):  # selector transports read this many bytes per recv
-            transport.max_size = READ_SIZE
-        if hasattr(self.ws_transport, "max_size"):
-            self.ws_transport.max_size = READ_SIZE
         _share_ssl_buffer(self.ws_transport)
-        _share_ssl_buffer(transport)
         if self.client.writing_paused:
             backend.browser_wait = True  # the handshake's last write is still draining
             with contextlib.suppress(RuntimeError, AttributeError, NotImplementedError):
@@ -784,6 +774,8 @@ class Relay:
             return
         with contextlib.suppress(RuntimeError, AttributeError, NotImplementedError):
             if not backend.browser_wait:
-                transport.resume_reading()  # the StreamReader may have paused it at its limit
-        if transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
+                transport.resume_reading()  # detach() paused it
+        if self._vnc_writing_paused:
+            # The transport paused writing during the handshake and calls resume_writing on
+            # its protocol, now ``_Backend``, when it drains.
             backend.pause_writing()

@@ -16,6 +16,11 @@ security handshake (the SecurityResult of section 7.1.3); the initialisation mes
   guests whose hypervisor turns that release into a second press (``[input] lang_key_release``).
 * ``vnc_auth_response``: the DES challenge response of section 7.2.2.
 
+``ServerHandshake(..., probe=True)`` is the probe of ``consoleproxy diagnose``: it never
+authenticates. It stops (``Probed``) after the security types, unless VeNCrypt is offered: then it
+negotiates VeNCrypt 0.2 to read the subtypes and, when an X.509 subtype is offered, asks for TLS
+(``StartTLS``) so the glue can read the certificate, and stops once ``tls_started()`` is called.
+
 Like the handshakes of python-websockets and h11, the state machines never touch a socket: the
 glue feeds bytes with ``receive_data()``, writes what ``data_to_send()`` returns and acts on
 ``events()``. A protocol violation raises ``RFBError`` (or a subclass) naming the rule broken.
@@ -58,6 +63,7 @@ __all__ = [
     "MAX_REASON_LENGTH",
     "MAX_SECURITY_TYPES",
     "MAX_VENCRYPT_SUBTYPES",
+    "X509_SUBTYPES",
     "AuthFailed",
     "Authenticated",
     "ClientEvent",
@@ -67,6 +73,7 @@ __all__ = [
     "ClientReady",
     "Event",
     "LimitExceeded",
+    "Probed",
     "RFBError",
     "RFBStateError",
     "RecvBuffer",
@@ -148,6 +155,11 @@ _VENCRYPT_PREFERENCE = (
 )
 _VENCRYPT_WITH_VNC_AUTH = frozenset({VeNCryptSubtype.X509_VNC, VeNCryptSubtype.TLS_VNC})
 
+X509_SUBTYPES = (260, 261, 262, 264)
+"""VeNCrypt subtypes with a server certificate, in the probe's order (X509None, X509Vnc, X509Plain,
+X509SASL): the TLS* ones are anonymous Diffie-Hellman, and None first so that a probe never has to
+answer a VNC challenge."""
+
 # -- errors ------------------------------------------------------------------------------------
 
 
@@ -196,7 +208,14 @@ class ClientReady:
     version: tuple[int, int]
 
 
-ServerEvent = Authenticated | AuthFailed | StartTLS
+@dataclass(frozen=True)
+class Probed:
+    """Probe mode: the probe has read what it came for; ``note`` says why it stopped early."""
+
+    note: str | None = None
+
+
+ServerEvent = Authenticated | AuthFailed | StartTLS | Probed
 ClientEvent = ClientReady
 Event = ServerEvent | ClientEvent
 
@@ -340,6 +359,7 @@ class ServerHandshakeState(Enum):
     SECURITY_RESULT = auto()  # U32 status (3.8 failure: reason string follows)
     AUTHENTICATED = auto()  # done; further bytes belong to the relay
     FAILED = auto()  # AuthFailed emitted; the glue closes the connection
+    PROBED = auto()  # probe mode: Probed emitted; the glue closes the connection
 
 
 class ServerHandshake(_Outputs):
@@ -352,13 +372,21 @@ class ServerHandshake(_Outputs):
     Security type preference: None when offered (nothing to authenticate, so a stale password in
     a token does not matter), else VNC authentication when we have a password, else VeNCrypt.
 
+    With ``probe`` (see the module docstring) it never authenticates and ends with ``Probed``, or
+    ``AuthFailed`` when the server refuses the connection (``refused`` holds its reason);
+    ``probe_tls=False`` stops before TLS even when an X.509 subtype is offered.
+
     Memory: at most one partial handshake message is buffered, bounded by ``MAX_REASON_LENGTH``.
     """
 
-    def __init__(self, password: str | None, *, allow_tls: bool = True) -> None:
+    def __init__(
+        self, password: str | None, *, allow_tls: bool = True, probe: bool = False, probe_tls: bool = True
+    ) -> None:
         self.state = ServerHandshakeState.VERSION
-        self._password = password or None
+        self._password = None if probe else password or None
         self._allow_tls = allow_tls
+        self._probe = probe
+        self._probe_tls = probe_tls
         self._buf = RecvBuffer()
         super().__init__()
         #: The version the server announced, as sent (e.g. (3, 889) for Apple).
@@ -370,6 +398,13 @@ class ServerHandshake(_Outputs):
         #: The security type in use, and the VeNCrypt subtype when it is VeNCrypt.
         self.security_type: int | None = None
         self.vencrypt_subtype: int | None = None
+        #: The VeNCrypt version the server announced, and the subtypes it offered.
+        self.vencrypt_version: tuple[int, int] | None = None
+        self.vencrypt_subtypes: tuple[int, ...] = ()
+        #: The server's own reason when it refused the connection (security type 0 / count 0).
+        self.refused: str | None = None
+        #: Probe mode: why the probe stopped early (None when it read all it could).
+        self.probe_note: str | None = None
 
     # public interface
 
@@ -379,7 +414,7 @@ class ServerHandshake(_Outputs):
         if st is ServerHandshakeState.AUTHENTICATED:
             self._leftover += data
             return
-        if st is ServerHandshakeState.FAILED or not data:
+        if st in (ServerHandshakeState.FAILED, ServerHandshakeState.PROBED) or not data:
             return
         if st is ServerHandshakeState.TLS_HANDSHAKE:
             raise RFBError("VNC server sent RFB data before the VeNCrypt TLS handshake")
@@ -388,7 +423,7 @@ class ServerHandshake(_Outputs):
             pass
         if self.state is ServerHandshakeState.AUTHENTICATED:
             self._leftover += self._buf.drain()
-        elif self.state is ServerHandshakeState.FAILED:
+        elif self.state in (ServerHandshakeState.FAILED, ServerHandshakeState.PROBED):
             self._buf.drain()
         elif self.state is ServerHandshakeState.TLS_HANDSHAKE and len(self._buf):
             raise RFBError("VNC server sent data after its VeNCrypt ack, before the TLS handshake")
@@ -397,7 +432,9 @@ class ServerHandshake(_Outputs):
         """The glue finished the TLS handshake; continue with VeNCrypt's inner authentication."""
         if self.state is not ServerHandshakeState.TLS_HANDSHAKE:
             raise RFBStateError(f"tls_started() called in state {self.state.name}, not TLS_HANDSHAKE")
-        if self.vencrypt_subtype in _VENCRYPT_WITH_VNC_AUTH:
+        if self._probe:
+            self._probed()  # the glue has the certificate now; nothing is authenticated
+        elif self.vencrypt_subtype in _VENCRYPT_WITH_VNC_AUTH:
             self.state = ServerHandshakeState.VNC_CHALLENGE
         else:
             self.state = ServerHandshakeState.SECURITY_RESULT
@@ -408,6 +445,21 @@ class ServerHandshake(_Outputs):
         self.state = ServerHandshakeState.FAILED
         self._events.append(AuthFailed(reason))
         return False
+
+    def _refuse(self, raw: bytes) -> bool:
+        """The server refused the connection with a reason string (security type 0 / count 0)."""
+        self.refused = decode_reason(raw, "VNC server refused the connection")
+        return self._fail(self.refused)
+
+    def _probed(self, note: str | None = None) -> bool:
+        self.state = ServerHandshakeState.PROBED
+        self.probe_note = note
+        self._events.append(Probed(note))
+        return False
+
+    def _vencrypt_stop(self, reason: str) -> bool:
+        """VeNCrypt cannot go on: a failure, or in probe mode the end of what can be read."""
+        return self._probed(reason) if self._probe else self._fail(reason)
 
     def _succeed(self) -> bool:
         assert self.version is not None
@@ -433,9 +485,11 @@ class ServerHandshake(_Outputs):
                 reason = buf.take_string(4, MAX_REASON_LENGTH, "connection failure reason")
                 if reason is None:
                     return False
-                return self._fail(decode_reason(reason, "VNC server refused the connection"))
+                return self._refuse(reason)
             buf.take(4)
             self.security_types = (stype,)
+            if self._probe:
+                return self._probed()
             if stype == SecurityType.NONE:
                 self.security_type = stype
                 return self._succeed()  # 3.3 + None: no SecurityResult
@@ -454,7 +508,7 @@ class ServerHandshake(_Outputs):
                 reason = buf.take_string(1, MAX_REASON_LENGTH, "connection failure reason")
                 if reason is None:
                     return False
-                return self._fail(decode_reason(reason, "VNC server refused the connection"))
+                return self._refuse(reason)
             if count > MAX_SECURITY_TYPES:
                 raise LimitExceeded(
                     f"VNC server offers {count} security types; at most {MAX_SECURITY_TYPES} are accepted"
@@ -476,8 +530,9 @@ class ServerHandshake(_Outputs):
             raw = buf.take(2)
             if raw is None:
                 return False
-            if (raw[0], raw[1]) < (0, 2):
-                return self._fail(f"VNC server speaks VeNCrypt {raw[0]}.{raw[1]}; 0.2 is required")
+            self.vencrypt_version = (raw[0], raw[1])
+            if self.vencrypt_version < (0, 2):
+                return self._vencrypt_stop(f"VNC server speaks VeNCrypt {raw[0]}.{raw[1]}; 0.2 is required")
             self._out += b"\x00\x02"
             self.state = S.VENCRYPT_VERSION_ACK
             return True
@@ -486,20 +541,21 @@ class ServerHandshake(_Outputs):
             if raw is None:
                 return False
             if raw[0] != 0:
-                return self._fail("VNC server refused VeNCrypt version 0.2")
+                return self._vencrypt_stop("VNC server refused VeNCrypt version 0.2")
             self.state = S.VENCRYPT_SUBTYPES
             return True
         if st is S.VENCRYPT_SUBTYPES:
             subtypes = buf.take_vencrypt_subtypes()
             if subtypes is None:
                 return False
-            return self._choose_vencrypt(subtypes)
+            self.vencrypt_subtypes = subtypes
+            return self._probe_vencrypt(subtypes) if self._probe else self._choose_vencrypt(subtypes)
         if st is S.VENCRYPT_SUBTYPE_ACK:
             raw = buf.take(1)
             if raw is None:
                 return False
             if raw[0] != 1:
-                return self._fail(f"VNC server refused VeNCrypt subtype {self.vencrypt_subtype}")
+                return self._vencrypt_stop(f"VNC server refused VeNCrypt subtype {self.vencrypt_subtype}")
             self.state = S.TLS_HANDSHAKE
             self._events.append(StartTLS())
             return False
@@ -543,7 +599,11 @@ class ServerHandshake(_Outputs):
 
     def _choose_security(self) -> bool:
         offered = self.security_types
-        if SecurityType.NONE in offered:
+        if self._probe:
+            if SecurityType.VENCRYPT not in offered:
+                return self._probed()  # nothing more to read without authenticating
+            choice = SecurityType.VENCRYPT
+        elif SecurityType.NONE in offered:
             choice = SecurityType.NONE
         elif SecurityType.VNC_AUTH in offered and self._password is not None:
             choice = SecurityType.VNC_AUTH
@@ -564,6 +624,15 @@ class ServerHandshake(_Outputs):
                 return True
             return self._succeed()  # 3.7 + None: straight to initialisation, no SecurityResult
         self.state = S.VNC_CHALLENGE if choice == SecurityType.VNC_AUTH else S.VENCRYPT_VERSION
+        return True
+
+    def _probe_vencrypt(self, offered: tuple[int, ...]) -> bool:
+        usable = [s for s in X509_SUBTYPES if s in offered]
+        if not usable or not self._probe_tls:
+            return self._probed(None if usable else "no X.509 subtype: no certificate to show")
+        self.vencrypt_subtype = usable[0]
+        self._out += struct.pack(">I", usable[0])
+        self.state = ServerHandshakeState.VENCRYPT_SUBTYPE_ACK
         return True
 
     def _choose_vencrypt(self, offered: tuple[int, ...]) -> bool:

@@ -24,14 +24,13 @@ import dataclasses
 import ipaddress
 import logging
 import socket
-import ssl
 import time
 from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from . import rfb, wiring
+from . import rfb, vncconn, wiring
 from .acme_orders import AcmeManager
 from .acme_policy import ChallengeRecords
 from .bookkeeping import Bookkeeping
@@ -43,7 +42,6 @@ from .cloudstack import CloudStackValidator
 from .config import Config
 from .dns import DnsServer
 from .errors import (
-    BackendAuthFailed,
     BackendUnreachable,
     ConsoleError,
     ConsoleProxyError,
@@ -64,7 +62,7 @@ from .query import raw_query_param
 from .readiness import ReadinessState, not_ready_reason
 from .reconfigure import prepare, swap_validators
 from .recording_policy import should_record
-from .relay import CLOSE_TIMEOUT, STREAM_LIMIT, ClientReader, ConsoleWebSocket, Relay
+from .relay import CLOSE_TIMEOUT, ClientReader, ConsoleWebSocket, Relay
 from .reload import ReloadResult
 from .resume import (
     MAX_TICKET_BYTES,
@@ -78,6 +76,7 @@ from .resume import (
 from .sessions import Session
 from .targets import check_hostname_syntax, is_ip_address
 from .tokens import Claims, Keyring, TokenValidator
+from .vncconn import Handover, VNCConnection
 from .webapps import bind_admin, page_dirs, page_handler, public_app, redirect_app
 from .wsframes import close_reason as _reason
 
@@ -411,7 +410,7 @@ class ProxyServer:
         self._handshaking.add(ws.client)
         client_ip = self._peer_ip(request)
         session: Session | None = None
-        writer: asyncio.StreamWriter | None = None
+        vnc: VNCConnection | None = None
         result = "error"
         relaying = False
         keys = self.resume_keyring
@@ -453,10 +452,10 @@ class ProxyServer:
                 if record and NOTICE_PROTOCOL in request.headers.get("Sec-WebSocket-Protocol", ""):
                     # Our console page offers this protocol: it shows "this session is recorded".
                     await ws.send_str(RECORDED_NOTICE)
-                reader, writer = await self._connect(claims)
+                vnc = await self._connect(claims)
                 if ticket is not None:
                     await self._use_ticket(ticket, request)
-                client_leftover, server_init = await self._rfb_handshake(ws, reader, writer, claims, session)
+                client_leftover, server_init = await self._rfb_handshake(ws, vnc, claims, session)
                 if wants_resume and keys is not None:
                     session.resume_body = seal_body(keys, _ticket_body(session, claims))
                     await ws.send_str(self._ticket(keys, session))
@@ -467,7 +466,7 @@ class ProxyServer:
             # From here the relay owns the console: it ends it (``_relay_ended``) and closes both
             # sockets; this handler returns at once and aiohttp frees what it kept for it.
             self._start_relay(
-                ws, reader, writer, session, client_leftover, drop_lang_release=drop_lang,
+                ws, vnc, session, client_leftover, drop_lang_release=drop_lang,
                 server_init=server_init if record else None,
             )
             relaying = True
@@ -492,8 +491,8 @@ class ProxyServer:
         finally:
             self._handshaking.discard(ws.client)
             if not relaying:
-                if writer is not None:
-                    writer.close()
+                if vnc is not None:
+                    vnc.close()
                 if session is not None:
                     self._end(session, result)
                 self.trimmer.ended()
@@ -632,33 +631,16 @@ class ProxyServer:
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         return self.targets.check_resolved(host, addresses, port)
 
-    async def _connect(self, claims: Claims) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connect(self, claims: Claims) -> VNCConnection:
         t0 = time.monotonic()
-        try:
-            async with asyncio.timeout(self.cfg.limits.connect_timeout_seconds):
-                reader, writer = await asyncio.open_connection(
-                    claims.host, claims.port, limit=STREAM_LIMIT
-                )
-        except TimeoutError:
-            raise BackendUnreachable(
-                f"connecting to {claims.host}:{claims.port} timed out after "
-                f"{self.cfg.limits.connect_timeout_seconds:g} s"
-            ) from None
-        except OSError as exc:
-            raise BackendUnreachable(
-                f"cannot connect to {claims.host}:{claims.port}: {exc.strerror or exc}"
-            ) from None
+        conn = await vncconn.connect(claims.host, claims.port, self.cfg.limits.connect_timeout_seconds)
         self.metrics.backend_connect_seconds.observe(time.monotonic() - t0)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return reader, writer
+        return conn
 
     async def _rfb_handshake(
         self,
         ws: web.WebSocketResponse,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        vnc: VNCConnection,
         claims: Claims,
         session: Session,
     ) -> tuple[bytes, bytes]:
@@ -671,37 +653,7 @@ class ProxyServer:
         # Send our version to the browser first so its reply overlaps the backend handshake.
         await ws.send_bytes(browser.data_to_send())
 
-        backend = rfb.ServerHandshake(claims.password, allow_tls=True)
-        outcome: rfb.Authenticated | rfb.AuthFailed | None = None
-        while outcome is None:
-            data = await reader.read(4096)
-            if not data:
-                raise BackendUnreachable("the VNC server closed the connection during the handshake")
-            backend.receive_data(data)
-            out = backend.data_to_send()
-            if out:
-                writer.write(out)
-            for ev in backend.events():
-                if isinstance(ev, rfb.StartTLS):
-                    await writer.drain()
-                    try:
-                        await writer.start_tls(self._backend_tls)
-                    except ssl.SSLCertVerificationError as exc:
-                        raise BackendAuthFailed(
-                            f"VNC server's TLS certificate is not trusted: {exc.verify_message}"
-                        ) from None
-                    except OSError as exc:  # other TLS failures, or a reset during the handshake
-                        raise BackendUnreachable(f"TLS handshake with the VNC server failed: {exc}") from None
-                    backend.tls_started()
-                    out = backend.data_to_send()
-                    if out:
-                        writer.write(out)
-                elif isinstance(ev, rfb.Authenticated | rfb.AuthFailed):
-                    outcome = ev
-        if isinstance(outcome, rfb.AuthFailed):
-            raise BackendAuthFailed(f"VNC server: {outcome.reason}")
-        await writer.drain()
-        pending_to_server = backend.leftover()
+        await vncconn.authenticate(vnc, claims.password, self._backend_tls)
 
         ready = False
         while not ready:
@@ -726,27 +678,18 @@ class ProxyServer:
             if not isinstance(msg.data, bytes):
                 raise rfb.RFBError("the browser closed or sent text before its ClientInit")
             leftover = msg.data
-        writer.write(leftover[:1])
-        # Bytes the VNC server sent right after its SecurityResult (normally none) start ServerInit.
-        init = bytearray(pending_to_server)
-        try:
-            if len(init) < rfb.SERVER_INIT_FIXED:
-                init += await reader.readexactly(rfb.SERVER_INIT_FIXED - len(init))
-            total = rfb.SERVER_INIT_FIXED + rfb.server_init_name_length(bytes(init[: rfb.SERVER_INIT_FIXED]))
-            if len(init) < total:
-                init += await reader.readexactly(total - len(init))
-        except asyncio.IncompleteReadError:
-            raise BackendUnreachable("the VNC server closed the connection before its ServerInit") from None
-        await ws.send_bytes(bytes(init))  # with anything the server pipelined after it
+        vnc.write(leftover[:1])
+        # What the server pipelines behind its ServerInit stays in ``vnc`` for the relay.
+        init = await vncconn.read_server_init(vnc)
+        await ws.send_bytes(init)
         session.bytes_up += 1  # the init messages count as relayed, as they did when streamed
         session.bytes_down += len(init)
-        return leftover[1:], bytes(init)
+        return leftover[1:], init
 
     def _start_relay(
         self,
         ws: ConsoleWebSocket,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        vnc: VNCConnection,
         session: Session,
         client_leftover: bytes,
         *,
@@ -756,6 +699,7 @@ class ProxyServer:
         """Relay the console; with ``server_init`` (the ServerInit the browser got), record it."""
         flt = None
         recorder = None
+        vnc_side: Handover | None = None
         if server_init is not None:
             recorder = self.recordings.begin(session)
         if session.view_only or drop_lang_release or recorder is not None:
@@ -771,14 +715,19 @@ class ProxyServer:
             if recorder is not None:
                 recorder.filter = filt
         try:
+            # Detached here, and the relay attaches in this same callback (relay.start below):
+            # no byte the VNC server sends can reach the handshake's protocol in between.
+            vnc_side = vnc.detach()
             relay = Relay(
-                ws, reader, writer, session,
+                ws, vnc_side, session,
                 client_filter=flt,
                 client_leftover=client_leftover,
                 on_end=self._relay_ended,
                 on_closed=self._relay_closed,
             )
         except BaseException:
+            if vnc_side is not None:
+                vnc_side.transport.close()  # no relay owns it
             if recorder is not None:
                 recorder.close()
             raise

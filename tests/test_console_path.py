@@ -25,6 +25,7 @@ from harness import (
 )
 from websockets.exceptions import ConnectionClosed
 
+from consoleproxy import vncconn
 from consoleproxy.rfb import vnc_auth_response
 
 
@@ -449,13 +450,13 @@ async def test_special_targets_refused_even_inside_a_wide_allowlist(
 ) -> None:
     """0.0.0.0/0 does not open loopback or the metadata service: 4004, and no connect attempted."""
     attempts: list[object] = []
-    real_open = asyncio.open_connection
+    real_open = vncconn.open_connection
 
-    async def spy(host: object = None, *args: object, **kw: object) -> object:
+    async def spy(host: str, port: int) -> vncconn.VNCConnection:
         attempts.append(host)
-        return await real_open(host, *args, **kw)  # type: ignore[arg-type]
+        return await real_open(host, port)
 
-    monkeypatch.setattr(asyncio, "open_connection", spy)
+    monkeypatch.setattr(vncconn, "open_connection", spy)
     connected = asyncio.Event()
 
     async def listener(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:

@@ -22,10 +22,9 @@ from test_real_vnc import qemu
 from test_vencrypt import qemu_tls
 
 import consoleproxy.diagnose as diagnose_mod
-from consoleproxy import cli
+from consoleproxy import cli, vncconn
 from consoleproxy.diagnose import (
     BadDiagnosticTarget,
-    ProbeState,
     RFBProbe,
     diagnose,
     ping_argv,
@@ -35,7 +34,7 @@ from consoleproxy.diagnose import (
     validate_host,
     validate_port,
 )
-from consoleproxy.rfb import LimitExceeded, VersionError
+from consoleproxy.rfb import LimitExceeded, ServerHandshakeState, VersionError
 
 BAD_HOSTS = [
     "1.2.3.4; rm -rf /",
@@ -103,6 +102,7 @@ def nothing_may_run(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(asyncio, "create_subprocess_exec", boom)
     monkeypatch.setattr(asyncio, "open_connection", boom)
+    monkeypatch.setattr(vncconn, "open_connection", boom)  # the probe's connect
     monkeypatch.setattr(subprocess, "Popen", boom)
     monkeypatch.setattr(diagnose_mod, "run_tool", boom)
     monkeypatch.setattr(diagnose_mod, "probe", boom)
@@ -176,13 +176,13 @@ def test_probe_38_security_types_byte_by_byte() -> None:
     data = b"RFB 003.008\n" + b"\x02\x01\x02"
     sent = _feed(m, *(data[i : i + 1] for i in range(len(data))))
     assert sent == b"RFB 003.008\n"  # never picks a security type: nothing to authenticate
-    assert m.done and m.server_version == (3, 8) and m.security_types == [1, 2]
+    assert m.done and m.server_version == (3, 8) and m.security_types == (1, 2)
 
 
 def test_probe_33_and_refusal() -> None:
     m = RFBProbe()
     _feed(m, b"RFB 003.003\n", struct.pack(">I", 2))
-    assert m.done and m.security_types == [2]
+    assert m.done and m.security_types == (2,)
     m = RFBProbe()
     _feed(m, b"RFB 003.008\n", b"\x00" + struct.pack(">I", 12) + b"too many VMs")
     assert m.done and m.refused == "too many VMs"
@@ -193,7 +193,7 @@ def test_probe_vencrypt_up_to_tls() -> None:
     subtypes = b"\x02" + struct.pack(">II", 257, 261)
     sent = _feed(m, b"RFB 003.008\n", b"\x01\x13", b"\x00\x02", b"\x00", subtypes)
     assert sent == b"RFB 003.008\n" + b"\x13" + b"\x00\x02" + struct.pack(">I", 261)
-    assert m.vencrypt_subtypes == [257, 261] and m.state is ProbeState.SUBTYPE_ACK
+    assert m.vencrypt_subtypes == (257, 261) and m.state is ServerHandshakeState.VENCRYPT_SUBTYPE_ACK
     _feed(m, b"\x01")
     assert m.wants_tls and m.tls_subtype == 261
 
@@ -201,7 +201,7 @@ def test_probe_vencrypt_up_to_tls() -> None:
 def test_probe_vencrypt_without_x509_stops() -> None:
     m = RFBProbe()
     _feed(m, b"RFB 003.008\n", b"\x01\x13", b"\x00\x02", b"\x00", b"\x01" + struct.pack(">I", 257))
-    assert m.done and m.vencrypt_subtypes == [257] and "no X.509" in (m.note or "")
+    assert m.done and m.vencrypt_subtypes == (257,) and "no X.509" in (m.note or "")
 
 
 def test_probe_rejects_non_rfb_and_huge_lists() -> None:

@@ -30,6 +30,7 @@ from consoleproxy.relay import ClientReader, Relay, _Backend
 from consoleproxy.server import ProxyServer
 from consoleproxy.sessions import Session
 from consoleproxy.tokens import Keyring
+from consoleproxy.vncconn import VNCConnection
 
 N = 3
 WAYS = [
@@ -62,11 +63,14 @@ def collector_off() -> Iterator[None]:
 
 def count_live() -> dict[str, int]:
     """Live objects of one console, found without a collection (gc.get_objects() only lists)."""
-    names = ("Relay", "ClientReader", "_Backend", "Session", "SSLProtocol", "SSLObject", "Recorder")
+    names = (
+        "Relay", "ClientReader", "_Backend", "VNCConnection", "Session", "SSLProtocol", "SSLObject",
+        "Recorder",
+    )
     counts = dict.fromkeys(names, 0)
     for o in gc.get_objects():
         t = type(o)
-        if t in (Relay, ClientReader, _Backend, Session, Recorder):
+        if t in (Relay, ClientReader, _Backend, VNCConnection, Session, Recorder):
             counts[t.__name__] += 1
         elif t.__name__ == "SSLProtocol" and t.__module__ in ("asyncio.sslproto", "uvloop.loop"):
             # The proxy's (server side) and the test clients'; the clients' are freed as well.

@@ -1,8 +1,9 @@
 """Memory per idle console: what the relay no longer needs is not kept (issue 8).
 
 Once ``ClientReader`` owns the browser's socket and ``_Backend`` the VNC server's, aiohttp's
-WebSocket frame reader and HTTP request parser and the VNC socket's StreamReaderProtocol are never
-used again (each console keeping them cost ~3.5 KiB), and once the relay starts aiohttp lets go of
+WebSocket frame reader and HTTP request parser and the VNC socket's handshake protocol
+(``vncconn.VNCConnection``) are never used again (each console keeping them cost ~3.5 KiB), and
+once the relay starts aiohttp lets go of
 the connection: its request handler, request, response, message queue and tasks (~10 KiB) are
 freed. These tests count live instances while consoles relay, so a change that holds them again
 fails here (no sizes, no timing).
@@ -23,6 +24,7 @@ from harness import RFBClient, connect_echo, echo_backend, rfb38_none_handshake,
 from consoleproxy.relay import ConsoleWebSocket
 from consoleproxy.sessions import Session
 from consoleproxy.tokens import Claims
+from consoleproxy.vncconn import VNCConnection
 
 N = 5
 
@@ -49,13 +51,8 @@ def _aiohttp_per_connection_types() -> tuple[type, ...]:
     )
 
 
-def _proxy_stream_protocols() -> list[asyncio.StreamReaderProtocol]:
-    # The proxy's VNC connections are client side (no connected callback); the echo backend's
-    # server-side protocols in this same process are not counted.
-    return [
-        p for p in _live((asyncio.StreamReaderProtocol,))
-        if isinstance(p, asyncio.StreamReaderProtocol) and p._client_connected_cb is None  # type: ignore[attr-defined]
-    ]
+def _vnc_handshake_protocols() -> list[object]:
+    return _live((VNCConnection,))
 
 
 def test_the_counted_types_are_seen_by_the_garbage_collector() -> None:
@@ -66,6 +63,9 @@ def test_the_counted_types_are_seen_by_the_garbage_collector() -> None:
         reader = cls(queue, 1024, compress=False, decode_text=True)
         assert reader in _live(_reader_types())
         del reader
+    conn = VNCConnection()
+    assert _vnc_handshake_protocols() == [conn]
+    del conn
     loop.close()
 
 
@@ -116,7 +116,7 @@ async def test_relaying_consoles_keep_no_aiohttp_parser_nor_vnc_stream_protocol(
                 assert not [n for n in names if "RequestHandler" in n or "handle_websocket" in n], names
                 assert _live(_reader_types()) == [], "aiohttp's WebSocketReader is kept per console"
                 assert _live(_parser_types()) == [], "aiohttp's HttpRequestParser is kept per console"
-                assert _proxy_stream_protocols() == [], "the VNC StreamReaderProtocol is kept per console"
+                assert _vnc_handshake_protocols() == [], "the VNC handshake protocol is kept per console"
                 # The token's claims carry the VNC password: done with after the handshake.
                 assert _live((Claims,)) == [], "a console keeps its token's claims (and password)"
             finally:

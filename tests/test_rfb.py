@@ -18,6 +18,7 @@ from consoleproxy.rfb import (
     ClientMessageFilter,
     ClientReady,
     LimitExceeded,
+    Probed,
     RFBError,
     RFBStateError,
     ServerHandshake,
@@ -795,3 +796,80 @@ def test_filter_lang_release_drops_exactly_those_releases_any_split(
     assert out == expected
     assert f.lang_releases_dropped == f.dropped == sum(map(is_lang_release, msgs))
     assert len(f._header) == 0  # nothing held back at a message boundary
+
+
+# -- ServerHandshake: probe mode (consoleproxy diagnose) ----------------------------------------
+
+
+def probe(
+    data: bytes, *, probe_tls: bool = True, chunker: Chunker = whole
+) -> tuple[ServerHandshake, bytes, list[rfb.Event]]:
+    hs = ServerHandshake("ignored in probe mode", probe=True, probe_tls=probe_tls)
+    out, events = b"", []
+    for chunk in chunker(data):
+        hs.receive_data(chunk)
+        out += hs.data_to_send()
+        events += hs.events()
+    return hs, out, events
+
+
+@pytest.mark.parametrize("chunker", [whole, bytewise])
+def test_probe_stops_after_the_security_types_without_choosing(chunker: Chunker) -> None:
+    hs, out, events = probe(V38 + b"\x02\x01\x02", chunker=chunker)
+    assert out == V38  # never picks a type: nothing is authenticated, no challenge answered
+    assert events == [Probed(None)] and hs.state is ServerHandshakeState.PROBED
+    assert hs.security_types == (1, 2) and hs.server_version == (3, 8)
+    hs.receive_data(b"more")  # ignored once probed
+    assert hs.data_to_send() == b"" and hs.events() == []
+
+
+def test_probe_33_reports_the_servers_type_even_vnc_auth() -> None:
+    hs, out, events = probe(V33 + u32(2))
+    assert out == V33 and events == [Probed(None)] and hs.security_types == (2,)
+
+
+def test_probe_refusal_keeps_the_servers_reason() -> None:
+    hs, _, events = probe(V38 + b"\x00" + rstring(b"too many VMs"))
+    assert events == [AuthFailed("too many VMs")] and hs.refused == "too many VMs"
+    hs, _, events = probe(V33 + u32(0) + rstring(b"busy"))
+    assert hs.refused == "busy"
+
+
+def test_probe_vencrypt_up_to_tls_then_probed() -> None:
+    hs, out, events = probe(V38 + b"\x01\x13" + vencrypt_offer(257, 261) + b"\x01")
+    assert out == V38 + b"\x13" + b"\x00\x02" + u32(261)  # X509, for the certificate
+    assert events == [StartTLS()]
+    assert hs.vencrypt_version == (0, 2) and hs.vencrypt_subtypes == (257, 261)
+    hs.tls_started()
+    assert hs.events() == [Probed(None)] and hs.data_to_send() == b""
+
+
+def test_probe_vencrypt_stops_without_x509_or_when_not_asked() -> None:
+    hs, out, events = probe(V38 + b"\x01\x13" + vencrypt_offer(257))
+    assert events == [Probed("no X.509 subtype: no certificate to show")]
+    assert hs.probe_note == "no X.509 subtype: no certificate to show"
+    hs, out, events = probe(V38 + b"\x01\x13" + vencrypt_offer(260), probe_tls=False)
+    assert events == [Probed(None)] and not out.endswith(u32(260))
+
+
+def test_probe_vencrypt_refusals_are_notes_not_failures() -> None:
+    _, _, events = probe(V38 + b"\x01\x13" + b"\x00\x01")
+    assert events == [Probed("VNC server speaks VeNCrypt 0.1; 0.2 is required")]
+    _, _, events = probe(V38 + b"\x01\x13" + b"\x00\x02\x01")
+    assert events == [Probed("VNC server refused VeNCrypt version 0.2")]
+    _, _, events = probe(V38 + b"\x01\x13" + vencrypt_offer(260) + b"\x00")
+    assert events == [Probed("VNC server refused VeNCrypt subtype 260")]
+
+
+def test_probe_keeps_the_handshakes_limits() -> None:
+    with pytest.raises(VersionError):
+        probe(b"SSH-2.0-OpenSSH_9.2\r\n")
+    with pytest.raises(LimitExceeded):
+        probe(V38 + b"\x01\x13" + b"\x00\x02\x00\xff")
+
+
+def test_normal_mode_records_the_vencrypt_offer_too() -> None:
+    hs, _, _ = run_server([V38 + b"\x01\x13" + vencrypt_offer(257, 260) + b"\x01", OK])
+    assert hs.vencrypt_version == (0, 2) and hs.vencrypt_subtypes == (257, 260) and hs.refused is None
+    hs, _, events = run_server([V38 + b"\x01\x13" + b"\x00\x01"])
+    assert events == [AuthFailed("VNC server speaks VeNCrypt 0.1; 0.2 is required")]
