@@ -101,8 +101,9 @@ class Recorder:
     records to a pooled buffer; ``flush`` hands it to the writer."""
 
     __slots__ = (
-        "_buf", "_first_ms", "_pool", "_pos", "_writer", "backlog", "bytes", "closed", "filter",
-        "height", "incomplete_reason", "keyframe_due", "keyframes", "keys", "rid", "t0", "width",
+        "_buf", "_first_ms", "_pool", "_pos", "_writer", "backlog", "bytes", "closed", "down_total",
+        "filter", "height", "incomplete_reason", "keyframe_due", "keyframe_pending", "keyframes", "keys",
+        "rid", "seek_points", "t0", "width",
     )
 
     def __init__(
@@ -122,7 +123,10 @@ class Recorder:
         self.incomplete_reason: str | None = None
         self.filter: ClientMessageFilter | None = None
         self.keyframe_due = keyframe_due
+        self.keyframe_pending = False  # the browser's next incremental request becomes a full one
         self.keyframes: list[int] = []
+        self.seek_points: list[fmt.Keyframe] = []
+        self.down_total = 0  # DOWN bytes so far: a keyframe's offset
         self.width = self.height = 0
 
     def _ms(self) -> int:
@@ -148,6 +152,7 @@ class Recorder:
             return
         ms = self._ms()
         n = len(data)
+        self.down_total += n
         buf = self._room(RECORD_HEADER + n, ms)
         if buf is None:  # bigger than a pooled buffer (not from the relay's reads): a chunk alone
             self.flush()
@@ -185,15 +190,28 @@ class Recorder:
         if rec is not None:
             self._append(rec)
 
-    def keyframe_request(self) -> bytes | None:
-        """A non-incremental FramebufferUpdateRequest of the whole screen, noted as a keyframe;
-        None when the browser is in the middle of a message (try again on the next tick)."""
-        if self.filter is None or not self.filter.at_message_boundary or not self.width:
-            return None
-        ms = self._ms()
-        self._append(fmt.record(fmt.KEYFRAME, ms))
-        self.keyframes.append(ms)
-        return _FBUR.pack(3, 0, 0, 0, self.width, self.height)
+    def request(self, message: bytes) -> bytes:
+        """The filter's ``on_request``: a whole FramebufferUpdateRequest of the browser, and what
+        to send the VNC server instead. When a keyframe is due it is made a full one.
+
+        Why the browser's own request: noVNC asks for the next update only when the last one is
+        whole, so while its request passes, the bytes down so far end on a message boundary and
+        the reply starts at ``down_total`` -- the keyframe's offset needs no parsing of what the
+        server sends. (A request of our own could cross an update in flight.) A browser's own
+        full-screen, non-incremental request (noVNC's first) is a keyframe too.
+        """
+        _, incremental, x, y, w, h = _FBUR.unpack(message)
+        if (incremental and not self.keyframe_pending) or x or y:
+            return message
+        self.keyframe_pending = False
+        if self.incomplete_reason is None and not self.closed:
+            ms = self._ms()
+            pf = self.filter.pixel_format if self.filter is not None else None
+            point = fmt.Keyframe(ms, self.down_total, w, h, pf or bytes(16))
+            self._append(fmt.keyframe(ms, point.offset, w, h, point.pixel_format))
+            self.keyframes.append(ms)
+            self.seek_points.append(point)
+        return _FBUR.pack(3, 0, 0, 0, w, h)
 
     def flush(self) -> None:
         buf, self._buf = self._buf, None
@@ -231,7 +249,7 @@ class Recorder:
         self.closed = True
         flt, self.filter = self.filter, None
         if flt is not None:
-            flt.observer = None  # the filter pointed back here: no cycle is left
+            flt.observer = flt.on_request = None  # the filter pointed back here: no cycle is left
         self._writer.close(self, self._ms())
 
 
@@ -269,7 +287,7 @@ class RecordingWriter:
         self._q.put(("incomplete", rec, reason))
 
     def close(self, rec: Recorder, end_ms: int) -> None:
-        self._q.put(("close", rec, end_ms, list(rec.keyframes)))
+        self._q.put(("close", rec, end_ms, list(rec.keyframes), list(rec.seek_points)))
 
     def stop(self) -> None:
         """Finish what was queued, then end the thread (blocking)."""
@@ -327,12 +345,15 @@ class RecordingWriter:
         if f is not None:
             f.incomplete = reason
 
-    def _close(self, rec: Recorder, end_ms: int, keyframes: list[int]) -> None:
+    def _close(
+        self, rec: Recorder, end_ms: int, keyframes: list[int], seek_points: list[fmt.Keyframe]
+    ) -> None:
         f = self._files.pop(rec.rid, None)
         if f is None:
             return
         idx = f.index
         idx.keyframes = keyframes
+        idx.seek_points = seek_points
         idx.end_ms = end_ms
         reason = f.failed or f.incomplete
         idx.complete = reason is None
@@ -515,6 +536,7 @@ class Recordings:
             "started": started,
             "keys": self.cfg.keys,
             "keyframe_interval_seconds": self.cfg.keyframe_interval_seconds,
+            "seekable": self.cfg.seekable_encodings,
         }
         if session.resume_id is not None:
             meta["resume_id"] = session.resume_id
@@ -547,17 +569,16 @@ class Recordings:
             self.remote.wake()
 
     def tick(self, relays: Iterable[Relay], now: float) -> None:
-        """Flush buffers older than FLUSH_SECONDS (every tick is), ask for due keyframes."""
+        """Flush buffers older than FLUSH_SECONDS (every tick is); mark due keyframes (the
+        browser's next request becomes a full one: Recorder.request)."""
         interval = self.cfg.keyframe_interval_seconds
         for relay in relays:
             rec = relay.recorder
             if rec is None or rec.closed:
                 continue
-            if now >= rec.keyframe_due and rec.incomplete_reason is None:
-                request = rec.keyframe_request()
-                if request is not None:
-                    relay.inject(request)
-                    rec.keyframe_due = now + interval
+            if now >= rec.keyframe_due:
+                rec.keyframe_pending = True
+                rec.keyframe_due = now + interval
             rec.flush()
 
     async def _tick_forever(self, relays: Callable[[], Iterable[Relay]]) -> None:

@@ -139,11 +139,13 @@ async def test_none_stores_no_input_and_claim_overrides_enabled(tmp_path: Path) 
 
 
 async def test_keyframes_are_full_updates_listed_in_the_index(tmp_path: Path) -> None:
+    """A due keyframe makes the browser's next (incremental) request a full one; the index's
+    seek point names where its reply starts in the bytes down, so a player can start there."""
     cfg = rec_config(tmp_path, keyframe_interval_seconds=1)
     async with demo() as d, running_proxy(tmp_path, recording=cfg) as p:
         async with RFBClient.connect(p.url(p.token(port=d.port, password=d.password))) as c:
             await c.handshake()
-            await c.send(b"\x02\x00\x00\x01\x00\x00\x00\x00")  # SetEncodings: Raw
+            await c.send(struct.pack(">BxH3i", 2, 3, 7, 16, 0))  # SetEncodings: Tight, ZRLE, Raw
             rec = await wait_for(lambda: next(iter(p.server.recordings.active.values()), None), "recording")
             # The audit view of the session names its recording.
             async with aiohttp.ClientSession() as http, http.get(
@@ -151,22 +153,23 @@ async def test_keyframes_are_full_updates_listed_in_the_index(tmp_path: Path) ->
             ) as resp:
                 (s,) = (await resp.json())["sessions"]
                 assert s["recording"] == rec.rid
-            # The browser asks for nothing: the full updates come from the proxy's requests.
+            incremental = struct.pack(">BBHHHH", 3, 1, 0, 0, 320, 200)
             for _ in range(2):
-                pixels = await c.read_raw_update()
+                await wait_for(lambda: rec.keyframe_pending, "a keyframe due")
+                await c.send(incremental)  # nothing changed on the demo's screen: a full update
+                pixels = await c.read_raw_update()  # came only because the proxy asked for one
                 assert len(pixels) == 320 * 200 * 4
-            assert len(rec.keyframes) >= 2
+            assert len(rec.seek_points) >= 2
         meta = await finished(p)
         data = p.server.recordings.store.path(meta["id"]).read_bytes()
         idx = fmt.scan(data)
-        assert len(idx.keyframes) >= 2 and idx.complete
-        # After each keyframe the next bytes down start a whole-screen Raw update.
-        recs = list(fmt.records(data))
-        for i, r in enumerate(recs):
-            if r.kind == fmt.KEYFRAME:
-                down = b"".join(x.data for x in recs[i + 1 :] if x.kind == fmt.DOWN)
-                assert down[:16] == struct.pack(">BxHHHHHi", 0, 1, 0, 0, 320, 200, 0)
-                break
+        assert len(idx.keyframes) >= 2 and idx.complete and idx.header["seekable"] is True
+        assert [k.ms for k in idx.seek_points] == idx.keyframes
+        # At each seek point's offset in the bytes down starts a whole-screen Raw update.
+        down = b"".join(r.data for r in fmt.records(data) if r.kind == fmt.DOWN)
+        for point in idx.seek_points:
+            assert (point.width, point.height) == (320, 200)
+            assert down[point.offset : point.offset + 16] == struct.pack(">BxHHHHHi", 0, 1, 0, 0, 320, 200, 0)
 
 
 async def test_slow_disk_makes_the_recording_incomplete_not_the_console_slow(
