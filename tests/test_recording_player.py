@@ -59,8 +59,8 @@ CANVAS_SHA = """async () => {
 }"""
 
 
-async def open_player(br: Browser, p: Proxy, rid: str) -> None:
-    await br.page.goto(f"{p.admin}/recordings/{rid}")
+async def open_player(br: Browser, p: Proxy, rid: str, query: str = "") -> None:
+    await br.page.goto(f"{p.admin}/recordings/{rid}{query}")
     await br.page.fill("#key", p.server.admin_key or "")
     await br.page.click("#load")
     status = br.page.locator("#status")
@@ -256,6 +256,44 @@ async def test_seeking_in_a_ten_minute_recording(tmp_path: Path) -> None:
         got = await seek_and_check(br, 90)
         assert got == {"start": 0, "fed": offsets[91]}
         assert_clean(br, p)
+
+
+KO = ("녹화를 불러오려면 관리자 키를 입력하십시오.", "불러오기", "재생 중", "일시 정지",
+      "전체 화면 갱신 (키프레임)", "이 녹화를 재생할 수 없습니다: ")
+EN = ("Enter the admin key to load the recording.", "Load", "Playing", "Pause",
+      "full update (keyframe)", "Cannot play this recording: ")
+
+
+@pytest.mark.parametrize(
+    ("locale", "query", "texts"),
+    [("ko-KR", "", KO), ("ko-KR", "?language=en", EN), ("en-US", "?language=ko", KO), ("en-US", "", EN)],
+)
+async def test_player_in_korean_and_english(
+    tmp_path: Path, locale: str, query: str, texts: tuple[str, ...]
+) -> None:
+    """The player picks its language as the console page does: ?language=, else the browser's."""
+    require_tool("chromium", "chromium")
+    key, load, playing, pause, keyframe, refused = texts
+    rec = {"store": f"file://{tmp_path / 'rec'}"}
+    async with running_proxy(tmp_path, recording=rec) as p, browser(p, locale) as br:
+        rid, _ = synthetic_recording(p.server.recordings.store, minutes=2)
+        await br.page.goto(f"{p.admin}/recordings/{rid}{query}")
+        assert await br.page.locator("#status").inner_text() == key
+        assert await br.page.locator("#load").inner_text() == load
+        assert await br.page.evaluate("document.documentElement.lang") == ("ko" if "녹화" in key else "en")
+        await open_player(br, p, rid, query)
+        await wait_playing(br)
+        assert await br.page.locator("#status").inner_text() == playing
+        assert await br.page.locator("#play").inner_text() == pause
+        assert await br.page.locator("#track li.keyframe").first.inner_text() == f"0:00 {keyframe}"
+        assert_clean(br, p)
+        await br.page.goto(f"{p.admin}/recordings/19700101T000000Z-0000000000000000{query}")
+        await br.page.fill("#key", p.server.admin_key or "")
+        await br.page.click("#load")
+        error = br.page.locator("#status[data-state='error']")
+        await error.wait_for()
+        assert (await error.inner_text()).startswith(refused)
+        br.errors.clear()  # the 404 itself is logged by the browser
 
 
 async def test_damaged_recording_is_a_clear_error_in_the_player(tmp_path: Path) -> None:
