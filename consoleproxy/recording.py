@@ -55,6 +55,10 @@ FLUSH_BYTES = 3 * 1024 * 1024
 # Size of the pooled buffers: one of the relay's reads (1 MiB) and its record header fit.
 BUFFER_BYTES = 4 * 1024 * 1024 + 64 * 1024
 SMALL_BUFFER_BYTES = 4 * 1024
+# The relay reads straight into a console's buffer (no copy) once a read is this big: it streams.
+STREAMING_READ = 64 * 1024
+# Room lent for one such read: the relay's read size (relay.READ_SIZE).
+READ_BYTES = 1024 * 1024
 # ... or when its oldest byte is this old, so a crash loses at most about this much of a console.
 FLUSH_SECONDS = 1.0
 # Bytes of one recording handed to the writer and not yet written; past it the recording stops.
@@ -90,6 +94,13 @@ class BufferPool:
         return self._free.pop() if self._free else bytearray(self.size)
 
     def put(self, buf: bytearray) -> None:
+        try:
+            # A bytearray cannot grow while a view of it lives: a transport that kept unsent bytes
+            # read into it (Recorder.read_buffer) still has one. Such a buffer is not reused.
+            buf.append(0)
+        except BufferError:
+            return
+        del buf[-1]
         if len(buf) == self.size and len(self._free) < self.keep:
             self._free.append(buf)
         elif len(buf) == self.small and len(self._free_small) < 16 * self.keep:
@@ -101,9 +112,9 @@ class Recorder:
     records to a pooled buffer; ``flush`` hands it to the writer."""
 
     __slots__ = (
-        "_buf", "_first_ms", "_pool", "_pos", "_writer", "backlog", "bytes", "closed", "down_total",
-        "filter", "height", "incomplete_reason", "keyframe_due", "keyframe_pending", "keyframes", "keys",
-        "rid", "seek_points", "t0", "width",
+        "_buf", "_first_ms", "_lent", "_pool", "_pos", "_writer", "backlog", "bytes", "closed",
+        "down_total", "filter", "height", "incomplete_reason", "keyframe_due", "keyframe_pending",
+        "keyframes", "keys", "last_read", "rid", "seek_points", "t0", "width",
     )
 
     def __init__(
@@ -116,6 +127,8 @@ class Recorder:
         self.t0 = time.monotonic()
         self._buf: bytearray | None = None  # taken from the pool while records wait in it
         self._pos = 0
+        self._lent = False  # read_buffer lent the relay the room behind _pos
+        self.last_read = 0  # bytes of the last read down (read_buffer: does the console stream?)
         self._first_ms = 0
         self.backlog = 0  # bytes handed to the writer, not yet written
         self.bytes = 0  # bytes handed to the writer in all
@@ -146,12 +159,42 @@ class Recorder:
             self._first_ms = ms
         return buf
 
+    def read_buffer(self) -> memoryview | None:
+        """Room for the relay's next read of the VNC socket, right behind a record header in this
+        console's buffer: the bytes are read where they are recorded, and ``down`` copies nothing.
+
+        Only while the console streams (its last read was big, ``STREAMING_READ``): an idle
+        console's few small reads go on being copied into small buffers (a big buffer held by
+        every console with a pending read would cost megabytes each). None: read elsewhere.
+        """
+        self._lent = False
+        if self.last_read < STREAMING_READ or self.incomplete_reason is not None or self.closed:
+            return None
+        buf = self._room(RECORD_HEADER + READ_BYTES, self._ms())
+        if buf is None:
+            return None
+        self._lent = True
+        start = self._pos + RECORD_HEADER
+        return memoryview(buf)[start : start + READ_BYTES]
+
     def down(self, data: bytes | memoryview) -> None:
-        """Server-to-browser bytes, from the relay's read callback: copied (the buffer is shared)."""
+        """Server-to-browser bytes, from the relay's read callback: copied (the relay's buffer is
+        shared), or, read into this recorder's buffer (``read_buffer``), only given a header."""
+        buf = self._buf
+        if self._lent:
+            self._lent = False
+            if isinstance(data, memoryview) and buf is not None and data.obj is buf:
+                n = self.last_read = len(data)
+                self.down_total += n
+                _DOWN_HEADER.pack_into(buf, self._pos, fmt.DOWN, self._ms(), n)
+                self._pos += RECORD_HEADER + n
+                if self._pos >= FLUSH_BYTES:
+                    self.flush()
+                return
         if self.incomplete_reason is not None:
             return
         ms = self._ms()
-        n = len(data)
+        n = self.last_read = len(data)
         self.down_total += n
         buf = self._room(RECORD_HEADER + n, ms)
         if buf is None:  # bigger than a pooled buffer (not from the relay's reads): a chunk alone
@@ -329,10 +372,10 @@ class RecordingWriter:
         try:
             if f is None or f.failed or f.incomplete:
                 return
-            payload = memoryview(buf)[:n]
-            head = fmt.chunk_header(payload, first_ms)
-            f.index.chunks.append((f.size, first_ms))
-            f.emit(head, payload)
+            with memoryview(buf)[:n] as payload:  # released before the buffer goes back
+                head = fmt.chunk_header(payload, first_ms)
+                f.index.chunks.append((f.size, first_ms))
+                f.emit(head, payload)
             f.unsynced += len(head) + n
             if f.unsynced >= SEGMENT_BYTES:
                 os.fsync(f.fd)

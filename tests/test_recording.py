@@ -172,6 +172,48 @@ async def test_keyframes_are_full_updates_listed_in_the_index(tmp_path: Path) ->
             assert down[point.offset : point.offset + 16] == struct.pack(">BxHHHHHi", 0, 1, 0, 0, 320, 200, 0)
 
 
+async def test_a_streaming_console_is_read_into_its_recording_byte_for_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Big reads go straight into the recording's buffer (Recorder.read_buffer, no copy); what is
+    stored is still exactly what the browser got."""
+    lent: list[int] = []
+    read_buffer = recording.Recorder.read_buffer
+
+    def counting(self: recording.Recorder) -> memoryview | None:
+        view = read_buffer(self)
+        if view is not None:
+            lent.append(len(view))
+        return view
+
+    monkeypatch.setattr(recording.Recorder, "read_buffer", counting)
+    d = DemoVncServer(width=1024, height=768)
+    await d.start()
+    try:
+        async with running_proxy(tmp_path, recording=rec_config(tmp_path)) as p:
+            async with RFBClient.connect(p.url(p.token(port=d.port, password=d.password))) as c:
+                await c.handshake()
+                await c.send(b"\x02\x00\x00\x01\x00\x00\x00\x00")  # SetEncodings: Raw
+                got = []
+                for _ in range(4):
+                    await c.send(struct.pack(">BBHHHH", 3, 0, 0, 0, 1024, 768))
+                    got.append(await c.read_raw_update())
+            meta = await finished(p)
+            data = p.server.recordings.store.path(meta["id"]).read_bytes()
+    finally:
+        await d.close()
+    assert meta["state"] == "complete" and lent
+    down = b"".join(r.data for r in fmt.records(data) if r.kind == fmt.DOWN)
+    (name_length,) = struct.unpack_from(">I", down, 20)
+    at = 24 + name_length
+    head = struct.pack(">BxHHHHHi", 0, 1, 0, 0, 1024, 768, 0)
+    for pixels in got:
+        assert down[at : at + 16] == head
+        assert down[at + 16 : at + 16 + len(pixels)] == pixels
+        at += 16 + len(pixels)
+    assert at == len(down)
+
+
 async def test_slow_disk_makes_the_recording_incomplete_not_the_console_slow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
