@@ -319,6 +319,7 @@ def test_lenient_filter_passes_what_it_cannot_frame() -> None:
         ("retention_days = -1", "a number >= 0"),
         ("max_total_gib = -2", "a number >= 0"),
         ('enabled = "yes"', "true or false"),
+        ("seekable_encodings = 1", "true or false"),
     ],
 )
 def test_bad_recording_config(tmp_path, text: str, needle: str) -> None:  # type: ignore[no-untyped-def]
