@@ -67,6 +67,8 @@ MAX_BACKLOG = 32 * 1024 * 1024
 SEGMENT_BYTES = 16 * 1024 * 1024
 
 _FBUR = struct.Struct(">BBHHHH")
+# A console's record buffer: big ones are page-aligned anonymous maps (BufferPool.get).
+Buffer = bytearray | mmap.mmap
 _DOWN_HEADER = struct.Struct(">BII")
 RECORD_HEADER = _DOWN_HEADER.size
 
@@ -83,24 +85,29 @@ class BufferPool:
         self.size = size
         self.small = small
         self.keep = keep
-        self._free: list[bytearray] = []
-        self._free_small: list[bytearray] = []
+        self._free: list[Buffer] = []
+        self._free_small: list[Buffer] = []
 
-    def get(self, need: int) -> bytearray:
+    def get(self, need: int) -> Buffer:
         """A small buffer for small records (ServerInit, input, a small update: most of an idle
         console's), a big one for a read's worth of screen."""
         if need <= self.small:
             return self._free_small.pop() if self._free_small else bytearray(self.small)
-        return self._free.pop() if self._free else bytearray(self.size)
+        # Big ones are page-aligned (mmap): the writer sends their whole blocks to the disk from
+        # where they lie (O_DIRECT, _Open.emit), and their pages are touched only when written.
+        return self._free.pop() if self._free else mmap.mmap(-1, self.size)
 
-    def put(self, buf: bytearray) -> None:
+    def put(self, buf: Buffer) -> None:
         try:
-            # A bytearray cannot grow while a view of it lives: a transport that kept unsent bytes
-            # read into it (Recorder.read_buffer) still has one. Such a buffer is not reused.
-            buf.append(0)
+            # Neither grows while a view of it lives: a transport that kept unsent bytes read into
+            # it (Recorder.read_buffer) still has one. Such a buffer is not reused.
+            if isinstance(buf, mmap.mmap):
+                buf.resize(len(buf))
+            else:
+                buf.append(0)
+                del buf[-1]
         except BufferError:
             return
-        del buf[-1]
         if len(buf) == self.size and len(self._free) < self.keep:
             self._free.append(buf)
         elif len(buf) == self.small and len(self._free_small) < 16 * self.keep:
@@ -112,9 +119,9 @@ class Recorder:
     records to a pooled buffer; ``flush`` hands it to the writer."""
 
     __slots__ = (
-        "_buf", "_first_ms", "_lent", "_pool", "_pos", "_writer", "backlog", "bytes", "closed",
-        "down_total", "filter", "height", "incomplete_reason", "keyframe_due", "keyframe_pending",
-        "keyframes", "keys", "last_read", "rid", "seek_points", "t0", "width",
+        "_buf", "_first_ms", "_lent", "_pool", "_pos", "_start", "_writer", "backlog", "bytes",
+        "closed", "down_total", "file_pos", "filter", "height", "incomplete_reason", "keyframe_due",
+        "keyframe_pending", "keyframes", "keys", "last_read", "rid", "seek_points", "t0", "width",
     )
 
     def __init__(
@@ -125,8 +132,10 @@ class Recorder:
         self._pool = pool
         self.keys = keys
         self.t0 = time.monotonic()
-        self._buf: bytearray | None = None  # taken from the pool while records wait in it
+        self._buf: Buffer | None = None  # taken from the pool while records wait in it
         self._pos = 0
+        self._start = 0  # where in _buf its records start (see _room)
+        self.file_pos = 0  # the file's size once everything handed to the writer is written
         self._lent = False  # read_buffer lent the relay the room behind _pos
         self.last_read = 0  # bytes of the last read down (read_buffer: does the console stream?)
         self._first_ms = 0
@@ -145,7 +154,7 @@ class Recorder:
     def _ms(self) -> int:
         return int((time.monotonic() - self.t0) * 1000)
 
-    def _room(self, need: int, ms: int) -> bytearray | None:
+    def _room(self, need: int, ms: int) -> Buffer | None:
         """A buffer with ``need`` bytes free (None: the record does not fit any buffer)."""
         buf = self._buf
         if buf is not None and self._pos + need > len(buf):
@@ -155,7 +164,11 @@ class Recorder:
             return None
         if buf is None:
             buf = self._buf = self._pool.get(need)
-            self._pos = 0
+            # In a big (page-aligned) buffer the records start where the chunk's payload will be
+            # in the file, modulo a block: its blocks can go to the disk without a copy (_Open).
+            self._pos = self._start = (
+                (self.file_pos + fmt.CHUNK_HEADER) % ALIGN if isinstance(buf, mmap.mmap) else 0
+            )
             self._first_ms = ms
         return buf
 
@@ -260,13 +273,13 @@ class Recorder:
         buf, self._buf = self._buf, None
         if buf is None:
             return
-        if self._pos and self.incomplete_reason is None:
-            self._hand(buf, self._first_ms, self._pos)
+        if self._pos > self._start and self.incomplete_reason is None:
+            self._hand(buf, self._first_ms, self._pos - self._start, self._start)
         else:
             self._pool.put(buf)
-        self._pos = 0
+        self._pos = self._start = 0
 
-    def _hand(self, buf: bytearray, first_ms: int, length: int | None = None) -> None:
+    def _hand(self, buf: Buffer, first_ms: int, length: int | None = None, start: int = 0) -> None:
         n = len(buf) if length is None else length
         if self.backlog + n > MAX_BACKLOG:
             self._pool.put(buf)
@@ -274,7 +287,8 @@ class Recorder:
             return
         self.backlog += n
         self.bytes += n
-        self._writer.append(self, buf, n, first_ms)
+        self.file_pos += fmt.CHUNK_HEADER + n
+        self._writer.append(self, buf, n, first_ms, start)
 
     def stop(self, reason: str) -> None:
         """Record nothing more (the console goes on): the recording is incomplete."""
@@ -303,7 +317,7 @@ class RecordingWriter:
         self,
         store: FileStore,
         *,
-        on_written: Callable[[Recorder, int, bytearray], None],
+        on_written: Callable[[Recorder, int, Buffer], None],
         on_failed: Callable[[Recorder, str], None],
         on_closed: Callable[[Recorder, dict[str, Any]], None],
     ) -> None:
@@ -316,15 +330,17 @@ class RecordingWriter:
         self._thread = threading.Thread(target=self._run, name="consoleproxy-recorder", daemon=True)
         self._files: dict[str, _Open] = {}
         self.direct = True  # O_DIRECT where the file system has it (see _Open)
+        self.direct_bytes = 0  # of closed recordings, written from recorders' buffers (no copy)
         self._stage = _Stage()
         self._thread.start()
 
     def open(self, rec: Recorder, meta: dict[str, Any]) -> None:
         self._q.put(("open", rec, meta))
 
-    def append(self, rec: Recorder, buf: bytearray, length: int, first_ms: int) -> None:
-        """Write ``buf[:length]`` as one chunk; ``on_written`` gives ``buf`` back afterwards."""
-        self._q.put(("append", rec, buf, length, first_ms))
+    def append(self, rec: Recorder, buf: Buffer, length: int, first_ms: int, start: int = 0) -> None:
+        """Write ``buf[start:start + length]`` as one chunk; ``on_written`` gives ``buf`` back
+        afterwards."""
+        self._q.put(("append", rec, buf, length, first_ms, start))
 
     def incomplete(self, rec: Recorder, reason: str) -> None:
         self._q.put(("incomplete", rec, reason))
@@ -367,15 +383,15 @@ class RecordingWriter:
         f = self._files[rec.rid] = _Open(fd, 0, meta, direct, self._stage)
         f.emit(head)
 
-    def _append(self, rec: Recorder, buf: bytearray, n: int, first_ms: int) -> None:
+    def _append(self, rec: Recorder, buf: Buffer, n: int, first_ms: int, start: int = 0) -> None:
         f = self._files.get(rec.rid)
         try:
             if f is None or f.failed or f.incomplete:
                 return
-            with memoryview(buf)[:n] as payload:  # released before the buffer goes back
+            with memoryview(buf)[start : start + n] as payload:  # released before buf goes back
                 head = fmt.chunk_header(payload, first_ms)
                 f.index.chunks.append((f.size, first_ms))
-                f.emit(head, payload)
+                f.emit(head, payload, aligned_at=start if isinstance(buf, mmap.mmap) else None)
             f.unsynced += len(head) + n
             if f.unsynced >= SEGMENT_BYTES:
                 os.fsync(f.fd)
@@ -394,6 +410,7 @@ class RecordingWriter:
         f = self._files.pop(rec.rid, None)
         if f is None:
             return
+        self.direct_bytes += f.direct_bytes
         idx = f.index
         idx.keyframes = keyframes
         idx.seek_points = seek_points
@@ -446,7 +463,8 @@ class _Open:
     """
 
     __slots__ = (
-        "direct", "failed", "fd", "incomplete", "index", "meta", "size", "stage", "tail", "unsynced",
+        "direct", "direct_bytes", "failed", "fd", "incomplete", "index", "meta", "size", "stage", "tail",
+        "unsynced",
     )
 
     def __init__(
@@ -462,12 +480,30 @@ class _Open:
         self.direct = direct
         self.stage = stage if stage is not None else _Stage()
         self.tail = b""  # direct: bytes after the last whole block, not written yet
+        self.direct_bytes = 0  # written straight from a recorder's buffer (no stage copy)
 
-    def emit(self, *parts: bytes | bytearray | memoryview) -> None:
+    def emit(self, *parts: bytes | bytearray | memoryview, aligned_at: int | None = None) -> None:
+        """Append ``parts``. With ``aligned_at`` the last part lies in page-aligned memory (an
+        mmap) from that offset of it: with O_DIRECT its whole blocks are written from there,
+        only the bytes before the first (and the last partial one) pass through the stage."""
         self.size += sum(len(p) for p in parts)
         if not self.direct:
             _write_all(self.fd, *parts)  # one writev(2), the buffer not copied
             return
+        if aligned_at is not None:
+            last = memoryview(parts[-1])
+            k = -aligned_at % ALIGN  # bytes of ``last`` before an aligned address
+            if (self.size - len(last) + k) % ALIGN == 0 and len(last) - k >= ALIGN:
+                self._staged(*parts[:-1], last[:k])  # ends on a block: leaves no tail
+                whole = (len(last) - k) // ALIGN * ALIGN
+                self._write(last[k : k + whole])
+                self.direct_bytes += whole
+                self.tail = bytes(last[k + whole :])
+                return
+        self._staged(*parts)
+
+    def _staged(self, *parts: bytes | bytearray | memoryview) -> None:
+        """Write the tail and ``parts`` in whole blocks through the stage; keep the rest as tail."""
         view = self.stage.view()
         try:
             used = len(self.tail)
@@ -584,6 +620,7 @@ class Recordings:
         if session.resume_id is not None:
             meta["resume_id"] = session.resume_id
             meta["resume_gen"] = session.resume_gen
+        rec.file_pos = len(fmt.header(meta))  # what the writer writes first
         self.writer.open(rec, meta)
         self.active[rid] = rec
         session.recording = rid
@@ -593,7 +630,7 @@ class Recordings:
     def finish(self, rec: Recorder) -> None:
         rec.close()
 
-    def _written(self, rec: Recorder, n: int, buf: bytearray) -> None:
+    def _written(self, rec: Recorder, n: int, buf: Buffer) -> None:
         rec.backlog -= n
         self.pool.put(buf)
         self.metrics.recording_bytes_total.inc(n)

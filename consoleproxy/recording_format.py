@@ -64,6 +64,7 @@ _BLOCK = struct.Struct(">cIII")  # tag, length, crc32, ms
 _RECORD = struct.Struct(">BII")
 _KEYFRAME = struct.Struct(">QHH16s")
 RECORD_HEADER = _RECORD.size
+CHUNK_HEADER = _BLOCK.size
 MAX_HEADER = 64 * 1024  # header and trailer JSON are small; a bigger one means a damaged file
 MAX_CHUNK = 64 * 1024 * 1024
 CHECKED_BYTES = 4096  # of each block's payload, covered by its CRC-32 (see the module docstring)

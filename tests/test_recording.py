@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import struct
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -172,11 +173,21 @@ async def test_keyframes_are_full_updates_listed_in_the_index(tmp_path: Path) ->
             assert down[point.offset : point.offset + 16] == struct.pack(">BxHHHHHi", 0, 1, 0, 0, 320, 200, 0)
 
 
+def o_direct_works(d: Path) -> bool:
+    try:
+        fd = os.open(d / "o-direct-probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
 async def test_a_streaming_console_is_read_into_its_recording_byte_for_byte(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Big reads go straight into the recording's buffer (Recorder.read_buffer, no copy); what is
-    stored is still exactly what the browser got."""
+    """Big reads go straight into the recording's buffer (Recorder.read_buffer, no copy), and with
+    O_DIRECT its blocks go to the disk from there; what is stored is still exactly what the
+    browser got."""
     lent: list[int] = []
     read_buffer = recording.Recorder.read_buffer
 
@@ -200,9 +211,15 @@ async def test_a_streaming_console_is_read_into_its_recording_byte_for_byte(
                     got.append(await c.read_raw_update())
             meta = await finished(p)
             data = p.server.recordings.store.path(meta["id"]).read_bytes()
+            writer = p.server.recordings.writer
+            assert writer is not None
+            # Where the store has O_DIRECT (ext4 here; not tmpfs) the blocks went from the buffers.
+            direct = writer.direct_bytes
     finally:
         await d.close()
     assert meta["state"] == "complete" and lent
+    if o_direct_works(tmp_path):
+        assert direct > 0
     down = b"".join(r.data for r in fmt.records(data) if r.kind == fmt.DOWN)
     (name_length,) = struct.unpack_from(">I", down, 20)
     at = 24 + name_length

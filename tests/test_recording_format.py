@@ -367,3 +367,39 @@ def test_writer_file_gets_every_byte_in_order_direct_or_not(tmp_path, direct: bo
     store.finish(rid, fd, {"id": rid, "state": "complete"})
     assert store.path(rid).read_bytes() == bytes(expected)
     assert f.size == len(expected)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_writer_sends_aligned_blocks_of_a_chunk_from_where_they_lie(tmp_path, direct: bool) -> None:  # type: ignore[no-untyped-def]
+    """A chunk in a page-aligned buffer placed as the recorder places it (its payload at the
+    file's position modulo 4 KiB) goes to the disk without the stage; one placed otherwise,
+    through it. Either way the file is exactly the bytes emitted."""
+    import mmap
+    import random
+
+    from consoleproxy import recording
+
+    store = FileStore(tmp_path)
+    rid = new_id()
+    fd, is_direct = store.open_new(rid, {"id": rid}, direct=direct)
+    f = recording._Open(fd, 0, {}, is_direct)
+    rng = random.Random(11)
+    expected = bytearray()
+    buf = mmap.mmap(-1, 4 * 1024 * 1024)
+    f.emit(b"H" * 77)
+    expected += b"H" * 77
+    for n, misplaced in [(100_000, False), (5, False), (3 * 1024 * 1024, False), (9000, True), (4096, False)]:
+        start = (f.size + fmt.CHUNK_HEADER + (1 if misplaced else 0)) % recording.ALIGN
+        payload = rng.randbytes(n)
+        buf[start : start + n] = payload
+        head = b"C" * fmt.CHUNK_HEADER
+        with memoryview(buf)[start : start + n] as view:
+            f.emit(head, view, aligned_at=start)
+        expected += head + payload
+    f.drain()
+    store.finish(rid, fd, {"id": rid, "state": "complete"})
+    assert store.path(rid).read_bytes() == bytes(expected)
+    if is_direct:
+        assert f.direct_bytes >= 3 * 1024 * 1024  # the big chunks' blocks were not copied
+    else:
+        assert f.direct_bytes == 0
