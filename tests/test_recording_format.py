@@ -251,6 +251,31 @@ def test_due_keyframe_makes_the_browsers_next_request_full_at_the_bytes_so_far()
     assert idx.seek_point_before(10**9) == rec.seek_points[-1]
 
 
+def test_pool_keeps_a_streams_buffers_and_gives_back_the_unneeded() -> None:
+    """Fresh pages per chunk cost more than anything else in recording: the pool keeps as many
+    big buffers as a stream has in flight, and gives back those a trim interval did not use."""
+    pool = recording.BufferPool(size=64 * 1024, small=4096)
+    assert pool.keep == recording.MAX_BACKLOG // recording.FLUSH_BYTES + 2
+    bufs = [pool.get(10_000) for _ in range(pool.keep + 3)]
+    for b in bufs:
+        pool.put(b)
+    assert len(pool._free) == pool.keep
+    pool.trim()  # in this interval every buffer was in use: all are kept
+    assert len(pool._free) == pool.keep
+    again = pool.get(10_000)
+    assert any(again is b for b in bufs)  # reused, not fresh
+    pool.put(again)
+    pool.trim()  # in this one one was needed: the rest go
+    assert len(pool._free) == 1
+    pool.trim()
+    assert pool._free == []
+    held = pool.get(10_000)
+    view = memoryview(held)[:10]
+    pool.put(held)  # a transport still has a view of it: not reused
+    assert pool._free == []
+    view.release()
+
+
 def test_a_keyframe_record_of_the_wrong_size_is_corrupt() -> None:
     data = build([[fmt.record(fmt.DOWN, 0, b"init"), fmt.record(fmt.KEYFRAME, 5, b"short")]])
     with pytest.raises(fmt.RecordingCorrupt, match="keyframe record at 5 ms has 5 bytes, not 28"):
