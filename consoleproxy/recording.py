@@ -66,7 +66,10 @@ MAX_BACKLOG = 32 * 1024 * 1024
 # Free pooled buffers not needed for this long are given back (BufferPool.trim).
 TRIM_SECONDS = 30.0
 # The writer fsyncs a recording each time this much more of it is written ("segment end").
-SEGMENT_BYTES = 16 * 1024 * 1024
+# Each fsync costs the disk a journal commit: every 16 MiB this disk (ext4) took 0.42 GiB/s of
+# O_DIRECT chunks, every 64 MiB 0.53 (the stream fell behind less often). The data blocks are
+# already written (O_DIRECT); a crash between fsyncs can lose the file's last size update.
+SEGMENT_BYTES = 64 * 1024 * 1024
 
 _FBUR = struct.Struct(">BBHHHH")
 # A console's record buffer: big ones are page-aligned anonymous maps (BufferPool.get).
