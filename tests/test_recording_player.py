@@ -178,7 +178,7 @@ def update(second: int) -> bytes:
 
 
 def synthetic_recording(
-    store: FileStore, minutes: int = 10, *, seekable: bool = True
+    store: FileStore, minutes: int = 10, *, seekable: bool = True, misplaced: int = -1
 ) -> tuple[str, list[int]]:
     """A recording as the proxy writes it (a Raw update every second, a keyframe every 60 s, the
     first at 0 s: noVNC's first request is a full one); and each second's offset in the bytes down."""
@@ -197,7 +197,9 @@ def synthetic_recording(
                 recs += fmt.record(fmt.DOWN, 0, SERVER_INIT)
                 down += len(SERVER_INIT)
             if s % 60 == 0:
-                recs += fmt.keyframe(s * 1000, down, W, H, None)
+                # ``misplaced``: a keyframe whose offset is inside its update's pixels (a bug)
+                wrong = 16 + 1 if s == misplaced else 0  # green: 13 * s % 256, not a message type
+                recs += fmt.keyframe(s * 1000, down + wrong, W, H, None)
                 index.keyframes.append(s * 1000)
             offsets.append(down)
             u = update(s)
@@ -263,6 +265,14 @@ async def test_seeking_in_a_ten_minute_recording(tmp_path: Path) -> None:
         await wait_playing(br)
         got = await seek_and_check(br, 90)
         assert got == {"start": 0, "fed": offsets[91]}
+        assert_clean(br, p)
+        # A keyframe whose offset starts no server message is passed over for the one before.
+        rid, offsets = synthetic_recording(p.server.recordings.store, minutes=3, misplaced=120)
+        await br.page.goto("about:blank")
+        await open_player(br, p, rid)
+        await wait_playing(br)
+        got = await seek_and_check(br, 130)
+        assert got == {"start": offsets[60], "fed": offsets[131] - offsets[60]}
         assert_clean(br, p)
 
 
