@@ -266,6 +266,12 @@ class Recording:
     keys: str = field(default="redact", metadata=_opt(_choice("redact", "full", "none")))
     # The proxy asks the VNC server for a whole screen this often: a player seeks to these.
     keyframe_interval_seconds: float = field(default=60, metadata=_opt(_range(1, 86400)))
+    # The browser's SetEncodings is cut to encodings without state carried from update to update
+    # (Raw, CopyRect, RRE, Hextile and pseudo-encodings: rfb.seekable_encodings), so a player can
+    # start decoding at any keyframe. Costs bandwidth: no Tight or ZRLE compression (a busy 1080p
+    # screen in Hextile is several times the bytes of Tight). false: smaller, seeking replays
+    # from the start.
+    seekable_encodings: bool = field(default=True, metadata=_opt())
     retention_days: float = field(default=0, metadata=_opt(_range(0)))  # 0 = keep
     max_total_gib: float = field(default=0, metadata=_opt(_range(0)))  # 0 = no cap
     vms: list[str] = field(default_factory=list, metadata=_opt())

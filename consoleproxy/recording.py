@@ -55,14 +55,25 @@ FLUSH_BYTES = 3 * 1024 * 1024
 # Size of the pooled buffers: one of the relay's reads (1 MiB) and its record header fit.
 BUFFER_BYTES = 4 * 1024 * 1024 + 64 * 1024
 SMALL_BUFFER_BYTES = 4 * 1024
+# The relay reads straight into a console's buffer (no copy) once a read is this big: it streams.
+STREAMING_READ = 64 * 1024
+# Room lent for one such read: the relay's read size (relay.READ_SIZE).
+READ_BYTES = 1024 * 1024
 # ... or when its oldest byte is this old, so a crash loses at most about this much of a console.
 FLUSH_SECONDS = 1.0
 # Bytes of one recording handed to the writer and not yet written; past it the recording stops.
 MAX_BACKLOG = 32 * 1024 * 1024
+# Free pooled buffers not needed for this long are given back (BufferPool.trim).
+TRIM_SECONDS = 30.0
 # The writer fsyncs a recording each time this much more of it is written ("segment end").
-SEGMENT_BYTES = 16 * 1024 * 1024
+# Each fsync costs the disk a journal commit: every 16 MiB this disk (ext4) took 0.42 GiB/s of
+# O_DIRECT chunks, every 64 MiB 0.53 (the stream fell behind less often). The data blocks are
+# already written (O_DIRECT); a crash between fsyncs can lose the file's last size update.
+SEGMENT_BYTES = 64 * 1024 * 1024
 
 _FBUR = struct.Struct(">BBHHHH")
+# A console's record buffer: big ones are page-aligned anonymous maps (BufferPool.get).
+Buffer = bytearray | mmap.mmap
 _DOWN_HEADER = struct.Struct(">BII")
 RECORD_HEADER = _DOWN_HEADER.size
 
@@ -70,29 +81,56 @@ RECORD_HEADER = _DOWN_HEADER.size
 class BufferPool:
     """Fixed-size buffers shared by every recorder of the proxy, reused once written.
 
-    A console's records go into one of these (no growing, no fresh pages per read: allocating
-    and faulting in a new megabyte for each read cost more CPU than copying it); the writer hands
-    it back when written. At most ``keep`` free buffers are kept.
+    A console's records go into one of these (no growing, no fresh pages per read); the writer
+    hands it back when written. Fresh pages are what recording costs most: faulting in and
+    zeroing a new buffer for each 3 MiB chunk cost 0.5 CPU s per GiB here, reusing one nothing
+    (the kernel reads into it). So up to ``keep`` free big buffers are kept: as many as one
+    streaming console has in flight when the disk is behind (``MAX_BACKLOG``). Those the last
+    ``trim`` interval did not need are given back (``trim``, every ``TRIM_SECONDS``).
     """
 
-    def __init__(self, size: int = BUFFER_BYTES, keep: int = 4, small: int = SMALL_BUFFER_BYTES) -> None:
+    def __init__(
+        self, size: int = BUFFER_BYTES, keep: int = 0, small: int = SMALL_BUFFER_BYTES
+    ) -> None:
         self.size = size
         self.small = small
-        self.keep = keep
-        self._free: list[bytearray] = []
-        self._free_small: list[bytearray] = []
+        self.keep = keep or MAX_BACKLOG // FLUSH_BYTES + 2
+        self._free: list[Buffer] = []
+        self._free_small: list[Buffer] = []
+        self._unused = 0  # fewest big buffers free since the last trim: not needed in that time
 
-    def get(self, need: int) -> bytearray:
+    def trim(self) -> None:
+        """Give back the big buffers no console needed since the last call."""
+        del self._free[: self._unused]
+        self._unused = len(self._free)
+
+    def get(self, need: int) -> Buffer:
         """A small buffer for small records (ServerInit, input, a small update: most of an idle
         console's), a big one for a read's worth of screen."""
         if need <= self.small:
             return self._free_small.pop() if self._free_small else bytearray(self.small)
-        return self._free.pop() if self._free else bytearray(self.size)
+        # Big ones are page-aligned (mmap): the writer sends their whole blocks to the disk from
+        # where they lie (O_DIRECT, _Open.emit), and their pages are touched only when written.
+        if not self._free:
+            return mmap.mmap(-1, self.size)
+        buf = self._free.pop()
+        self._unused = min(self._unused, len(self._free))
+        return buf
 
-    def put(self, buf: bytearray) -> None:
+    def put(self, buf: Buffer) -> None:
+        try:
+            # Neither grows while a view of it lives: a transport that kept unsent bytes read into
+            # it (Recorder.read_buffer) still has one. Such a buffer is not reused.
+            if isinstance(buf, mmap.mmap):
+                buf.resize(len(buf))
+            else:
+                buf.append(0)
+                del buf[-1]
+        except BufferError:
+            return
         if len(buf) == self.size and len(self._free) < self.keep:
             self._free.append(buf)
-        elif len(buf) == self.small and len(self._free_small) < 16 * self.keep:
+        elif len(buf) == self.small and len(self._free_small) < 64:
             self._free_small.append(buf)
 
 
@@ -101,8 +139,9 @@ class Recorder:
     records to a pooled buffer; ``flush`` hands it to the writer."""
 
     __slots__ = (
-        "_buf", "_first_ms", "_pool", "_pos", "_writer", "backlog", "bytes", "closed", "filter",
-        "height", "incomplete_reason", "keyframe_due", "keyframes", "keys", "rid", "t0", "width",
+        "_buf", "_first_ms", "_lent", "_pool", "_pos", "_start", "_writer", "backlog", "bytes",
+        "closed", "down_total", "file_pos", "filter", "height", "incomplete_reason", "keyframe_due",
+        "keyframe_pending", "keyframes", "keys", "last_read", "rid", "seek_points", "t0", "width",
     )
 
     def __init__(
@@ -113,8 +152,12 @@ class Recorder:
         self._pool = pool
         self.keys = keys
         self.t0 = time.monotonic()
-        self._buf: bytearray | None = None  # taken from the pool while records wait in it
+        self._buf: Buffer | None = None  # taken from the pool while records wait in it
         self._pos = 0
+        self._start = 0  # where in _buf its records start (see _room)
+        self.file_pos = 0  # the file's size once everything handed to the writer is written
+        self._lent = False  # read_buffer lent the relay the room behind _pos
+        self.last_read = 0  # bytes of the last read down (read_buffer: does the console stream?)
         self._first_ms = 0
         self.backlog = 0  # bytes handed to the writer, not yet written
         self.bytes = 0  # bytes handed to the writer in all
@@ -122,13 +165,16 @@ class Recorder:
         self.incomplete_reason: str | None = None
         self.filter: ClientMessageFilter | None = None
         self.keyframe_due = keyframe_due
+        self.keyframe_pending = False  # the browser's next incremental request becomes a full one
         self.keyframes: list[int] = []
+        self.seek_points: list[fmt.Keyframe] = []
+        self.down_total = 0  # DOWN bytes so far: a keyframe's offset
         self.width = self.height = 0
 
     def _ms(self) -> int:
         return int((time.monotonic() - self.t0) * 1000)
 
-    def _room(self, need: int, ms: int) -> bytearray | None:
+    def _room(self, need: int, ms: int) -> Buffer | None:
         """A buffer with ``need`` bytes free (None: the record does not fit any buffer)."""
         buf = self._buf
         if buf is not None and self._pos + need > len(buf):
@@ -138,16 +184,51 @@ class Recorder:
             return None
         if buf is None:
             buf = self._buf = self._pool.get(need)
-            self._pos = 0
+            # In a big (page-aligned) buffer the records start where the chunk's payload will be
+            # in the file, modulo a block: its blocks can go to the disk without a copy (_Open).
+            self._pos = self._start = (
+                (self.file_pos + fmt.CHUNK_HEADER) % ALIGN if isinstance(buf, mmap.mmap) else 0
+            )
             self._first_ms = ms
         return buf
 
+    def read_buffer(self) -> memoryview | None:
+        """Room for the relay's next read of the VNC socket, right behind a record header in this
+        console's buffer: the bytes are read where they are recorded, and ``down`` copies nothing.
+
+        Only while the console streams (its last read was big, ``STREAMING_READ``): an idle
+        console's few small reads go on being copied into small buffers (a big buffer held by
+        every console with a pending read would cost megabytes each). None: read elsewhere.
+        """
+        self._lent = False
+        if self.last_read < STREAMING_READ or self.incomplete_reason is not None or self.closed:
+            return None
+        buf = self._room(RECORD_HEADER + READ_BYTES, self._ms())
+        if buf is None:
+            return None
+        self._lent = True
+        start = self._pos + RECORD_HEADER
+        return memoryview(buf)[start : start + READ_BYTES]
+
     def down(self, data: bytes | memoryview) -> None:
-        """Server-to-browser bytes, from the relay's read callback: copied (the buffer is shared)."""
+        """Server-to-browser bytes, from the relay's read callback: copied (the relay's buffer is
+        shared), or, read into this recorder's buffer (``read_buffer``), only given a header."""
+        buf = self._buf
+        if self._lent:
+            self._lent = False
+            if isinstance(data, memoryview) and buf is not None and data.obj is buf:
+                n = self.last_read = len(data)
+                self.down_total += n
+                _DOWN_HEADER.pack_into(buf, self._pos, fmt.DOWN, self._ms(), n)
+                self._pos += RECORD_HEADER + n
+                if self._pos >= FLUSH_BYTES:
+                    self.flush()
+                return
         if self.incomplete_reason is not None:
             return
         ms = self._ms()
-        n = len(data)
+        n = self.last_read = len(data)
+        self.down_total += n
         buf = self._room(RECORD_HEADER + n, ms)
         if buf is None:  # bigger than a pooled buffer (not from the relay's reads): a chunk alone
             self.flush()
@@ -185,27 +266,40 @@ class Recorder:
         if rec is not None:
             self._append(rec)
 
-    def keyframe_request(self) -> bytes | None:
-        """A non-incremental FramebufferUpdateRequest of the whole screen, noted as a keyframe;
-        None when the browser is in the middle of a message (try again on the next tick)."""
-        if self.filter is None or not self.filter.at_message_boundary or not self.width:
-            return None
-        ms = self._ms()
-        self._append(fmt.record(fmt.KEYFRAME, ms))
-        self.keyframes.append(ms)
-        return _FBUR.pack(3, 0, 0, 0, self.width, self.height)
+    def request(self, message: bytes) -> bytes:
+        """The filter's ``on_request``: a whole FramebufferUpdateRequest of the browser, and what
+        to send the VNC server instead. When a keyframe is due it is made a full one.
+
+        Why the browser's own request: noVNC asks for the next update only when the last one is
+        whole, so while its request passes, the bytes down so far end on a message boundary and
+        the reply starts at ``down_total`` -- the keyframe's offset needs no parsing of what the
+        server sends. (A request of our own could cross an update in flight.) A browser's own
+        full-screen, non-incremental request (noVNC's first) is a keyframe too.
+        """
+        _, incremental, x, y, w, h = _FBUR.unpack(message)
+        if (incremental and not self.keyframe_pending) or x or y:
+            return message
+        self.keyframe_pending = False
+        if self.incomplete_reason is None and not self.closed:
+            ms = self._ms()
+            pf = self.filter.pixel_format if self.filter is not None else None
+            point = fmt.Keyframe(ms, self.down_total, w, h, pf or bytes(16))
+            self._append(fmt.keyframe(ms, point.offset, w, h, point.pixel_format))
+            self.keyframes.append(ms)
+            self.seek_points.append(point)
+        return _FBUR.pack(3, 0, 0, 0, w, h)
 
     def flush(self) -> None:
         buf, self._buf = self._buf, None
         if buf is None:
             return
-        if self._pos and self.incomplete_reason is None:
-            self._hand(buf, self._first_ms, self._pos)
+        if self._pos > self._start and self.incomplete_reason is None:
+            self._hand(buf, self._first_ms, self._pos - self._start, self._start)
         else:
             self._pool.put(buf)
-        self._pos = 0
+        self._pos = self._start = 0
 
-    def _hand(self, buf: bytearray, first_ms: int, length: int | None = None) -> None:
+    def _hand(self, buf: Buffer, first_ms: int, length: int | None = None, start: int = 0) -> None:
         n = len(buf) if length is None else length
         if self.backlog + n > MAX_BACKLOG:
             self._pool.put(buf)
@@ -213,7 +307,8 @@ class Recorder:
             return
         self.backlog += n
         self.bytes += n
-        self._writer.append(self, buf, n, first_ms)
+        self.file_pos += fmt.CHUNK_HEADER + n
+        self._writer.append(self, buf, n, first_ms, start)
 
     def stop(self, reason: str) -> None:
         """Record nothing more (the console goes on): the recording is incomplete."""
@@ -231,7 +326,7 @@ class Recorder:
         self.closed = True
         flt, self.filter = self.filter, None
         if flt is not None:
-            flt.observer = None  # the filter pointed back here: no cycle is left
+            flt.observer = flt.on_request = None  # the filter pointed back here: no cycle is left
         self._writer.close(self, self._ms())
 
 
@@ -242,7 +337,7 @@ class RecordingWriter:
         self,
         store: FileStore,
         *,
-        on_written: Callable[[Recorder, int, bytearray], None],
+        on_written: Callable[[Recorder, int, Buffer], None],
         on_failed: Callable[[Recorder, str], None],
         on_closed: Callable[[Recorder, dict[str, Any]], None],
     ) -> None:
@@ -255,21 +350,23 @@ class RecordingWriter:
         self._thread = threading.Thread(target=self._run, name="consoleproxy-recorder", daemon=True)
         self._files: dict[str, _Open] = {}
         self.direct = True  # O_DIRECT where the file system has it (see _Open)
+        self.direct_bytes = 0  # of closed recordings, written from recorders' buffers (no copy)
         self._stage = _Stage()
         self._thread.start()
 
     def open(self, rec: Recorder, meta: dict[str, Any]) -> None:
         self._q.put(("open", rec, meta))
 
-    def append(self, rec: Recorder, buf: bytearray, length: int, first_ms: int) -> None:
-        """Write ``buf[:length]`` as one chunk; ``on_written`` gives ``buf`` back afterwards."""
-        self._q.put(("append", rec, buf, length, first_ms))
+    def append(self, rec: Recorder, buf: Buffer, length: int, first_ms: int, start: int = 0) -> None:
+        """Write ``buf[start:start + length]`` as one chunk; ``on_written`` gives ``buf`` back
+        afterwards."""
+        self._q.put(("append", rec, buf, length, first_ms, start))
 
     def incomplete(self, rec: Recorder, reason: str) -> None:
         self._q.put(("incomplete", rec, reason))
 
     def close(self, rec: Recorder, end_ms: int) -> None:
-        self._q.put(("close", rec, end_ms, list(rec.keyframes)))
+        self._q.put(("close", rec, end_ms, list(rec.keyframes), list(rec.seek_points)))
 
     def stop(self) -> None:
         """Finish what was queued, then end the thread (blocking)."""
@@ -306,15 +403,15 @@ class RecordingWriter:
         f = self._files[rec.rid] = _Open(fd, 0, meta, direct, self._stage)
         f.emit(head)
 
-    def _append(self, rec: Recorder, buf: bytearray, n: int, first_ms: int) -> None:
+    def _append(self, rec: Recorder, buf: Buffer, n: int, first_ms: int, start: int = 0) -> None:
         f = self._files.get(rec.rid)
         try:
             if f is None or f.failed or f.incomplete:
                 return
-            payload = memoryview(buf)[:n]
-            head = fmt.chunk_header(payload, first_ms)
-            f.index.chunks.append((f.size, first_ms))
-            f.emit(head, payload)
+            with memoryview(buf)[start : start + n] as payload:  # released before buf goes back
+                head = fmt.chunk_header(payload, first_ms)
+                f.index.chunks.append((f.size, first_ms))
+                f.emit(head, payload, aligned_at=start if isinstance(buf, mmap.mmap) else None)
             f.unsynced += len(head) + n
             if f.unsynced >= SEGMENT_BYTES:
                 os.fsync(f.fd)
@@ -327,12 +424,16 @@ class RecordingWriter:
         if f is not None:
             f.incomplete = reason
 
-    def _close(self, rec: Recorder, end_ms: int, keyframes: list[int]) -> None:
+    def _close(
+        self, rec: Recorder, end_ms: int, keyframes: list[int], seek_points: list[fmt.Keyframe]
+    ) -> None:
         f = self._files.pop(rec.rid, None)
         if f is None:
             return
+        self.direct_bytes += f.direct_bytes
         idx = f.index
         idx.keyframes = keyframes
+        idx.seek_points = seek_points
         idx.end_ms = end_ms
         reason = f.failed or f.incomplete
         idx.complete = reason is None
@@ -382,7 +483,8 @@ class _Open:
     """
 
     __slots__ = (
-        "direct", "failed", "fd", "incomplete", "index", "meta", "size", "stage", "tail", "unsynced",
+        "direct", "direct_bytes", "failed", "fd", "incomplete", "index", "meta", "size", "stage", "tail",
+        "unsynced",
     )
 
     def __init__(
@@ -398,12 +500,30 @@ class _Open:
         self.direct = direct
         self.stage = stage if stage is not None else _Stage()
         self.tail = b""  # direct: bytes after the last whole block, not written yet
+        self.direct_bytes = 0  # written straight from a recorder's buffer (no stage copy)
 
-    def emit(self, *parts: bytes | bytearray | memoryview) -> None:
+    def emit(self, *parts: bytes | bytearray | memoryview, aligned_at: int | None = None) -> None:
+        """Append ``parts``. With ``aligned_at`` the last part lies in page-aligned memory (an
+        mmap) from that offset of it: with O_DIRECT its whole blocks are written from there,
+        only the bytes before the first (and the last partial one) pass through the stage."""
         self.size += sum(len(p) for p in parts)
         if not self.direct:
             _write_all(self.fd, *parts)  # one writev(2), the buffer not copied
             return
+        if aligned_at is not None:
+            last = memoryview(parts[-1])
+            k = -aligned_at % ALIGN  # bytes of ``last`` before an aligned address
+            if (self.size - len(last) + k) % ALIGN == 0 and len(last) - k >= ALIGN:
+                self._staged(*parts[:-1], last[:k])  # ends on a block: leaves no tail
+                whole = (len(last) - k) // ALIGN * ALIGN
+                self._write(last[k : k + whole])
+                self.direct_bytes += whole
+                self.tail = bytes(last[k + whole :])
+                return
+        self._staged(*parts)
+
+    def _staged(self, *parts: bytes | bytearray | memoryview) -> None:
+        """Write the tail and ``parts`` in whole blocks through the stage; keep the rest as tail."""
         view = self.stage.view()
         try:
             used = len(self.tail)
@@ -469,6 +589,7 @@ class Recordings:
         self.writer: RecordingWriter | None = None
         self.active: dict[str, Recorder] = {}
         self.pool = BufferPool()
+        self._next_trim = 0.0
         self._task: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
         self._closed.set()
@@ -515,10 +636,12 @@ class Recordings:
             "started": started,
             "keys": self.cfg.keys,
             "keyframe_interval_seconds": self.cfg.keyframe_interval_seconds,
+            "seekable": self.cfg.seekable_encodings,
         }
         if session.resume_id is not None:
             meta["resume_id"] = session.resume_id
             meta["resume_gen"] = session.resume_gen
+        rec.file_pos = len(fmt.header(meta))  # what the writer writes first
         self.writer.open(rec, meta)
         self.active[rid] = rec
         session.recording = rid
@@ -528,7 +651,7 @@ class Recordings:
     def finish(self, rec: Recorder) -> None:
         rec.close()
 
-    def _written(self, rec: Recorder, n: int, buf: bytearray) -> None:
+    def _written(self, rec: Recorder, n: int, buf: Buffer) -> None:
         rec.backlog -= n
         self.pool.put(buf)
         self.metrics.recording_bytes_total.inc(n)
@@ -547,18 +670,20 @@ class Recordings:
             self.remote.wake()
 
     def tick(self, relays: Iterable[Relay], now: float) -> None:
-        """Flush buffers older than FLUSH_SECONDS (every tick is), ask for due keyframes."""
+        """Flush buffers older than FLUSH_SECONDS (every tick is); mark due keyframes (the
+        browser's next request becomes a full one: Recorder.request)."""
         interval = self.cfg.keyframe_interval_seconds
         for relay in relays:
             rec = relay.recorder
             if rec is None or rec.closed:
                 continue
-            if now >= rec.keyframe_due and rec.incomplete_reason is None:
-                request = rec.keyframe_request()
-                if request is not None:
-                    relay.inject(request)
-                    rec.keyframe_due = now + interval
+            if now >= rec.keyframe_due:
+                rec.keyframe_pending = True
+                rec.keyframe_due = now + interval
             rec.flush()
+        if now >= self._next_trim:
+            self.pool.trim()
+            self._next_trim = now + TRIM_SECONDS
 
     async def _tick_forever(self, relays: Callable[[], Iterable[Relay]]) -> None:
         next_expiry = 0.0

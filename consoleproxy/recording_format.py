@@ -29,7 +29,14 @@ Record kinds and their data:
 - POINTER: u8 button mask | u16 x | u16 y.
 - CLIPBOARD: the clipboard text sent into the VM (Latin-1, as RFB carries it).
 - CLIPBOARD_REDACTED: u32 length of the text that was sent.
-- KEYFRAME: empty; the proxy asked for a full update at this time.
+- KEYFRAME: u64 offset | u16 width | u16 height | 16-byte pixel format: the proxy asked for a
+  full update at this time (it made the browser's next FramebufferUpdateRequest non-incremental).
+  ``offset`` counts the DOWN bytes before the reply (ServerInit's first byte is 0): the player
+  starts a fresh decoder there, with a ServerInit of ``width`` x ``height`` (the size the browser
+  asked for) and the pixel format the browser set (all zero: none set, the server's). A header
+  field ``seekable`` true says the browser's encodings were cut down to ones without state carried
+  from update to update (rfb.seekable_encodings), so decoding can start at ``offset``; without it
+  a player decodes from the start. Format 1 writers before seeking wrote KEYFRAME empty.
 """
 
 from __future__ import annotations
@@ -45,8 +52,8 @@ from .errors import ConsoleProxyError
 
 __all__ = [
     "CLIPBOARD", "CLIPBOARD_REDACTED", "DOWN", "KEY", "KEYFRAME", "KEY_REDACTED", "MAGIC", "POINTER",
-    "Index", "Record", "RecordingCorrupt", "checksum", "chunk", "chunk_header", "end", "header",
-    "read_header", "records", "scan",
+    "Index", "Keyframe", "Record", "RecordingCorrupt", "checksum", "chunk", "chunk_header", "end",
+    "header", "keyframe", "parse_keyframe", "read_header", "records", "scan",
 ]
 
 MAGIC = b"CPREC01\n"
@@ -55,7 +62,9 @@ KINDS = frozenset((DOWN, KEY, KEY_REDACTED, POINTER, CLIPBOARD, CLIPBOARD_REDACT
 _U32 = struct.Struct(">I")
 _BLOCK = struct.Struct(">cIII")  # tag, length, crc32, ms
 _RECORD = struct.Struct(">BII")
+_KEYFRAME = struct.Struct(">QHH16s")
 RECORD_HEADER = _RECORD.size
+CHUNK_HEADER = _BLOCK.size
 MAX_HEADER = 64 * 1024  # header and trailer JSON are small; a bigger one means a damaged file
 MAX_CHUNK = 64 * 1024 * 1024
 CHECKED_BYTES = 4096  # of each block's payload, covered by its CRC-32 (see the module docstring)
@@ -72,6 +81,35 @@ class Record:
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Keyframe:
+    """Where a player can start decoding (see KEYFRAME in the module docstring)."""
+
+    ms: int
+    offset: int
+    width: int
+    height: int
+    pixel_format: bytes
+
+    def to_list(self) -> list[Any]:
+        return [self.ms, self.offset, self.width, self.height, self.pixel_format.hex()]
+
+
+def keyframe(ms: int, offset: int, width: int, height: int, pixel_format: bytes | None) -> bytes:
+    """A KEYFRAME record."""
+    return record(KEYFRAME, ms, _KEYFRAME.pack(offset, width, height, pixel_format or bytes(16)))
+
+
+def parse_keyframe(ms: int, data: bytes) -> Keyframe | None:
+    """The seek point of a KEYFRAME record's data; None for an empty one (an older writer)."""
+    if not data:
+        return None
+    if len(data) != _KEYFRAME.size:
+        raise RecordingCorrupt(f"a keyframe record at {ms} ms has {len(data)} bytes, not {_KEYFRAME.size}")
+    offset, width, height, pf = _KEYFRAME.unpack(data)
+    return Keyframe(ms, offset, width, height, pf)
+
+
 @dataclass
 class Index:
     """Where a recording's chunks start, and its keyframes (see the module docstring)."""
@@ -79,6 +117,7 @@ class Index:
     header: dict[str, Any]
     chunks: list[tuple[int, int]] = field(default_factory=list)
     keyframes: list[int] = field(default_factory=list)
+    seek_points: list[Keyframe] = field(default_factory=list)
     end_ms: int = 0
     complete: bool = False
     closed: bool = False  # an end block was found
@@ -102,6 +141,15 @@ class Index:
             best = k
         return best
 
+    def seek_point_before(self, ms: int) -> Keyframe | None:
+        """The last seek point at or before ``ms`` (None: decode from the start)."""
+        best = None
+        for k in self.seek_points:
+            if k.ms > ms:
+                break
+            best = k
+        return best
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "end_ms": self.end_ms,
@@ -110,6 +158,7 @@ class Index:
             "incomplete_reason": self.incomplete_reason,
             "chunks": self.chunks,
             "keyframes": self.keyframes,
+            "seek_points": [k.to_list() for k in self.seek_points],
         }
 
 
@@ -148,6 +197,7 @@ def end(index: Index) -> bytes:
         {
             "chunks": index.chunks,
             "keyframes": index.keyframes,
+            "seek_points": [k.to_list() for k in index.seek_points],
             "end_ms": index.end_ms,
             "complete": index.complete,
             "incomplete_reason": index.incomplete_reason,
@@ -226,6 +276,9 @@ def scan(data: bytes | memoryview, *, require_end: bool = True) -> Index:
                 last_ms = max(last_ms, rec.ms)
                 if rec.kind == KEYFRAME:
                     index.keyframes.append(rec.ms)
+                    point = parse_keyframe(rec.ms, rec.data)
+                    if point is not None:
+                        index.seek_points.append(point)
             continue
         try:
             trailer = json.loads(bytes(data[start : start + length]))

@@ -210,7 +210,12 @@ class _Backend(asyncio.BufferedProtocol):
         self.writing_paused = False
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        self._buf = buf = _read_buffer()
+        rec = self._relay.recorder
+        # A recorded console that streams reads into its recording's buffer: nothing is copied.
+        buf = rec.read_buffer() if rec is not None else None
+        if buf is None:
+            buf = _read_buffer()
+        self._buf = buf
         return buf
 
     def buffer_updated(self, nbytes: int) -> None:

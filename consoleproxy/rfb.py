@@ -63,6 +63,7 @@ __all__ = [
     "MAX_REASON_LENGTH",
     "MAX_SECURITY_TYPES",
     "MAX_VENCRYPT_SUBTYPES",
+    "STATELESS_ENCODINGS",
     "X509_SUBTYPES",
     "AuthFailed",
     "Authenticated",
@@ -87,6 +88,7 @@ __all__ = [
     "decode_reason",
     "format_version",
     "parse_version",
+    "seekable_encodings",
     "vnc_auth_response",
 ]
 
@@ -765,13 +767,37 @@ _KEY_EVENT = 4
 _POINTER_EVENT = 5
 _CLIENT_CUT_TEXT = 6
 _SET_ENCODINGS = 2
+_SET_PIXEL_FORMAT = 0
+_FB_UPDATE_REQUEST = 3
 _QEMU = 255
 _XVP = 250
 _SET_DESKTOP_SIZE = 251
 _GII = 253
 _EXTENDED_MOUSE_BUTTONS = -316
 _OBSERVED = frozenset((_KEY_EVENT, _POINTER_EVENT, _CLIENT_CUT_TEXT))  # and QEMU key (checked)
-_HEADER_PEEK = 16  # more than the longest prefix any message needs to know its length (9)
+_HEADER_PEEK = 20  # the longest prefix any message needs to know its length (a whole SetPixelFormat)
+
+# Encodings whose rectangles decode on their own, whatever came before (RFC 6143 7.7; TRLE 7.7.5):
+# Raw, CopyRect, RRE, CoRRE, Hextile, TRLE. Left out: zlib (6), Tight (7), ZlibHex (8), ZRLE (16)
+# and ZYWRLE (17) keep zlib streams from rectangle to rectangle; JPEG (21) may leave out its tables
+# and reuse earlier ones; H.264 (50) needs its earlier frames.
+STATELESS_ENCODINGS = frozenset((0, 1, 2, 4, 5, 15))
+# Pseudo-encodings (negative) carry no pixel data and pass, but TightPNG (-260): Tight's decoder.
+_STATEFUL_PSEUDO = frozenset((-260,))
+MAX_SET_ENCODINGS = 4 + 4 * 0xFFFF
+
+
+def seekable_encodings(message: bytes) -> bytes:
+    """A whole SetEncodings with only the encodings a player can start decoding anywhere in
+    (``STATELESS_ENCODINGS`` and the pseudo-encodings but TightPNG), in the client's order."""
+    if len(message) < 4 or message[0] != _SET_ENCODINGS:
+        raise RFBError("not a SetEncodings message")
+    (count,) = struct.unpack_from(">H", message, 2)
+    if len(message) != 4 + 4 * count:
+        raise RFBError(f"SetEncodings of {count} encodings is {len(message)} bytes, not {4 + 4 * count}")
+    encodings = struct.unpack_from(f">{count}i", message, 4)
+    kept = [e for e in encodings if (e in STATELESS_ENCODINGS if e >= 0 else e not in _STATEFUL_PSEUDO)]
+    return struct.pack(f">BxH{len(kept)}i", _SET_ENCODINGS, len(kept), *kept)
 
 # Fixed-length messages: type -> total length.
 _FIXED = {
@@ -843,6 +869,13 @@ class ClientMessageFilter:
     ``lenient`` (a recorded console that neither drops input nor Lang releases): a message that
     cannot be framed does not end the console; from there on every byte passes unframed, and
     nothing more is observed (recording must never break a console).
+
+    ``on_request`` (the recorder) gets each whole FramebufferUpdateRequest and returns the bytes
+    to forward in its place (a keyframe turns the browser's incremental request into a full one).
+    The last SetPixelFormat is kept in ``pixel_format`` (its 16-byte format), for the recorder.
+    With ``seekable`` each SetEncodings is forwarded as ``seekable_encodings`` makes it: the VNC
+    server then sends nothing a player could not start decoding at a keyframe. That message is
+    held whole (at most ``MAX_SET_ENCODINGS`` bytes, about 20 in practice) to rewrite its count.
     """
 
     def __init__(
@@ -854,8 +887,14 @@ class ClientMessageFilter:
         drop_lang_release: bool = False,
         observer: Callable[[bytes], None] | None = None,
         lenient: bool = False,
+        on_request: Callable[[bytes], bytes] | None = None,
+        seekable: bool = False,
     ) -> None:
         self.view_only = view_only
+        self.on_request = on_request
+        self.seekable = seekable
+        self.pixel_format: bytes | None = None
+        self._encodings: bytearray | None = None  # a SetEncodings being collected (seekable)
         self.lenient = lenient
         self.unframed = False  # lenient, after a message that could not be framed
         self.observer = observer
@@ -881,6 +920,18 @@ class ClientMessageFilter:
         while i < n:
             if self._remaining:
                 k = min(self._remaining, n - i)
+                if self._encodings is not None:
+                    self._encodings += data[i : i + k]
+                    i += k
+                    self._remaining -= k
+                    if not self._remaining:
+                        message, self._encodings = seekable_encodings(bytes(self._encodings)), None
+                        self._scan_encodings, self._enc_skip = True, 4
+                        self._enc_partial.clear()
+                        self._scan(message)
+                        self._scan_encodings = False
+                        out += message
+                    continue
                 if not self._dropping:
                     chunk = data[i : i + k]
                     out += chunk
@@ -924,6 +975,19 @@ class ClientMessageFilter:
             self._dropping = drop
             if drop:
                 self.dropped += 1
+            elif mtype == _FB_UPDATE_REQUEST and self.on_request is not None:
+                out += self.on_request(bytes(peek[:total]))  # whole: _message_length waited
+                i += total - len(held)
+                continue
+            elif mtype == _SET_PIXEL_FORMAT and self.on_request is not None:
+                self.pixel_format = bytes(peek[4:total])
+                out += peek[:total]
+                i += total - len(held)
+                continue
+            elif mtype == _SET_ENCODINGS and self.seekable:
+                self._encodings = bytearray(held)
+                self._remaining = total - len(held)
+                continue
             else:
                 out += held
             self._remaining = total - len(held)
@@ -980,6 +1044,8 @@ class ClientMessageFilter:
         t = h[0]
         fixed = _FIXED.get(t)
         if fixed is not None:
+            if self.on_request is not None and t in (_SET_PIXEL_FORMAT, _FB_UPDATE_REQUEST):
+                return None if len(h) < fixed else fixed  # handed over, or kept, whole
             if t == _KEY_EVENT and (self.drop_lang_release or self.observer) and len(h) < fixed:
                 return None  # the keysym decides whether it is a Lang release; the observer sees it
             return fixed

@@ -710,6 +710,8 @@ class ProxyServer:
                 expect_client_init=False,
                 observer=recorder.input if recorder is not None else None,
                 lenient=not (session.view_only or drop_lang_release),
+                on_request=recorder.request if recorder is not None else None,
+                seekable=recorder is not None and self.cfg.recording.seekable_encodings,
             )
             flt = filt.feed
             if recorder is not None:

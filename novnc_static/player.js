@@ -2,16 +2,20 @@
 // plays its server-to-browser bytes into a view-only noVNC, at 1x/2x/4x/8x, with a timeline.
 //
 // noVNC talks to a channel object instead of a WebSocket: the channel plays the VNC server's
-// side of the RFB handshake (version 3.8, security None, then the recorded ServerInit) and then
-// hands noVNC the recorded bytes as their time comes. What noVNC sends is dropped.
+// side of the RFB handshake (version 3.8, security None, then a ServerInit) and then hands noVNC
+// the recorded bytes as their time comes. What noVNC sends is dropped.
 //
-// Seeking forward feeds noVNC everything up to the new time at once; seeking back starts a new
-// noVNC and feeds from the start. Decoding is fast (no waiting), and the recorded stream may use
-// encodings whose compression state runs from the start (Tight, ZRLE), so every byte counts.
-// The keyframes (full updates the proxy asked for) are on the track: after one the whole
-// screen is fresh.
+// Seeking: a recording whose header says ``seekable`` was made with encodings that carry no
+// state from update to update, and its KEYFRAME records say where in the bytes down a full
+// update starts (and the screen size then). Seeking starts a fresh noVNC at the last such
+// keyframe before the target, with a ServerInit of that size, and fast-forwards from there
+// (decoding is fast, no waiting); seeking forward within what is shown just feeds forward.
+// Without keyframes (an older or non-seekable recording, with Tight or ZRLE state running from
+// the start) the player decodes from the start. ``fed`` counts the bytes given to noVNC since it
+// was started, ``startOffset`` where in the bytes down it was started (tests read both).
 
 import RFB from "/recordings-novnc/core/rfb.js";
+import { pickLanguage, translator } from "./i18n.js";
 
 const $ = (id) => document.getElementById(id);
 const MAGIC = "CPREC01\n";
@@ -19,6 +23,24 @@ const KIND = { DOWN: 1, KEY: 2, KEY_REDACTED: 3, POINTER: 4, CLIPBOARD: 5, CLIPB
 const FEED_PIECE = 1 << 20; // bytes per message to noVNC (its receive queue grows to fit)
 
 class RecordingError extends Error {}
+
+// The page's language, as the console page picks it: ?language=ko|en, else the browser's.
+const params = new URLSearchParams(location.search);
+const lang = pickLanguage(params.get("language") || "",
+                          navigator.languages && navigator.languages.length ? navigator.languages : [navigator.language]);
+const tr = translator(lang);
+const t = (key, vars) => tr(`player.${key}`, vars);
+
+function translatePage() {
+    document.documentElement.lang = lang;
+    for (const el of document.querySelectorAll("[data-i18n]")) {
+        el.textContent = t(el.dataset.i18n);
+    }
+    for (const el of document.querySelectorAll("[data-i18n-aria]")) {
+        el.setAttribute("aria-label", t(el.dataset.i18nAria));
+    }
+}
+translatePage();
 
 // --- the format ------------------------------------------------------------------------------
 
@@ -65,6 +87,8 @@ export function parseRecording(buffer) {
     offset += headerLength;
     const downs = [];
     const events = [];
+    const seekPoints = [];
+    let downBytes = 0;
     let trailer = null;
     let lastMs = 0;
     while (offset < total) {
@@ -111,9 +135,20 @@ export function parseRecording(buffer) {
             i += rlen;
             lastMs = Math.max(lastMs, rms);
             if (kind === KIND.DOWN) {
-                downs.push({ ms: rms, data });
+                downs.push({ ms: rms, data, at: downBytes });
+                downBytes += data.length;
             } else if (kind >= KIND.KEY && kind <= KIND.KEYFRAME) {
                 events.push(describe(kind, rms, data));
+                if (kind === KIND.KEYFRAME && data.length === 28) {
+                    const kv = new DataView(data.buffer, data.byteOffset, 28);
+                    seekPoints.push({
+                        ms: rms,
+                        offset: kv.getUint32(0) * 2 ** 32 + kv.getUint32(4),
+                        width: kv.getUint16(8),
+                        height: kv.getUint16(10),
+                        pixelFormat: data.slice(12, 28),
+                    });
+                }
             } else {
                 throw new RecordingError(`unknown record kind ${kind} at offset ${i - 9 - rlen}`);
             }
@@ -123,27 +158,34 @@ export function parseRecording(buffer) {
     if (!trailer) {
         throw new RecordingError("truncated: no end block (the recording was cut off)");
     }
-    return { header, downs, events, endMs: trailer.end_ms, complete: trailer.complete, reason: trailer.incomplete_reason };
+    const serverInit = downs.length && downs[0].data.length >= 24 ? downs[0].data : null;
+    return {
+        header, downs, events, endMs: trailer.end_ms, complete: trailer.complete, reason: trailer.incomplete_reason,
+        // Seek points only where decoding can start there (see the top of this file).
+        seekPoints: header.seekable === true && serverInit ? seekPoints.filter((k) => k.offset < downBytes) : [],
+        serverInit,
+    };
 }
 
 function describe(kind, ms, data) {
     const v = new DataView(data.buffer, data.byteOffset, data.byteLength);
+    const dir = (down) => t(down ? "ev.down" : "ev.up");
     switch (kind) {
     case KIND.KEY: {
         const sym = v.getUint32(1);
         const ch = sym >= 0x20 && sym < 0x7F ? ` '${String.fromCharCode(sym)}'` : "";
-        return { ms, kind: "key", text: `key ${data[0] ? "down" : "up"} 0x${sym.toString(16)}${ch}` };
+        return { ms, kind: "key", text: t("ev.key", { dir: dir(data[0]), sym: `0x${sym.toString(16)}${ch}` }) };
     }
     case KIND.KEY_REDACTED:
-        return { ms, kind: "key", text: `key ${data[0] ? "down" : "up"} (redacted)` };
+        return { ms, kind: "key", text: t("ev.key.redacted", { dir: dir(data[0]) }) };
     case KIND.POINTER:
-        return { ms, kind: "pointer", text: `pointer ${v.getUint16(1)},${v.getUint16(3)} buttons ${data[0]}` };
+        return { ms, kind: "pointer", text: t("ev.pointer", { x: v.getUint16(1), y: v.getUint16(3), mask: data[0] }) };
     case KIND.CLIPBOARD:
-        return { ms, kind: "clipboard", text: `clipboard ${data.length} bytes: ${new TextDecoder("latin1").decode(data).slice(0, 40)}` };
+        return { ms, kind: "clipboard", text: t("ev.clipboard", { n: data.length, text: new TextDecoder("latin1").decode(data).slice(0, 40) }) };
     case KIND.CLIPBOARD_REDACTED:
-        return { ms, kind: "clipboard", text: `clipboard ${v.getUint32(0)} bytes (redacted)` };
+        return { ms, kind: "clipboard", text: t("ev.clipboard.redacted", { n: v.getUint32(0) }) };
     default:
-        return { ms, kind: "keyframe", text: "full update (keyframe)" };
+        return { ms, kind: "keyframe", text: t("ev.keyframe") };
     }
 }
 
@@ -202,6 +244,25 @@ class PlaybackChannel {
 
 // --- the player --------------------------------------------------------------------------------
 
+// A ServerInit for a noVNC started at seek point ``k``: its size; the pixel format the browser
+// had set (the recorded ServerInit's when none); the recorded desktop name.
+function serverInitAt(rec, k) {
+    const init = rec.serverInit;
+    const out = new Uint8Array(init.length);
+    out.set(init);
+    const v = new DataView(out.buffer);
+    v.setUint16(0, k.width);
+    v.setUint16(2, k.height);
+    if (k.pixelFormat.some((b) => b !== 0)) {
+        out.set(k.pixelFormat, 4);
+    }
+    return out;
+}
+
+// Server-to-client message types a keyframe's offset may start with (RFC 6143 7.6): a
+// FramebufferUpdate, or a Bell or ServerCutText that came before it.
+const MESSAGE_STARTS = new Set([0, 2, 3]);
+
 class Player {
     constructor(rec) {
         this.rec = rec;
@@ -211,13 +272,52 @@ class Player {
         this.next = 0; // index of the next DOWN record to feed
         this.rfb = null;
         this.channel = null;
+        this.fed = 0; // bytes given to this noVNC (the recorded ones, from startOffset)
+        this.startOffset = 0; // where in the bytes down this noVNC started
+        this.start_ = null; // the seek point it started at (null: the start)
         this._timer = null;
         this._wall = 0;
         this.state = "loading";
     }
 
-    // A fresh noVNC at time 0 (its handshake done); resolves when it is ready for bytes.
-    _restart() {
+    // The last usable seek point at or before ``ms`` (null: start from the beginning).
+    _pointBefore(ms) {
+        let best = null;
+        for (const k of this.rec.seekPoints) {
+            if (k.ms > ms) {
+                break;
+            }
+            if (!k.bad && MESSAGE_STARTS.has(this._byteAt(k.offset))) {
+                best = k;
+            }
+        }
+        return best;
+    }
+
+    // Index of the DOWN record holding byte ``offset`` of the bytes down.
+    _downAt(offset) {
+        const downs = this.rec.downs;
+        let lo = 0;
+        let hi = downs.length - 1;
+        while (lo < hi) {
+            const mid = (lo + hi + 1) >> 1;
+            if (downs[mid].at <= offset) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        return lo;
+    }
+
+    _byteAt(offset) {
+        const d = this.rec.downs[this._downAt(offset)];
+        return d.data[offset - d.at];
+    }
+
+    // A fresh noVNC (its handshake done) at seek point ``k``, or at time 0 when ``k`` is null;
+    // resolves when it is ready for bytes.
+    _restart(k = null) {
         const old = this.rfb;
         this.rfb = null;
         if (old) {
@@ -228,20 +328,45 @@ class Player {
         $("screen").replaceChildren(box);
         this.next = 0;
         this.playhead = 0;
+        this.fed = 0;
+        this.startOffset = 0;
+        this.start_ = k;
         return new Promise((resolve) => {
-            const channel = new PlaybackChannel(() => resolve());
+            const channel = new PlaybackChannel(() => {
+                if (k) {
+                    // Past the recorded ServerInit: a fresh one, then the bytes from the keyframe.
+                    channel.deliver(serverInitAt(this.rec, k));
+                    const i = this._downAt(k.offset);
+                    const d = this.rec.downs[i];
+                    const rest = d.data.subarray(k.offset - d.at);
+                    this.next = i + 1;
+                    this.playhead = k.ms;
+                    this.startOffset = k.offset;
+                    this.fed = rest.length;
+                    channel.deliver(rest);
+                }
+                resolve();
+            });
             this.channel = channel;
             const rfb = new RFB(box, channel, { shared: true });
             this.rfb = rfb;
             rfb.viewOnly = true;
             rfb.addEventListener("disconnect", () => {
-                // noVNC gave up on the bytes (damaged screen data): say so, stop, never hang.
-                if (this.rfb === rfb) {
-                    this.playing = false;
-                    clearTimeout(this._timer);
-                    this.state = "error";
-                    fail(`Cannot play this recording: its screen data could not be decoded at ${fmtTime(this.playhead)}.`);
+                if (this.rfb !== rfb) {
+                    return;
                 }
+                if (this.start_) {
+                    // Started at a keyframe noVNC could not decode from: never again, and the
+                    // same time from an earlier one (or the start).
+                    this.start_.bad = true;
+                    this.seek(this.playhead, true);
+                    return;
+                }
+                // noVNC gave up on the bytes (damaged screen data): say so, stop, never hang.
+                this.playing = false;
+                clearTimeout(this._timer);
+                this.state = "error";
+                fail(t("error.decode", { time: fmtTime(this.playhead) }));
             });
             this.rfb.background = "#1e1e1e";
             setTimeout(() => channel.start(), 0);
@@ -265,9 +390,10 @@ class Player {
                 at += downs[i].data.length;
             }
             this.next = end;
+            this.fed += size;
             this.channel.deliver(joined);
         }
-        this.playhead = Math.min(ms, this.rec.endMs);
+        this.playhead = Math.min(Math.max(ms, this.playhead), this.rec.endMs);
         this._show();
     }
 
@@ -310,14 +436,19 @@ class Player {
         this._timer = setTimeout(() => this._tick(), 40);
     }
 
-    async seek(ms) {
+    async seek(ms, again = false) {
         ms = Math.max(0, Math.min(ms, this.rec.endMs));
-        const was = this.playing;
+        const was = this.playing || (again && this._wasPlaying);
+        this._wasPlaying = was;
         this.playing = false;
         clearTimeout(this._timer);
         this._setState("seeking");
-        if (ms < this.playhead) {
-            await this._restart();
+        const k = this._pointBefore(ms);
+        // Forward within what this noVNC shows, past the keyframe: go on feeding. Else start
+        // afresh at the keyframe (or the start) and fast-forward.
+        const onward = !again && ms >= this.playhead && (!k || k.ms <= this.playhead);
+        if (!onward) {
+            await this._restart(k);
         }
         this._feedTo(ms);
         if (was) {
@@ -334,18 +465,16 @@ class Player {
         this.state = state;
         const status = $("status");
         status.dataset.state = state;
-        status.textContent = {
-            playing: "Playing", paused: "Paused", ended: "End of the recording", seeking: "Seeking…",
-        }[state] || state;
-        $("play").textContent = state === "playing" ? "Pause" : "Play";
+        status.textContent = t(`status.${state}`);
+        $("play").textContent = t(state === "playing" ? "btn.pause" : "btn.play");
     }
 
     _show() {
-        const t = Math.floor(this.playhead);
-        $("timeline").value = String(t);
-        $("clock").textContent = `${fmtTime(t)} / ${fmtTime(this.rec.endMs)}`;
+        const ms = Math.floor(this.playhead);
+        $("timeline").value = String(ms);
+        $("clock").textContent = `${fmtTime(ms)} / ${fmtTime(this.rec.endMs)}`;
         for (const li of $("track").children) {
-            li.classList.toggle("past", Number(li.dataset.ms) <= t);
+            li.classList.toggle("past", Number(li.dataset.ms) <= ms);
         }
     }
 }
@@ -365,7 +494,7 @@ async function load(key) {
     const id = decodeURIComponent(location.pathname.split("/").pop());
     const status = $("status");
     status.dataset.state = "loading";
-    status.textContent = "Loading the recording…";
+    status.textContent = t("status.loading");
     let resp;
     try {
         resp = await fetch(`/api/recordings/${encodeURIComponent(id)}`, {
@@ -373,7 +502,7 @@ async function load(key) {
             cache: "no-store",
         });
     } catch (e) {
-        fail(`Could not load the recording: ${e.message}`);
+        fail(t("error.fetch", { reason: e.message }));
         return;
     }
     if (!resp.ok) {
@@ -381,23 +510,24 @@ async function load(key) {
         try {
             message = (await resp.json()).error || message;
         } catch (e) { /* not JSON */ }
-        fail(resp.status === 401 ? "Wrong admin key." : `Cannot play this recording: ${message}`);
+        fail(resp.status === 401 ? t("error.key") : t("error.play", { reason: message }));
         return;
     }
     let rec;
     try {
         rec = parseRecording(await resp.arrayBuffer());
     } catch (e) {
-        fail(`Cannot play this recording: ${e instanceof RecordingError ? "damaged: " : ""}${e.message}`);
+        fail(t(e instanceof RecordingError ? "error.damaged" : "error.play", { reason: e.message }));
         return;
     }
     $("key-form").hidden = true;
     $("controls").hidden = false;
     const h = rec.header;
-    $("info").textContent = `${h.id} — VM ${h.vm || "?"}${h.name ? ` (${h.name})` : ""}, client ${h.client_ip || "?"}, ` +
-        `started ${new Date(h.started * 1000).toISOString()}, keys ${h.keys}` +
-        (rec.complete ? "" : ` — INCOMPLETE: ${rec.reason || "cut off"}`);
-    document.title = `Recording ${h.vm || h.id}`;
+    $("info").textContent = t("info", {
+        id: h.id, vm: h.vm || "?", name: h.name ? ` (${h.name})` : "", client: h.client_ip || "?",
+        started: new Date(h.started * 1000).toISOString(), keys: h.keys,
+    }) + (rec.complete ? "" : t("info.incomplete", { reason: rec.reason || t("info.cutoff") }));
+    document.title = t("title.vm", { vm: h.vm || h.id });
     const track = $("track");
     for (const ev of rec.events) {
         const li = document.createElement("li");

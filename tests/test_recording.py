@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import struct
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -139,11 +140,13 @@ async def test_none_stores_no_input_and_claim_overrides_enabled(tmp_path: Path) 
 
 
 async def test_keyframes_are_full_updates_listed_in_the_index(tmp_path: Path) -> None:
+    """A due keyframe makes the browser's next (incremental) request a full one; the index's
+    seek point names where its reply starts in the bytes down, so a player can start there."""
     cfg = rec_config(tmp_path, keyframe_interval_seconds=1)
     async with demo() as d, running_proxy(tmp_path, recording=cfg) as p:
         async with RFBClient.connect(p.url(p.token(port=d.port, password=d.password))) as c:
             await c.handshake()
-            await c.send(b"\x02\x00\x00\x01\x00\x00\x00\x00")  # SetEncodings: Raw
+            await c.send(struct.pack(">BxH3i", 2, 3, 7, 16, 0))  # SetEncodings: Tight, ZRLE, Raw
             rec = await wait_for(lambda: next(iter(p.server.recordings.active.values()), None), "recording")
             # The audit view of the session names its recording.
             async with aiohttp.ClientSession() as http, http.get(
@@ -151,22 +154,81 @@ async def test_keyframes_are_full_updates_listed_in_the_index(tmp_path: Path) ->
             ) as resp:
                 (s,) = (await resp.json())["sessions"]
                 assert s["recording"] == rec.rid
-            # The browser asks for nothing: the full updates come from the proxy's requests.
+            incremental = struct.pack(">BBHHHH", 3, 1, 0, 0, 320, 200)
             for _ in range(2):
-                pixels = await c.read_raw_update()
+                await wait_for(lambda: rec.keyframe_pending, "a keyframe due")
+                await c.send(incremental)  # nothing changed on the demo's screen: a full update
+                pixels = await c.read_raw_update()  # came only because the proxy asked for one
                 assert len(pixels) == 320 * 200 * 4
-            assert len(rec.keyframes) >= 2
+            assert len(rec.seek_points) >= 2
         meta = await finished(p)
         data = p.server.recordings.store.path(meta["id"]).read_bytes()
         idx = fmt.scan(data)
-        assert len(idx.keyframes) >= 2 and idx.complete
-        # After each keyframe the next bytes down start a whole-screen Raw update.
-        recs = list(fmt.records(data))
-        for i, r in enumerate(recs):
-            if r.kind == fmt.KEYFRAME:
-                down = b"".join(x.data for x in recs[i + 1 :] if x.kind == fmt.DOWN)
-                assert down[:16] == struct.pack(">BxHHHHHi", 0, 1, 0, 0, 320, 200, 0)
-                break
+        assert len(idx.keyframes) >= 2 and idx.complete and idx.header["seekable"] is True
+        assert [k.ms for k in idx.seek_points] == idx.keyframes
+        # At each seek point's offset in the bytes down starts a whole-screen Raw update.
+        down = b"".join(r.data for r in fmt.records(data) if r.kind == fmt.DOWN)
+        for point in idx.seek_points:
+            assert (point.width, point.height) == (320, 200)
+            assert down[point.offset : point.offset + 16] == struct.pack(">BxHHHHHi", 0, 1, 0, 0, 320, 200, 0)
+
+
+def o_direct_works(d: Path) -> bool:
+    try:
+        fd = os.open(d / "o-direct-probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+async def test_a_streaming_console_is_read_into_its_recording_byte_for_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Big reads go straight into the recording's buffer (Recorder.read_buffer, no copy), and with
+    O_DIRECT its blocks go to the disk from there; what is stored is still exactly what the
+    browser got."""
+    lent: list[int] = []
+    read_buffer = recording.Recorder.read_buffer
+
+    def counting(self: recording.Recorder) -> memoryview | None:
+        view = read_buffer(self)
+        if view is not None:
+            lent.append(len(view))
+        return view
+
+    monkeypatch.setattr(recording.Recorder, "read_buffer", counting)
+    d = DemoVncServer(width=1024, height=768)
+    await d.start()
+    try:
+        async with running_proxy(tmp_path, recording=rec_config(tmp_path)) as p:
+            async with RFBClient.connect(p.url(p.token(port=d.port, password=d.password))) as c:
+                await c.handshake()
+                await c.send(b"\x02\x00\x00\x01\x00\x00\x00\x00")  # SetEncodings: Raw
+                got = []
+                for _ in range(4):
+                    await c.send(struct.pack(">BBHHHH", 3, 0, 0, 0, 1024, 768))
+                    got.append(await c.read_raw_update())
+            meta = await finished(p)
+            data = p.server.recordings.store.path(meta["id"]).read_bytes()
+            writer = p.server.recordings.writer
+            assert writer is not None
+            # Where the store has O_DIRECT (ext4 here; not tmpfs) the blocks went from the buffers.
+            direct = writer.direct_bytes
+    finally:
+        await d.close()
+    assert meta["state"] == "complete" and lent
+    if o_direct_works(tmp_path):
+        assert direct > 0
+    down = b"".join(r.data for r in fmt.records(data) if r.kind == fmt.DOWN)
+    (name_length,) = struct.unpack_from(">I", down, 20)
+    at = 24 + name_length
+    head = struct.pack(">BxHHHHHi", 0, 1, 0, 0, 1024, 768, 0)
+    for pixels in got:
+        assert down[at : at + 16] == head
+        assert down[at + 16 : at + 16 + len(pixels)] == pixels
+        at += 16 + len(pixels)
+    assert at == len(down)
 
 
 async def test_slow_disk_makes_the_recording_incomplete_not_the_console_slow(

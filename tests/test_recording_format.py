@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from consoleproxy import recording
 from consoleproxy import recording_format as fmt
 from consoleproxy.recording_policy import input_record, should_record
 from consoleproxy.recording_store import (
@@ -19,7 +20,7 @@ from consoleproxy.recording_store import (
     new_id,
     parse_store,
 )
-from consoleproxy.rfb import ClientMessageFilter, RFBError
+from consoleproxy.rfb import ClientMessageFilter, RFBError, seekable_encodings
 
 
 def build(chunks: list[list[bytes]], *, keyframes: list[int] | None = None, end_ms: int = 0) -> bytes:
@@ -161,6 +162,126 @@ def test_filter_boundary() -> None:
     assert flt.at_message_boundary
 
 
+# noVNC 1.5's SetEncodings (Tight, TightPNG, ZRLE, JPEG, Hextile, RRE, Raw, CopyRect, zlib, then
+# pseudo-encodings: quality, compression, DesktopSize, LastRect, QEMU key, ExtendedDesktopSize,
+# fence, continuous updates, cursor, ExtendedMouseButtons) and what a recorded console sends.
+NOVNC_ENCODINGS = [7, -260, 16, 21, 5, 2, 0, 1, 6, -26, -250, -223, -224, -258, -308, -312, -313, -239, -316]
+SEEKABLE = [5, 2, 0, 1, -26, -250, -223, -224, -258, -308, -312, -313, -239, -316]
+
+
+def set_encodings(encodings: list[int]) -> bytes:
+    return struct.pack(f">BxH{len(encodings)}i", 2, len(encodings), *encodings)
+
+
+@pytest.mark.parametrize("split", [1, 3, 7, 1000])
+def test_seekable_filter_rewrites_set_encodings_however_split(split: int) -> None:
+    """Tight, ZRLE, zlib, JPEG and TightPNG keep decoder state between updates: a recorded console
+    asks the VNC server for none of them, so a player can start decoding at a keyframe."""
+    seen: list[bytes] = []
+    flt = ClientMessageFilter(view_only=False, expect_client_init=False, observer=seen.append, seekable=True)
+    stream = KEY_DOWN_P + set_encodings(NOVNC_ENCODINGS) + POINTER + set_encodings([16, 7]) + KEY_DOWN_P
+    out = b""
+    for i in range(0, len(stream), split):
+        out += flt.feed(stream[i : i + split])
+        if 0 < i < len(KEY_DOWN_P) + 4 * len(NOVNC_ENCODINGS) - split:
+            assert len(out) <= len(KEY_DOWN_P)  # nothing of a SetEncodings leaves before its end
+    assert out == KEY_DOWN_P + set_encodings(SEEKABLE) + POINTER + set_encodings([]) + KEY_DOWN_P
+    assert seen == [KEY_DOWN_P, POINTER, KEY_DOWN_P] and flt.at_message_boundary
+    plain = ClientMessageFilter(view_only=False, expect_client_init=False)
+    assert plain.feed(set_encodings(NOVNC_ENCODINGS)) == set_encodings(NOVNC_ENCODINGS)
+
+
+def test_seekable_encodings_refuses_a_message_that_is_not_whole() -> None:
+    with pytest.raises(RFBError, match="not 12"):
+        seekable_encodings(set_encodings([0, 1])[:-1] + b"")
+    with pytest.raises(RFBError, match="not a SetEncodings"):
+        seekable_encodings(b"\x03\x00\x00\x00")
+
+
+@pytest.mark.parametrize("split", [1, 4, 1000])
+def test_filter_hands_whole_update_requests_to_on_request(split: int) -> None:
+    got: list[bytes] = []
+
+    def full(message: bytes) -> bytes:
+        got.append(message)
+        return b"\x03\x00" + message[2:]
+
+    flt = ClientMessageFilter(view_only=False, expect_client_init=False, on_request=full)
+    pf = bytes(range(16))
+    fbur = struct.pack(">BBHHHH", 3, 1, 0, 0, 640, 480)
+    stream = b"\x00\x00\x00\x00" + pf + fbur + KEY_DOWN_P
+    out = b""
+    for i in range(0, len(stream), split):
+        out += flt.feed(stream[i : i + split])
+    assert got == [fbur] and flt.pixel_format == pf
+    assert out == b"\x00\x00\x00\x00" + pf + b"\x03\x00" + fbur[2:] + KEY_DOWN_P
+
+
+class _NoWriter:
+    """Recorder.request appends to the recorder's buffer; nothing reaches a writer here."""
+
+
+def test_due_keyframe_makes_the_browsers_next_request_full_at_the_bytes_so_far() -> None:
+    rec = recording.Recorder("r", _NoWriter(), "redact", 0.0, recording.BufferPool())  # type: ignore[arg-type]
+    flt = ClientMessageFilter(
+        view_only=False, expect_client_init=False, on_request=rec.request, seekable=True
+    )
+    rec.filter = flt
+    rec.server_init(struct.pack(">HH", 640, 480) + bytes(20))
+    flt.feed(b"\x00\x00\x00\x00" + bytes(range(16)))  # the browser's SetPixelFormat
+    incremental = struct.pack(">BBHHHH", 3, 1, 0, 0, 800, 600)
+    assert flt.feed(incremental) == incremental  # no keyframe due: passes
+    rec.down(b"x" * 1000)
+    rec.keyframe_pending = True
+    assert flt.feed(incremental) == struct.pack(">BBHHHH", 3, 0, 0, 0, 800, 600)
+    assert flt.feed(incremental) == incremental  # once
+    assert not rec.keyframe_pending and len(rec.keyframes) == 1
+    (point,) = rec.seek_points
+    assert (point.offset, point.width, point.height) == (24 + 1000, 800, 600)
+    assert point.pixel_format == bytes(range(16))
+    # The browser's own full request is a seek point too.
+    flt.feed(struct.pack(">BBHHHH", 3, 0, 0, 0, 800, 600))
+    assert [p.offset for p in rec.seek_points] == [1024, 1024]
+    # In the file: the KEYFRAME record carries it, and the index reads it back.
+    assert rec._buf is not None
+    payload = bytes(rec._buf[: rec._pos])
+    data = fmt.header({}) + fmt.chunk(payload, 0) + fmt.end(fmt.Index(header={}, end_ms=1))
+    idx = fmt.scan(data)
+    assert idx.seek_points == rec.seek_points
+    assert idx.seek_point_before(10**9) == rec.seek_points[-1]
+
+
+def test_pool_keeps_a_streams_buffers_and_gives_back_the_unneeded() -> None:
+    """Fresh pages per chunk cost more than anything else in recording: the pool keeps as many
+    big buffers as a stream has in flight, and gives back those a trim interval did not use."""
+    pool = recording.BufferPool(size=64 * 1024, small=4096)
+    assert pool.keep == recording.MAX_BACKLOG // recording.FLUSH_BYTES + 2
+    bufs = [pool.get(10_000) for _ in range(pool.keep + 3)]
+    for b in bufs:
+        pool.put(b)
+    assert len(pool._free) == pool.keep
+    pool.trim()  # in this interval every buffer was in use: all are kept
+    assert len(pool._free) == pool.keep
+    again = pool.get(10_000)
+    assert any(again is b for b in bufs)  # reused, not fresh
+    pool.put(again)
+    pool.trim()  # in this one one was needed: the rest go
+    assert len(pool._free) == 1
+    pool.trim()
+    assert pool._free == []
+    held = pool.get(10_000)
+    view = memoryview(held)[:10]
+    pool.put(held)  # a transport still has a view of it: not reused
+    assert pool._free == []
+    view.release()
+
+
+def test_a_keyframe_record_of_the_wrong_size_is_corrupt() -> None:
+    data = build([[fmt.record(fmt.DOWN, 0, b"init"), fmt.record(fmt.KEYFRAME, 5, b"short")]])
+    with pytest.raises(fmt.RecordingCorrupt, match="keyframe record at 5 ms has 5 bytes, not 28"):
+        fmt.scan(data)
+
+
 # --- store names -------------------------------------------------------------------------------
 
 
@@ -223,6 +344,7 @@ def test_lenient_filter_passes_what_it_cannot_frame() -> None:
         ("retention_days = -1", "a number >= 0"),
         ("max_total_gib = -2", "a number >= 0"),
         ('enabled = "yes"', "true or false"),
+        ("seekable_encodings = 1", "true or false"),
     ],
 )
 def test_bad_recording_config(tmp_path, text: str, needle: str) -> None:  # type: ignore[no-untyped-def]
@@ -270,3 +392,39 @@ def test_writer_file_gets_every_byte_in_order_direct_or_not(tmp_path, direct: bo
     store.finish(rid, fd, {"id": rid, "state": "complete"})
     assert store.path(rid).read_bytes() == bytes(expected)
     assert f.size == len(expected)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_writer_sends_aligned_blocks_of_a_chunk_from_where_they_lie(tmp_path, direct: bool) -> None:  # type: ignore[no-untyped-def]
+    """A chunk in a page-aligned buffer placed as the recorder places it (its payload at the
+    file's position modulo 4 KiB) goes to the disk without the stage; one placed otherwise,
+    through it. Either way the file is exactly the bytes emitted."""
+    import mmap
+    import random
+
+    from consoleproxy import recording
+
+    store = FileStore(tmp_path)
+    rid = new_id()
+    fd, is_direct = store.open_new(rid, {"id": rid}, direct=direct)
+    f = recording._Open(fd, 0, {}, is_direct)
+    rng = random.Random(11)
+    expected = bytearray()
+    buf = mmap.mmap(-1, 4 * 1024 * 1024)
+    f.emit(b"H" * 77)
+    expected += b"H" * 77
+    for n, misplaced in [(100_000, False), (5, False), (3 * 1024 * 1024, False), (9000, True), (4096, False)]:
+        start = (f.size + fmt.CHUNK_HEADER + (1 if misplaced else 0)) % recording.ALIGN
+        payload = rng.randbytes(n)
+        buf[start : start + n] = payload
+        head = b"C" * fmt.CHUNK_HEADER
+        with memoryview(buf)[start : start + n] as view:
+            f.emit(head, view, aligned_at=start)
+        expected += head + payload
+    f.drain()
+    store.finish(rid, fd, {"id": rid, "state": "complete"})
+    assert store.path(rid).read_bytes() == bytes(expected)
+    if is_direct:
+        assert f.direct_bytes >= 3 * 1024 * 1024  # the big chunks' blocks were not copied
+    else:
+        assert f.direct_bytes == 0

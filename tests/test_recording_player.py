@@ -59,8 +59,8 @@ CANVAS_SHA = """async () => {
 }"""
 
 
-async def open_player(br: Browser, p: Proxy, rid: str) -> None:
-    await br.page.goto(f"{p.admin}/recordings/{rid}")
+async def open_player(br: Browser, p: Proxy, rid: str, query: str = "") -> None:
+    await br.page.goto(f"{p.admin}/recordings/{rid}{query}")
     await br.page.fill("#key", p.server.admin_key or "")
     await br.page.click("#load")
     status = br.page.locator("#status")
@@ -100,12 +100,14 @@ async def test_playback_ends_on_the_live_consoles_last_frame(tmp_path: Path) -> 
         await br.page.focus("#screen canvas")
         await br.page.keyboard.type(PASSWORD)  # typed in the page: kept as redacted key events
         await br.page.mouse.click(100, 100)
-        # A keyframe (the proxy's full-update request) while the page runs.
+        # Keyframes while the page runs: noVNC's first full request, then one the proxy made of
+        # its next request after 2 s (the screen changes as the password is typed and clicked).
         recorder = next(iter(p.server.recordings.active.values()))
         rid = recorder.rid
         async with asyncio.timeout(20):
-            while not recorder.keyframes:
-                await asyncio.sleep(0.05)
+            while len(recorder.seek_points) < 2:
+                await br.page.mouse.move(100 + len(recorder.seek_points), 120)
+                await asyncio.sleep(0.2)
         async with aiohttp.ClientSession() as http:
             async with http.get(p.admin + "/api/sessions", headers=p.admin_headers) as r:
                 (s,) = (await r.json())["sessions"]
@@ -132,6 +134,12 @@ async def test_playback_ends_on_the_live_consoles_last_frame(tmp_path: Path) -> 
         await br.page.wait_for_selector("#status[data-state='ended']")
         played = await br.page.evaluate(CANVAS_SHA)
         assert played == live, "the player's last frame differs from the live console's"
+        # It decoded from the last keyframe, not from the start: QEMU's stream (with the
+        # encodings the proxy left the page) decodes from a keyframe in its middle.
+        idx = fmt.scan(data)
+        assert idx.header["seekable"] is True and len(idx.seek_points) >= 2
+        started = await br.page.evaluate("() => window.player.startOffset")
+        assert started == idx.seek_points[-1].offset > idx.seek_points[0].offset
         # The input track: redacted keys and the click.
         track = await br.page.locator("#track").inner_text()
         assert "key down (redacted)" in track and "pointer" in track and PASSWORD not in track
@@ -149,74 +157,161 @@ async def wait_finished(p: Proxy, rid: str) -> dict[str, Any]:
 
 # --- a synthetic 10-minute recording -------------------------------------------------------------
 
-W, H = 64, 48
+W, H = 64, 60
 SERVER_INIT = struct.pack(">HHBBBBHHHBBBxxx", W, H, 32, 24, 0, 1, 255, 255, 255, 16, 8, 0) + \
     struct.pack(">I", 5) + b"synth"
 
 
-def frame_pixels(second: int) -> bytes:
-    """The whole screen at ``second``: one colour per second (noVNC's 32 bpp, B G R X)."""
-    r, g, b = (second * 7) % 256, (second * 13) % 256, (second * 29) % 256
-    return bytes((b, g, r, 0)) * (W * H)
+def colour(second: int) -> tuple[int, int, int]:
+    return (second * 7) % 256, (second * 13) % 256, (second * 29) % 256
 
 
-def raw_update(second: int) -> bytes:
-    return struct.pack(">BxHHHHHi", 0, 1, 0, 0, W, H, 0) + frame_pixels(second)
+def update(second: int) -> bytes:
+    """What the screen gets at ``second``: at each whole minute (a keyframe) a full Raw update
+    of one colour; in the other seconds only row ``second % 60``, in a colour of its own. The
+    screen at a second is the keyframe's colour with the rows painted since over it: it depends
+    on every update since the keyframe, not on the last one alone."""
+    r, g, b = colour(second)
+    row = second % 60
+    y, h = (0, H) if row == 0 else (row, 1)
+    return struct.pack(">BxHHHHHi", 0, 1, 0, y, W, h, 0) + bytes((b, g, r, 0)) * (W * h)
 
 
-def synthetic_recording(store: FileStore, minutes: int = 10) -> str:
-    """A recording as the proxy writes it: a full Raw update every second, keyframes every 60 s."""
+def synthetic_recording(
+    store: FileStore, minutes: int = 10, *, seekable: bool = True, misplaced: int = -1
+) -> tuple[str, list[int]]:
+    """A recording as the proxy writes it (a Raw update every second, a keyframe every 60 s, the
+    first at 0 s: noVNC's first request is a full one); and each second's offset in the bytes down."""
     rid = new_id()
-    meta = {"id": rid, "vm": "synthetic", "client_ip": "127.0.0.1", "started": time.time(), "keys": "redact"}
+    meta = {"id": rid, "vm": "synthetic", "client_ip": "127.0.0.1", "started": time.time(), "keys": "redact",
+            "seekable": seekable}
     store.ensure()
     out = bytearray(fmt.header(meta))
     index = fmt.Index(header=meta)
+    offsets = []
+    down = 0
     for minute in range(minutes):
         recs = bytearray()
         for s in range(minute * 60, minute * 60 + 60):
             if s == 0:
                 recs += fmt.record(fmt.DOWN, 0, SERVER_INIT)
-            if s % 60 == 0 and s:
-                recs += fmt.record(fmt.KEYFRAME, s * 1000)
+                down += len(SERVER_INIT)
+            if s % 60 == 0:
+                # ``misplaced``: a keyframe whose offset is inside its update's pixels (a bug)
+                wrong = 16 + 1 if s == misplaced else 0  # green: 13 * s % 256, not a message type
+                recs += fmt.keyframe(s * 1000, down + wrong, W, H, None)
                 index.keyframes.append(s * 1000)
-            recs += fmt.record(fmt.DOWN, s * 1000 + 1, raw_update(s))
+            offsets.append(down)
+            u = update(s)
+            recs += fmt.record(fmt.DOWN, s * 1000 + 1, u)
+            down += len(u)
         index.chunks.append((len(out), minute * 60_000))
         out += fmt.chunk(recs, minute * 60_000)
+    offsets.append(down)
     index.end_ms = minutes * 60_000
     index.complete = True
     out += fmt.end(index)
     (store.dir / f"{rid}.cprec").write_bytes(out)
     store.write_meta(rid, {**meta, "state": "complete"})
-    return rid
+    return rid, offsets
 
 
 def expected_sha(second: int) -> str:
     # getImageData is RGBA with alpha 255.
-    r, g, b = (second * 7) % 256, (second * 13) % 256, (second * 29) % 256
-    return hashlib.sha256(bytes((r, g, b, 255)) * (W * H)).hexdigest()
+    key = second - second % 60
+    rows = [colour(key + y) if 0 < y <= second - key else colour(key) for y in range(H)]
+    return hashlib.sha256(b"".join(bytes((*c, 255)) * W for c in rows)).hexdigest()
+
+
+async def seek_and_check(br: Browser, second: int) -> dict[str, int]:
+    """Seek to ``second`` + 0.5 s; the right frame within 1 s; what the player fed its decoder."""
+    t0 = await br.page.evaluate("() => performance.now()")
+    await br.page.evaluate(f"() => window.player.seek({second * 1000 + 500})")
+    shown = f"async () => (await ({CANVAS_SHA})()).sha === '{expected_sha(second)}'"
+    await br.page.wait_for_function(shown, polling=20, timeout=5_000)
+    elapsed = await br.page.evaluate("() => performance.now()") - t0
+    assert elapsed < 1000, f"seeking to {second} s took {elapsed:.0f} ms"
+    fed: dict[str, int] = await br.page.evaluate(
+        "() => ({fed: window.player.fed, start: window.player.startOffset})"
+    )
+    return fed
 
 
 async def test_seeking_in_a_ten_minute_recording(tmp_path: Path) -> None:
+    """The player starts a fresh decoder at the keyframe before the target and feeds it only
+    the bytes from there: ``fed`` is exactly the bytes from that keyframe to the target."""
     require_tool("chromium", "chromium")
     rec = {"store": f"file://{tmp_path / 'rec'}"}
     async with running_proxy(tmp_path, recording=rec) as p, browser(p) as br:
-        rid = synthetic_recording(p.server.recordings.store)
+        rid, offsets = synthetic_recording(p.server.recordings.store)
         await open_player(br, p, rid)
         await wait_playing(br)
         await br.page.click("#play")  # pause
         await br.page.wait_for_selector("#status[data-state='paused']")
         assert await br.page.evaluate("() => window.player.rec.endMs") == 600_000
-        # The middle, then back to the start and forward again: each seek shows its frame < 1 s.
-        for second in (300, 30, 301, 599):
-            t0 = await br.page.evaluate("() => performance.now()")
-            await br.page.evaluate(f"() => window.player.seek({second * 1000 + 500})")
-            shown = f"async () => (await ({CANVAS_SHA})()).sha === '{expected_sha(second)}'"
-            await br.page.wait_for_function(shown, polling=20, timeout=5_000)
-            elapsed = await br.page.evaluate("() => performance.now()") - t0
-            assert elapsed < 1000, f"seeking to {second} s took {elapsed:.0f} ms"
+        # The middle, back to the start, forward again, the end: each starts at its keyframe.
+        # (310 after 301: forward past no keyframe, the same decoder fed on.)
+        for second in (300, 30, 301, 310, 599):
+            got = await seek_and_check(br, second)
+            key = second - second % 60
+            assert got == {"start": offsets[key], "fed": offsets[second + 1] - offsets[key]}, second
         keyframes = await br.page.locator("#track li.keyframe").count()
-        assert keyframes == 9
+        assert keyframes == 10
         assert_clean(br, p)
+        # Not seekable (the browser's encodings were left as they were): from the start.
+        rid, offsets = synthetic_recording(p.server.recordings.store, minutes=2, seekable=False)
+        await br.page.goto("about:blank")
+        await open_player(br, p, rid)
+        await wait_playing(br)
+        got = await seek_and_check(br, 90)
+        assert got == {"start": 0, "fed": offsets[91]}
+        assert_clean(br, p)
+        # A keyframe whose offset starts no server message is passed over for the one before.
+        rid, offsets = synthetic_recording(p.server.recordings.store, minutes=3, misplaced=120)
+        await br.page.goto("about:blank")
+        await open_player(br, p, rid)
+        await wait_playing(br)
+        got = await seek_and_check(br, 130)
+        assert got == {"start": offsets[60], "fed": offsets[131] - offsets[60]}
+        assert_clean(br, p)
+
+
+KO = ("녹화를 불러오려면 관리자 키를 입력하십시오.", "불러오기", "재생 중", "일시 정지",
+      "전체 화면 갱신 (키프레임)", "이 녹화를 재생할 수 없습니다: ")
+EN = ("Enter the admin key to load the recording.", "Load", "Playing", "Pause",
+      "full update (keyframe)", "Cannot play this recording: ")
+
+
+@pytest.mark.parametrize(
+    ("locale", "query", "texts"),
+    [("ko-KR", "", KO), ("ko-KR", "?language=en", EN), ("en-US", "?language=ko", KO), ("en-US", "", EN)],
+)
+async def test_player_in_korean_and_english(
+    tmp_path: Path, locale: str, query: str, texts: tuple[str, ...]
+) -> None:
+    """The player picks its language as the console page does: ?language=, else the browser's."""
+    require_tool("chromium", "chromium")
+    key, load, playing, pause, keyframe, refused = texts
+    rec = {"store": f"file://{tmp_path / 'rec'}"}
+    async with running_proxy(tmp_path, recording=rec) as p, browser(p, locale) as br:
+        rid, _ = synthetic_recording(p.server.recordings.store, minutes=2)
+        await br.page.goto(f"{p.admin}/recordings/{rid}{query}")
+        assert await br.page.locator("#status").inner_text() == key
+        assert await br.page.locator("#load").inner_text() == load
+        assert await br.page.evaluate("document.documentElement.lang") == ("ko" if "녹화" in key else "en")
+        await open_player(br, p, rid, query)
+        await wait_playing(br)
+        assert await br.page.locator("#status").inner_text() == playing
+        assert await br.page.locator("#play").inner_text() == pause
+        assert await br.page.locator("#track li.keyframe").first.inner_text() == f"0:00 {keyframe}"
+        assert_clean(br, p)
+        await br.page.goto(f"{p.admin}/recordings/19700101T000000Z-0000000000000000{query}")
+        await br.page.fill("#key", p.server.admin_key or "")
+        await br.page.click("#load")
+        error = br.page.locator("#status[data-state='error']")
+        await error.wait_for()
+        assert (await error.inner_text()).startswith(refused)
+        br.errors.clear()  # the 404 itself is logged by the browser
 
 
 async def test_damaged_recording_is_a_clear_error_in_the_player(tmp_path: Path) -> None:
@@ -224,7 +319,7 @@ async def test_damaged_recording_is_a_clear_error_in_the_player(tmp_path: Path) 
     rec = {"store": f"file://{tmp_path / 'rec'}"}
     async with running_proxy(tmp_path, recording=rec) as p, browser(p) as br:
         store = p.server.recordings.store
-        rid = synthetic_recording(store, minutes=1)
+        rid, _ = synthetic_recording(store, minutes=1)
         path = store.path(rid)
         path.write_bytes(path.read_bytes()[:-100])
         await open_player(br, p, rid)

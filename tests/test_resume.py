@@ -33,7 +33,7 @@ from websockets.exceptions import ConnectionClosed
 from consoleproxy.cloudstack import CloudStackKeys, encrypt_gcm
 from consoleproxy.errors import ConfigError, ResumeRefused, TokenInvalid
 from consoleproxy.resume import TicketBody, issue_ticket, open_ticket, seal_body, used_key
-from consoleproxy.server import NOTICE_PREFIX, RECORDED_NOTICE, ProxyServer
+from consoleproxy.server import NOTICE_PREFIX, NOTICE_PROTOCOL, RECORDED_NOTICE, ProxyServer
 from consoleproxy.tokens import Keyring, decode, issue
 
 RING = Keyring.generate()
@@ -207,6 +207,39 @@ async def test_ticket_only_when_asked_and_resume_after_a_cut(tmp_path: Path) -> 
         async with resumed(p, second, after=1001) as third:
             await connect_echo(third)
         assert 'consoleproxy_resumes_total{cause="drain"} 1.0' in p.server.metrics.render().decode()
+
+
+@pytest.mark.xfail(strict=True, reason="fixed in handle_websocket after issue 17a merges")
+async def test_a_refused_resume_sends_no_recorded_notice(tmp_path: Path) -> None:
+    """A recorded console's page is told "this session is recorded" only by a console that
+    opens: a resume refused with 4005 (its ticket already used) sends no notice before its close,
+    or the page would flash it over the refusal."""
+    rec = {"enabled": False, "store": f"file://{tmp_path / 'rec'}"}  # recorded by the claim
+    protocols = ["binary", NOTICE_PROTOCOL]
+    async with running_proxy(tmp_path, recording=rec) as p, tcp_server(echo_backend) as port:
+        url = p.url(p.token(port=port, record=True)) + "&resume=1"
+        async with TicketClient.connect(url, subprotocols=protocols) as c:
+            assert isinstance(c, TicketClient)
+            await connect_echo(c)
+            while not [t for t in c.tickets if not t.startswith(NOTICE_PREFIX)]:
+                await c.next_ticket()
+            assert c.tickets[0] == RECORDED_NOTICE  # the console that opened was told
+            (ticket,) = [t for t in c.tickets if not t.startswith(NOTICE_PREFIX)]
+            c.cut()
+        async with resumed(p, ticket) as again:  # the ticket is used here
+            await connect_echo(again)
+        texts: list[str] = []
+        async with TicketClient.connect(
+            f"ws://127.0.0.1:{p.port}/websockify?resume=1&after=1006", subprotocols=protocols
+        ) as refused:
+            await refused.ws.send(ticket.encode())
+            with contextlib.suppress(ConnectionClosed):
+                async with asyncio.timeout(10):
+                    async for msg in refused.ws:
+                        if isinstance(msg, str):
+                            texts.append(msg)
+            assert refused.ws.close_code == 4005
+        assert texts == []
 
 
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("redis", marks=pytest.mark.integration)])
