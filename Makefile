@@ -15,11 +15,11 @@ STAMP  := $(VENV)/.installed
 LOWEST := .venv-lowest
 # The console path (plain, TLS, VeNCrypt; both event loops where conftest.py says so) and the
 # modules each dependency serves: tokens (joserfc, cryptography), replay stores (redis), health
-# (psutil), DNS (dnspython), metrics (prometheus-client), reload.
+# (psutil), DNS (dnspython), metrics (prometheus-client), reload, ACME orders against Pebble (acme).
 LOWEST_TESTS := tests/test_console_path.py tests/test_tls_proxy.py tests/test_vencrypt.py \
 	tests/test_relay_close.py tests/test_listener.py tests/test_drain.py tests/test_rfb.py \
 	tests/test_wsframes.py tests/test_tokens.py tests/test_cloudstack.py tests/test_replay_stores.py \
-	tests/test_health.py tests/test_dns.py tests/test_reload.py
+	tests/test_health.py tests/test_dns.py tests/test_reload.py tests/test_acme.py tests/test_acme_policy.py
 
 PYTHONS_TESTS := tests/test_console_path.py tests/test_tls_proxy.py tests/test_vencrypt.py \
 	tests/test_relay_close.py tests/test_reload.py
