@@ -1,5 +1,6 @@
 # make run   — set everything up and start the demo (proxy + demo VNC server + dev certificate)
 # make test  — set everything up and run the whole suite (ruff, mypy, pytest)
+# make unit  — the tests that start no program (pytest -m "not integration"; tests/conftest.py)
 # make bench — benchmarks (bench/README.md)
 # make fuzz  — the fuzzers of tests/test_fuzz.py with thousands of examples each (a few minutes)
 # make test-lowest — the console-path tests on the lowest version of every dependency pyproject.toml
@@ -14,16 +15,16 @@ STAMP  := $(VENV)/.installed
 LOWEST := .venv-lowest
 # The console path (plain, TLS, VeNCrypt; both event loops where conftest.py says so) and the
 # modules each dependency serves: tokens (joserfc, cryptography), replay stores (redis), health
-# (psutil), DNS (dnspython), metrics (prometheus-client), reload.
+# (psutil), DNS (dnspython), metrics (prometheus-client), reload, ACME orders against Pebble (acme).
 LOWEST_TESTS := tests/test_console_path.py tests/test_tls_proxy.py tests/test_vencrypt.py \
 	tests/test_relay_close.py tests/test_listener.py tests/test_drain.py tests/test_rfb.py \
 	tests/test_wsframes.py tests/test_tokens.py tests/test_cloudstack.py tests/test_replay_stores.py \
-	tests/test_health.py tests/test_dns.py tests/test_reload.py
+	tests/test_health.py tests/test_dns.py tests/test_reload.py tests/test_acme.py tests/test_acme_policy.py
 
 PYTHONS_TESTS := tests/test_console_path.py tests/test_tls_proxy.py tests/test_vencrypt.py \
 	tests/test_relay_close.py tests/test_reload.py
 
-.PHONY: run test bench lint typecheck unit setup system clean fuzz test-lowest test-pythons
+.PHONY: run test bench lint typecheck unit suite setup system clean fuzz test-lowest test-pythons
 
 $(STAMP): pyproject.toml consoleproxy/__init__.py  # the version: the installed metadata follows it
 	$(PYTHON) -m venv $(VENV)
@@ -46,10 +47,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# Pure code only: tests/conftest.py refuses to start a program in a test not marked integration.
 unit: setup
+	$(VENV)/bin/pytest -q -m "not integration"
+
+suite: setup
 	$(VENV)/bin/pytest -q
 
-test: setup lint typecheck unit
+test: setup lint typecheck suite
 
 $(LOWEST)/.installed: pyproject.toml scripts/lowest-constraints.py
 	rm -rf $(LOWEST)

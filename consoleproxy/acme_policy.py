@@ -18,12 +18,11 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import json
-import os
-import secrets
 import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .atomicfile import write_atomic
 from .errors import ConsoleProxyError
 
 __all__ = [
@@ -270,13 +269,8 @@ class ChallengeRecords:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, json.dumps({"txt": self._txt, "http": self._http}).encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        # Challenge records live minutes and are written again on a restart: no fsync.
+        write_atomic(self.path, json.dumps({"txt": self._txt, "http": self._http}).encode(), fsync=False)
         self._stamp = self.path.stat().st_mtime_ns
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import ipaddress
 import os
 import secrets
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .addresses import parse_ip
 from .certchain import Item
 from .certpem import CertificateError
 from .errors import ConfigError
@@ -50,7 +50,7 @@ def _is_loopback(address: str) -> bool:
     if address.lower() in ("localhost", "localhost."):
         return True
     try:
-        return ipaddress.ip_address(address.strip("[]")).is_loopback
+        return parse_ip(address.strip("[]")).is_loopback  # ::ffff:127.0.0.1 too
     except ValueError:
         return False  # a host name other than localhost may resolve to anything
 

@@ -45,6 +45,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
 
+from .atomicfile import write_atomic
 from .certchain import (
     DEV_SERVER_ITEM,
     EXPIRY_WARNING,
@@ -110,14 +111,7 @@ class ImportResult:
 
 
 def _write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=mode)
 
 
 def _fsync_dir(path: Path) -> None:

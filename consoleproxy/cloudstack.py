@@ -39,7 +39,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import ipaddress
 import json
 import os
 import re
@@ -48,7 +47,6 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -56,7 +54,9 @@ from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from .addresses import parse_ip, same_ip
 from .errors import ConsoleProxyError, Forbidden, TokenAlreadyUsed, TokenExpired, TokenInvalid
+from .keyfiles import json_document, load_key_file, strict_json
 from .replay import ReplayStore
 from .tokens import Claims
 
@@ -139,12 +139,6 @@ def _b64decode_key(text: str) -> bytes:
         raise ValueError("not base64") from None
 
 
-def _short(value: object) -> str:
-    """repr() of an attacker-chosen value, cut so it cannot flood a log line."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 # --- keys --------------------------------------------------------------------------------------
 
 
@@ -190,12 +184,7 @@ class CloudStackKeys:
     @classmethod
     def loads(cls, text: str, *, auth_key: bytes | None = None) -> CloudStackKeys:
         """Parse the key/IV JSON; every defect raises :class:`CloudStackKeyError`."""
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CloudStackKeyError(f"key file is not JSON (line {exc.lineno} column {exc.colno})") from None
-        except (ValueError, RecursionError):
-            raise CloudStackKeyError("key file is not JSON") from None
+        doc = json_document(text, "key file", CloudStackKeyError)
         if not isinstance(doc, dict):
             raise CloudStackKeyError("key file is not a JSON object")
         values: dict[str, bytes] = {}
@@ -215,43 +204,17 @@ class CloudStackKeys:
     def load(cls, path: str | os.PathLike[str], *, auth_key: bytes | None = None) -> CloudStackKeys:
         """Read a key/IV JSON file; unreadable or wrong files raise :class:`CloudStackKeyError`."""
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            return load_key_file(path, lambda text: cls.loads(text, auth_key=auth_key), CloudStackKeyError)
         except FileNotFoundError:
             raise CloudStackKeyError(f"{os.fspath(path)}: no such file") from None
-        except UnicodeDecodeError:
-            raise CloudStackKeyError(f"{os.fspath(path)}: not UTF-8 text") from None
-        except OSError as exc:
-            raise CloudStackKeyError(f"{os.fspath(path)}: cannot read ({exc.strerror})") from None
-        try:
-            return cls.loads(text, auth_key=auth_key)
-        except CloudStackKeyError as exc:
-            raise CloudStackKeyError(f"{os.fspath(path)}: {exc}") from None
 
 
 # --- decryption --------------------------------------------------------------------------------
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    d: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in d:
-            raise ValueError("duplicate key")
-        d[key] = value
-    return d
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _parse_json(plaintext: bytes) -> dict[str, Any]:
     """Strict JSON object (UTF-8, no NaN, no duplicate names) or ``ValueError``."""
-    try:
-        data = json.loads(
-            plaintext.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants
-        )
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
+    data = strict_json(plaintext)
     if not isinstance(data, dict):
         raise ValueError("not an object")
     return data
@@ -391,13 +354,6 @@ def encrypt_cbc_hmac(keys: CloudStackKeys, fields: Mapping[str, Any], *, iv: byt
 # --- fields -> claims --------------------------------------------------------------------------
 
 
-def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    addr = ipaddress.ip_address(text.strip())
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
 def _opt_str(fields: Mapping[str, Any], name: str) -> str | None:
     value = fields.get(name)
     if value is not None and not isinstance(value, str):
@@ -474,7 +430,7 @@ def to_claims(
     source_ip = _opt_str(fields, "sourceIP")
     if check_source_ip and source_ip:
         try:
-            client_ip = str(_parse_ip(source_ip))
+            client_ip = str(parse_ip(source_ip.strip()))
         except ValueError:
             raise TokenInvalid("CloudStack field 'sourceIP' is not an IP address") from None
 
@@ -590,11 +546,7 @@ class CloudStackValidator:
         claims = to_claims(fields, now=now, token=token, check_source_ip=self.check_source_ip)
 
         if self.check_source_ip and claims.client_ip is not None:
-            try:
-                match = client_ip is not None and _parse_ip(client_ip) == _parse_ip(claims.client_ip)
-            except ValueError:
-                match = False
-            if not match:
+            if client_ip is None or not same_ip(client_ip, claims.client_ip):
                 raise Forbidden("source IP does not match")
 
         expected_extra = fields.get("extraSecurityToken")

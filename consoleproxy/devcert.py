@@ -12,7 +12,6 @@ import contextlib
 import datetime as dt
 import fcntl
 import os
-import secrets
 import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .atomicfile import write_atomic
 from .certchain import EXPIRY_WARNING, Item, VerifiedBundle, bundle_key, ip_or_dns
 from .certpem import CertificateError
 from .certstore import CertStore
@@ -41,14 +41,7 @@ def write_private(path: Path, data: bytes) -> None:
     """A secret file: 0600 from the first byte (O_CREAT mode), then an atomic rename into place
     (a unique temporary name, so two writers never share one)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=0o600)
 
 
 @contextlib.contextmanager
@@ -122,7 +115,7 @@ def _make_ca(store_dir: Path, now: dt.datetime) -> tuple[x509.Certificate, ec.El
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         ),
     )
-    (store_dir / CA_FILE).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(store_dir / CA_FILE, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
     return cert, key
 
 

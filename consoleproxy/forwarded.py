@@ -12,9 +12,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 
+from .addresses import normalized_ip
 from .errors import Forbidden
 
-__all__ = ["BadForwardedFor", "Networks", "client_address", "in_networks", "normalized_ip", "parse_networks"]
+__all__ = ["BadForwardedFor", "Networks", "client_address", "in_networks", "parse_networks"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Networks = tuple[Network, ...]
@@ -29,17 +30,6 @@ class BadForwardedFor(Forbidden):
 
 def parse_networks(cidrs: Iterable[str]) -> Networks:
     return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
-
-
-def normalized_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """``address`` as an IP (an IPv4-mapped IPv6 peer as IPv4); None when it is not one."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 def in_networks(address: str, networks: Networks) -> bool:

@@ -51,8 +51,9 @@ from typing import Any, cast
 from aiohttp import web
 
 from . import proxyproto
+from .addresses import normalized_ip
 from .config import Limits
-from .forwarded import Networks, in_networks, normalized_ip, parse_networks
+from .forwarded import Networks, in_networks, parse_networks
 from .metrics import Metrics
 from .proxyproto import ProxyHeader, ProxyProtocolError
 

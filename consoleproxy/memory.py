@@ -16,7 +16,6 @@ macOS) nothing is done.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from collections.abc import Callable
 
 __all__ = ["TRIM_EVERY", "Trimmer", "malloc_trim"]
@@ -27,10 +26,10 @@ TRIM_EVERY = 256
 
 def malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None where the C library has none."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        fn = libc.malloc_trim
+        # The C library the interpreter already runs on (dlopen(NULL)); find_library("c") would
+        # start `ldconfig -p` (a subprocess) at every server start.
+        fn = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_size_t]

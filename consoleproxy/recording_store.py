@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import recording_format as fmt
+from .atomicfile import write_atomic
 from .errors import ConsoleProxyError
 
 __all__ = [
@@ -125,10 +126,8 @@ class FileStore:
         self.write_meta(rid, meta)
 
     def write_meta(self, rid: str, meta: dict[str, Any]) -> None:
-        tmp = self.dir / f".{rid}.json.tmp"
-        tmp.write_text(json.dumps(meta, sort_keys=True), encoding="utf-8")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.meta_path(rid))
+        # 0600 from the first byte, like the recording; not fsynced (the recording is, at finish).
+        write_atomic(self.meta_path(rid), json.dumps(meta, sort_keys=True).encode(), fsync=False)
 
     # -- reading (the admin API, the CLI) ------------------------------------------------------
 

@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .addresses import same_ip
 from .errors import ResumeRefused
 from .tokens import LANG_KEY_RELEASE, Keyring, b64url_decode, b64url_encode
 
@@ -233,19 +234,8 @@ def open_ticket(keyring: Keyring, text: str, *, now: float, client_ip: str) -> T
     if not isinstance(inner, dict):
         raise ResumeRefused("resume ticket invalid")
     body = TicketBody.from_dict(inner)
-    if body.client_ip is not None and not _same_address(body.client_ip, client_ip):
+    if body.client_ip is not None and not same_ip(body.client_ip, client_ip):
         raise ResumeRefused("resume not allowed from this address")
     return body
 
 
-def _same_address(bound: str, client: str) -> bool:
-    try:
-        a, b = ipaddress.ip_address(bound), ipaddress.ip_address(client)
-    except ValueError:
-        return False
-    # Dual-stack sockets report IPv4 peers as ::ffff:a.b.c.d.
-    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
-        a = a.ipv4_mapped
-    if isinstance(b, ipaddress.IPv6Address) and b.ipv4_mapped is not None:
-        b = b.ipv4_mapped
-    return a == b

@@ -21,12 +21,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .addresses import IPAddress, parse_ip
 from .config import parse_port_range
 from .errors import Forbidden
 
 __all__ = ["TargetPolicy", "check_hostname_syntax", "is_ip_address", "local_addresses"]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -49,11 +49,9 @@ class TargetPolicy:
     def check(self, address: str | IPAddress, port: int) -> IPAddress:
         """Return the address when allowed; raise Forbidden naming the rule otherwise."""
         try:
-            ip = ipaddress.ip_address(address)
+            ip = parse_ip(address)
         except ValueError:
             raise Forbidden(f"target {address!r} is not an IP address") from None
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
         if not any(port in r for r in self.ports):
             raise Forbidden(f"target port {port} is outside the allowed VNC ports")
         inside = [n for n in self.networks if ip.version == n.version and ip in n]

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import json
 import os
 import re
 import secrets
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -32,7 +29,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from joserfc import jwe
 from joserfc.jwk import OctKey
 
+from .addresses import normalized_ip, same_ip
+from .atomicfile import write_atomic
 from .errors import ConsoleProxyError, Forbidden, TokenAlreadyUsed, TokenExpired, TokenInvalid
+from .keyfiles import json_document, load_key_file, short, strict_json
 from .replay import ReplayStore
 
 __all__ = [
@@ -96,26 +96,12 @@ def b64url_decode(text: str) -> bytes:
     return data
 
 
-def _short(value: object) -> str:
-    """repr() of an attacker-chosen value, cut so it cannot flood a log line."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 # --- claims ------------------------------------------------------------------------------------
 
 
 def _is_int(value: object) -> bool:
     # bool is an int subclass; a JSON true must not pass as port 1.
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    addr = ipaddress.ip_address(text)
-    # Dual-stack sockets report IPv4 peers as ::ffff:a.b.c.d; compare the IPv4 address itself.
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
 
 
 _REQUIRED = ("host", "port", "vm", "exp", "iat", "jti")
@@ -197,7 +183,7 @@ class Claims:
             raise TokenInvalid("claims are not a JSON object")
         for key in d:
             if key not in _KNOWN:
-                raise TokenInvalid(f"unknown claim {_short(key)}")
+                raise TokenInvalid(f"unknown claim {short(key)}")
         for key in _REQUIRED:
             if key not in d:
                 raise TokenInvalid(f"claim '{key}' is missing")
@@ -237,10 +223,8 @@ class Claims:
         if client_ip is not None:
             if not isinstance(client_ip, str):
                 raise TokenInvalid("claim 'client_ip' must be a string")
-            try:
-                _parse_ip(client_ip)
-            except ValueError:
-                raise TokenInvalid("claim 'client_ip' is not an IP address") from None
+            if normalized_ip(client_ip) is None:
+                raise TokenInvalid("claim 'client_ip' is not an IP address")
         view_only = d.get("view_only")
         if view_only is None:
             view_only = False
@@ -294,7 +278,7 @@ class Keyring:
         seen: set[str] = set()
         for kid, key in pairs:
             if not isinstance(kid, str) or not _KID.fullmatch(kid):
-                raise KeyringError(f"kid {_short(kid)} must be 1-128 printable ASCII characters")
+                raise KeyringError(f"kid {short(kid)} must be 1-128 printable ASCII characters")
             if kid in seen:
                 raise KeyringError(f"duplicate kid {kid!r} in keyring")
             seen.add(kid)
@@ -381,12 +365,7 @@ class Keyring:
     @classmethod
     def loads(cls, text: str) -> Keyring:
         """Parse the keyring file format; every defect raises :class:`KeyringError`."""
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise KeyringError(f"keyring is not JSON (line {exc.lineno} column {exc.colno})") from None
-        except (ValueError, RecursionError):
-            raise KeyringError("keyring is not JSON") from None
+        doc = json_document(text, "keyring", KeyringError)
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
             raise KeyringError('keyring has no "keys" list')
         entries = doc["keys"]
@@ -402,18 +381,14 @@ class Keyring:
             try:
                 key = b64url_decode(k)
             except ValueError:
-                raise KeyringError(f"key {_short(kid)} is not base64url without padding") from None
+                raise KeyringError(f"key {short(kid)} is not base64url without padding") from None
             pairs.append((kid, key))
         return cls(pairs)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Keyring:
         """Read a keyring file. A missing file raises ``FileNotFoundError`` (the CLI explains it)."""
-        text = Path(path).read_text(encoding="utf-8")
-        try:
-            return cls.loads(text)
-        except KeyringError as exc:
-            raise KeyringError(f"{os.fspath(path)}: {exc}") from None
+        return load_key_file(path, cls.loads, KeyringError)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically with mode 0600: a temp file in the same directory, then rename.
@@ -421,22 +396,7 @@ class Keyring:
         The file is created 0600 (never briefly world-readable) and a reader sees either the old
         keyring or the new one, never a partial file.
         """
-        target = Path(path)
-        data = self.dumps().encode("utf-8")
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            os.fchmod(fd, 0o600)  # mkstemp already uses 0600; be explicit about the contract
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_atomic(path, self.dumps().encode("utf-8"), mode=0o600)
 
 
 # --- issue and decode --------------------------------------------------------------------------
@@ -466,10 +426,8 @@ def issue(
     if not _is_int(ttl) or ttl <= 0:
         raise ValueError(f"ttl must be a positive number of seconds, got {ttl}")
     if client_ip is not None:
-        try:
-            _parse_ip(client_ip)
-        except ValueError:
-            raise ValueError(f"client_ip {client_ip!r} is not an IP address") from None
+        if normalized_ip(client_ip) is None:
+            raise ValueError(f"client_ip {client_ip!r} is not an IP address")
     if max_duration is not None and (not _is_int(max_duration) or max_duration <= 0):
         raise ValueError(f"max_duration must be a positive number of seconds, got {max_duration}")
     if lang_key_release is not None and lang_key_release not in LANG_KEY_RELEASE:
@@ -507,27 +465,9 @@ def issue(
     return token
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    d: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in d:
-            raise ValueError(f"duplicate key {key!r}")
-        d[key] = value
-    return d
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _strict_json(data: bytes) -> Any:
-    """JSON as RFC 8259 means it: UTF-8, no NaN/Infinity, no duplicate member names."""
-    return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-
-
 def _parse_header(segment: str) -> dict[str, Any]:
     try:
-        header = _strict_json(b64url_decode(segment))
+        header = strict_json(b64url_decode(segment))
     except (ValueError, RecursionError):
         raise TokenInvalid("protected header is not base64url JSON") from None
     if not isinstance(header, dict):
@@ -553,10 +493,10 @@ def decode(keyring: Keyring, token: str) -> Claims:
     header = _parse_header(header_b64)
     alg, enc = header.get("alg"), header.get("enc")
     if alg != ALG or enc != ENC:
-        raise TokenInvalid(f"unsupported alg/enc {_short(alg)}/{_short(enc)} (only {ALG}/{ENC})")
+        raise TokenInvalid(f"unsupported alg/enc {short(alg)}/{short(enc)} (only {ALG}/{ENC})")
     for name in header:
         if name not in _ALLOWED_HEADER:
-            raise TokenInvalid(f"unsupported header parameter {_short(name)}")
+            raise TokenInvalid(f"unsupported header parameter {short(name)}")
     kid = header.get("kid")
     if kid is None:
         raise TokenInvalid("protected header has no key id (kid)")
@@ -564,7 +504,7 @@ def decode(keyring: Keyring, token: str) -> Claims:
         raise TokenInvalid("key id (kid) is not a string")
     cipher = keyring.cipher(kid)
     if cipher is None:
-        raise TokenInvalid(f"unknown key id {_short(kid)}")
+        raise TokenInvalid(f"unknown key id {short(kid)}")
     if encrypted_key:
         raise TokenInvalid("encrypted key must be empty with alg dir")
     try:
@@ -587,7 +527,7 @@ def decode(keyring: Keyring, token: str) -> Claims:
         raise TokenInvalid("decryption failed (tampered or wrong key)") from None
 
     try:
-        data = _strict_json(plaintext)
+        data = strict_json(plaintext)
     except (ValueError, RecursionError):
         raise TokenInvalid("claims are not JSON") from None
     if not isinstance(data, dict):
@@ -636,11 +576,7 @@ class TokenValidator:
         if claims.iat > now + self.skew_seconds:
             raise TokenInvalid("token issued in the future (check the issuer's clock)")
         if claims.client_ip is not None and client_ip is not None:
-            try:
-                match = _parse_ip(client_ip) == _parse_ip(claims.client_ip)
-            except ValueError:
-                match = False
-            if not match:
+            if not same_ip(client_ip, claims.client_ip):
                 raise Forbidden("client address does not match the token")
         if self.single_use and not await self.replay.add(claims.jti, claims.exp + self.skew_seconds):
             raise TokenAlreadyUsed()

@@ -12,7 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import require_tool
+
+pytestmark = pytest.mark.integration  # the benchmark scripts, websockify
 
 ROOT = Path(__file__).resolve().parent.parent
 

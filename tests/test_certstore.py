@@ -26,7 +26,7 @@ from certutil_helpers import (
     rsa_key,
     snapshot,
 )
-from conftest import require_tool
+from conftest import require_tool, starts_program
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519
@@ -98,6 +98,7 @@ async def presented(port: int, server_hostname: str, cafile: Path | None = None)
 
 
 @pytest.fixture(scope="module")
+@starts_program  # openssl
 def guide(tmp_path_factory: pytest.TempPathFactory) -> OpensslPKI:
     require_tool("openssl", "openssl")
     pki = OpensslPKI(tmp_path_factory.mktemp("guide"))
@@ -142,6 +143,7 @@ def import_cas(store: CertStore, pki: OpensslPKI) -> None:
     assert r2.status == "staged" and r2.waiting_for == ["server certificate"]
 
 
+@pytest.mark.integration
 def test_guide_files_are_what_the_guide_says(guide: OpensslPKI) -> None:
     assert "BEGIN ENCRYPTED PRIVATE KEY" in guide.read("yourprivate.pkcs8.encrypted.key")
     assert "BEGIN PRIVATE KEY" in guide.read("yourprivate.pkcs8.key")
@@ -196,6 +198,7 @@ async def test_guide_plain_pkcs8_goes_live_and_serves_tls(guide: OpensslPKI, tmp
             await peer(port, "10-1-2-3.other.company.com", guide.dir / "root.pem")
 
 
+@pytest.mark.integration
 def test_guide_encrypted_pkcs8_with_passphrase(guide: OpensslPKI, tmp_path: Path) -> None:
     store = CertStore(tmp_path / "certs")
     import_cas(store, guide)
@@ -210,6 +213,7 @@ def test_guide_encrypted_pkcs8_with_passphrase(guide: OpensslPKI, tmp_path: Path
     assert PASS not in stored.read_text()
 
 
+@pytest.mark.integration
 def test_guide_genrsa_des3_key_imported_directly(guide: OpensslPKI, tmp_path: Path) -> None:
     store = CertStore(tmp_path / "certs")
     import_cas(store, guide)
@@ -217,6 +221,7 @@ def test_guide_genrsa_des3_key_imported_directly(guide: OpensslPKI, tmp_path: Pa
     assert store.import_item(item, PASS.encode()).status == "live"
 
 
+@pytest.mark.integration
 def test_traditional_encrypted_key_accepted_with_warning(guide: OpensslPKI, tmp_path: Path) -> None:
     store = CertStore(tmp_path / "certs")
     import_cas(store, guide)
@@ -790,6 +795,7 @@ def parsers_raise_only_certificate_error(text: str, passphrase: bytes | None) ->
             assert exc.item == "fuzz"
 
 
+@pytest.mark.integration
 async def test_one_session_ticket_per_tls13_connection(tmp_path: Path) -> None:
     """openssl s_client counts the NewSessionTicket messages of a real handshake with the proxy."""
     require_tool("openssl", "openssl")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import starts_program
 
 from consoleproxy.cli import console_url, main
 from consoleproxy.errors import TokenAlreadyUsed, TokenExpired, TokenInvalid
@@ -23,6 +24,7 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
+@starts_program  # the consoleproxy CLI, as a subprocess
 def keys(tmp_path: Path) -> Path:
     r = run("keys", "generate", "--out", "k.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -31,6 +33,7 @@ def keys(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.integration
 async def test_token_issue_validates_to_exact_claims(tmp_path: Path, keys: Path) -> None:
     before = int(time.time())
     r = run("token", "issue", "--host", "10.0.0.5", "--port", "5901", "--ttl", "60", "--keys", "k.json",
@@ -64,6 +67,7 @@ async def test_token_issue_validates_to_exact_claims(tmp_path: Path, keys: Path)
     assert bad.value.close_code == 4001
 
 
+@pytest.mark.integration
 def test_token_issue_count_and_inspect_masks_password(tmp_path: Path, keys: Path) -> None:
     (tmp_path / "pw").write_text("hunter2\n")
     r = run("token", "issue", "--host", "10.0.0.5", "--port", "5901", "--count", "3",
@@ -78,6 +82,7 @@ def test_token_issue_count_and_inspect_masks_password(tmp_path: Path, keys: Path
     assert shown["password"] == "***" and "hunter2" not in r.stdout
 
 
+@pytest.mark.integration
 def test_url_wildcard_and_fqdn(tmp_path: Path, keys: Path) -> None:
     r = run("url", "--public-ip", "203.0.113.7", "--domain-suffix", "*.consoleproxy.company.com",
             "--host", "10.0.0.5", "--vnc-port", "5901", "--keys", "k.json", cwd=tmp_path)
@@ -94,6 +99,7 @@ def test_console_url_function() -> None:
     assert console_url("T", fqdn="Console.Company.com") == "https://console.company.com/console?token=T"
 
 
+@pytest.mark.integration
 def test_keys_rotate(tmp_path: Path, keys: Path) -> None:
     first = Keyring.load(keys).keys[0][0]
     assert main(["keys", "generate", "--out", str(keys), "--rotate"]) == 0
@@ -101,6 +107,7 @@ def test_keys_rotate(tmp_path: Path, keys: Path) -> None:
     assert len(ring.keys) == 2 and ring.keys[1][0] == first
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
@@ -135,6 +142,7 @@ def test_bad_arguments_exit_2_with_one_line(
     assert needle.lower() in err.lower(), err
 
 
+@pytest.mark.integration
 async def test_token_issue_lang_key_release(tmp_path: Path, keys: Path) -> None:
     r = run("token", "issue", "--host", "10.0.0.5", "--port", "5901", "--lang-key-release", "drop",
             "--keys", "k.json", cwd=tmp_path)

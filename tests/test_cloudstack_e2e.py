@@ -10,12 +10,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import require_tool
 from harness import Proxy, expect_close, running_proxy
 from test_page import CANVAS_NOT_UNIFORM, browser, origin
 from test_real_vnc import qemu
 
 from consoleproxy.cloudstack import CloudStackKeys
+
+pytestmark = pytest.mark.integration  # Java, QEMU, Chromium
 
 
 def java_token(tmp_path: Path, keys: CloudStackKeys, fields: dict[str, Any], form: str = "gcm") -> str:

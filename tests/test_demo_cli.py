@@ -10,7 +10,10 @@ import ssl
 import sys
 from pathlib import Path
 
+import pytest
 from harness import RFBClient
+
+pytestmark = pytest.mark.integration  # a consoleproxy demo subprocess
 
 
 async def test_demo_prints_a_working_url(tmp_path: Path) -> None:

@@ -220,6 +220,7 @@ async def test_probe_closed_port_is_a_clear_failure() -> None:
     assert not report.ok and report.error == f"cannot connect to 127.0.0.1:{port}: Connection refused"
 
 
+@pytest.mark.integration
 def test_cli_closed_port_exits_1() -> None:
     port = free_port(20000, 30000)
     run = subprocess.run([sys.executable, "-m", "consoleproxy", "diagnose", "127.0.0.1", str(port)],
@@ -235,6 +236,7 @@ async def test_probe_fake_server() -> None:
     assert report.connect_seconds is not None and report.connect_seconds >= 0
 
 
+@pytest.mark.integration
 async def test_qemu_without_password(tmp_path: Path) -> None:
     async with qemu(tmp_path) as port:
         report = await diagnose("127.0.0.1", port)
@@ -242,6 +244,7 @@ async def test_qemu_without_password(tmp_path: Path) -> None:
     assert [t["name"] for t in report.security_types] == ["None"]
 
 
+@pytest.mark.integration
 async def test_qemu_with_password_through_the_cli(tmp_path: Path) -> None:
     async with qemu(tmp_path, password="diag-pw") as port:
         proc = await asyncio.create_subprocess_exec(
@@ -255,6 +258,7 @@ async def test_qemu_with_password_through_the_cli(tmp_path: Path) -> None:
     assert report["security_types"] == [{"id": 2, "name": "VNC Authentication"}]
 
 
+@pytest.mark.integration
 async def test_qemu_through_the_admin_api(tmp_path: Path) -> None:
     async with qemu(tmp_path) as port, running_proxy(tmp_path) as p:
         status, body = await _post(p, {"host": "127.0.0.1", "port": port})
@@ -262,6 +266,7 @@ async def test_qemu_through_the_admin_api(tmp_path: Path) -> None:
     assert body["security_types"][0]["name"] == "None"
 
 
+@pytest.mark.integration
 async def test_qemu_vencrypt_certificate(tmp_path: Path) -> None:
     async with qemu_tls(tmp_path) as (port, ca_file):
         trusted = await diagnose("127.0.0.1", port, ca_file=ca_file)
@@ -276,6 +281,7 @@ async def test_qemu_vencrypt_certificate(tmp_path: Path) -> None:
     assert untrusted.certificate["verify_error"]
 
 
+@pytest.mark.integration
 async def test_ping_localhost_with_real_ping() -> None:
     require_tool("ping", "iputils-ping")
     result = await run_tool(ping_argv("127.0.0.1", count=1), time_limit=20)
@@ -283,6 +289,7 @@ async def test_ping_localhost_with_real_ping() -> None:
     assert "127.0.0.1" in result.output and " 0% packet loss" in result.output
 
 
+@pytest.mark.integration
 async def test_diagnose_with_ping_and_traceroute(tmp_path: Path) -> None:
     require_tool("ping", "iputils-ping")
     require_tool("traceroute", "traceroute")

@@ -843,6 +843,7 @@ def dig_full(port: int, *args: str) -> tuple[str, set[str], list[list[str]], str
     return status, flags, answers, out
 
 
+@pytest.mark.integration
 def test_dig_a(live: LiveServer) -> None:
     assert dig(live.port, f"10-1-2-3.{ZONE}", "A", "+short").split() == ["10.1.2.3"]
     status, flags, answers, _ = dig_full(live.port, f"10-1-2-3.{ZONE}", "A")
@@ -851,12 +852,14 @@ def test_dig_a(live: LiveServer) -> None:
     assert answers == [[f"10-1-2-3.{ZONE}.", "300", "IN", "A", "10.1.2.3"]]
 
 
+@pytest.mark.integration
 def test_dig_soa_and_ns(live: LiveServer) -> None:
     soa = dig(live.port, ZONE, "SOA", "+short").split()
     assert soa[:3] == [f"ns1.{ZONE}.", f"hostmaster.{ZONE}.", "1"]
     assert dig(live.port, ZONE, "NS", "+short").split() == [f"ns1.{ZONE}."]
 
 
+@pytest.mark.integration
 def test_dig_nxdomain(live: LiveServer) -> None:
     status, flags, answers, out = dig_full(live.port, f"010-1-2-3.{ZONE}", "A", "+authority")
     assert status == "NXDOMAIN"
@@ -864,6 +867,7 @@ def test_dig_nxdomain(live: LiveServer) -> None:
     assert answers and answers[0][3] == "SOA", out  # the SOA in the authority section
 
 
+@pytest.mark.integration
 def test_dig_refused(live: LiveServer) -> None:
     status, flags, answers, _ = dig_full(live.port, "www.example.com", "A")
     assert status == "REFUSED"
@@ -871,12 +875,14 @@ def test_dig_refused(live: LiveServer) -> None:
     assert answers == []
 
 
+@pytest.mark.integration
 def test_dig_tcp(live: LiveServer) -> None:
     out = dig(live.port, f"10-7-7-7.{ZONE}", "A", "+tcp", "+noall", "+answer", "+stats")
     assert "10.7.7.7" in out
     assert "(TCP)" in out, out  # dig reports the transport it used
 
 
+@pytest.mark.integration
 def test_dig_mixed_case_echoed(live: LiveServer) -> None:
     status, _flags, answers, out = dig_full(live.port, "10-1-2-3.CONSOLEPROXY.company.com", "A", "+question")
     assert status == "NOERROR"
@@ -886,6 +892,7 @@ def test_dig_mixed_case_echoed(live: LiveServer) -> None:
     assert rows == [["10-1-2-3.CONSOLEPROXY.company.com.", "300", "IN", "A", "10.1.2.3"]]
 
 
+@pytest.mark.integration
 def test_dig_outside_public_ranges_nxdomain(live: LiveServer) -> None:
     status, _flags, answers, _ = dig_full(live.port, f"192-168-1-1.{ZONE}", "A")
     assert status == "NXDOMAIN"
@@ -896,6 +903,7 @@ def test_dig_outside_public_ranges_nxdomain(live: LiveServer) -> None:
 # Benchmark smoke test
 
 
+@pytest.mark.integration
 def test_bench_smoke(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("dns_bench", ROOT / "bench" / "dns_bench.py")
     assert spec is not None and spec.loader is not None

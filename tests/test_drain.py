@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 from harness import RFBClient, connect_echo, echo_backend, expect_close, running_proxy, tcp_server
 
 from consoleproxy.tokens import Keyring
@@ -65,6 +66,7 @@ async def test_drain_ends_when_last_console_closes(tmp_path: Path) -> None:
             await p.server.drained.wait()
 
 
+@pytest.mark.integration
 async def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
     Keyring.generate().save(tmp_path / "keys.json")
     (tmp_path / "consoleproxy.toml").write_text(

@@ -118,6 +118,7 @@ def test_disk_check_passes_and_fails_on_the_threshold(tmp_path: Path) -> None:
     assert not bad.success and "below the minimum" in bad.message
 
 
+@pytest.mark.integration
 async def test_cpu_check_passes_and_fails_under_load() -> None:
     assert (await check_cpu(100)).success
     burner = await asyncio.create_subprocess_exec(sys.executable, "-c", "while True: pass")
@@ -268,6 +269,7 @@ def _script(folder: Path, name: str, body: str, mode: int = 0o755) -> Path:
     return path
 
 
+@pytest.mark.integration
 async def test_custom_script_contract(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     d = tmp_path / "scripts"
     _script(d, "passing.sh", 'echo "all fine ($1)"; exit 0\n')
@@ -291,6 +293,7 @@ async def test_custom_script_contract(tmp_path: Path, caplog: pytest.LogCaptureF
     assert len(why) == 1 and "not executable" in why[0]  # logged once, not per run
 
 
+@pytest.mark.integration
 async def test_custom_script_timeout_kills_it(tmp_path: Path) -> None:
     path = _script(tmp_path / "s", "hangs.sh", "echo started; sleep 60 & sleep 60\n")
     async with asyncio.timeout(10):  # killed at 0.5 s with its children; never the 60 s

@@ -274,6 +274,7 @@ def cli_token(keys: Path, port: int, client_ip: str, capsys: pytest.CaptureFixtu
     return capsys.readouterr().out.strip()
 
 
+@pytest.mark.integration
 async def test_haproxy_send_proxy_v2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     async with (
         running_proxy(tmp_path, health=QUIET, listen={"tls": True, **TRUST_LOCAL}) as p,

@@ -19,6 +19,7 @@ def _check(cfg: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([haproxy, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
 
 
+@pytest.mark.integration
 def test_passthrough_config_is_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["loadbalancer", "haproxy", "--fqdn", "console.company.com",
                  "--backend", "10.0.0.5:443", "--backend", "10.0.0.6:443", "--backend", "[2001:db8::7]:443",
@@ -31,6 +32,7 @@ def test_passthrough_config_is_valid(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "server proxy3 [2001:db8::7]:443" in cfg
 
 
+@pytest.mark.integration
 def test_http_config_is_valid(tmp_path: Path) -> None:
     openssl = require_tool("openssl", "openssl")
     key, crt = tmp_path / "k.pem", tmp_path / "c.pem"

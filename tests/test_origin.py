@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from conftest import require_tool
 from harness import RFBClient, connect_echo, echo_backend, expect_close, running_proxy, tcp_server
 from playwright.async_api import async_playwright
@@ -65,6 +66,7 @@ WS_PROBE = """([url]) => new Promise((resolve) => {
 })"""
 
 
+@pytest.mark.integration
 async def test_cross_origin_page_in_chromium(tmp_path: Path) -> None:
     from test_page import CHROMIUM_ARGS
 

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "consoleproxy@.service"
 
 
+@pytest.mark.integration
 def test_certs_is_the_default_store_and_keeps_every_secret_out_of_git() -> None:
     assert load_config(env={}).tls.store == "certs" and (ROOT / "certs").is_dir()
     samples = ["certs/items/server.json", "certs/live/_.consoleproxy.company.com",

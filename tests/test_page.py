@@ -32,6 +32,8 @@ from playwright.async_api import expect as pw_expect
 
 from consoleproxy.demo import CutText, DemoVncServer, ExtendedKeyEvent, KeyEvent
 
+pytestmark = pytest.mark.integration  # Chromium (Playwright), certutil
+
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM_ARGS = [
     "--headless=new",

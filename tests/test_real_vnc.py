@@ -9,8 +9,11 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import pytest
 from conftest import require_tool
 from harness import Proxy, RFBClient, expect_close, free_port, running_proxy
+
+pytestmark = pytest.mark.integration  # QEMU, Xvnc
 
 
 async def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:

@@ -118,6 +118,7 @@ async def echo_round(c: RFBClient, data: bytes) -> None:
     assert await c.read_exact(len(data)) == data
 
 
+@pytest.mark.integration
 async def test_sighup_rotates_the_keyring_without_dropping_an_open_console(tmp_path: Path) -> None:
     old = Keyring.generate()
     old.save(tmp_path / "keys.json")

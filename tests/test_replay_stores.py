@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # --- the protocol's contract, for every store ------------------------------------------------
 
-STORES = ["memory", "sqlite", "redis"]
+STORES = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.integration)]  # a redis-server
 
 
 @pytest.fixture(params=STORES)
@@ -209,6 +209,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 """
 
 
+@pytest.mark.integration
 async def test_sqlite_shared_by_processes_each_key_wins_once(tmp_path: Path) -> None:
     db, go, n = tmp_path / "replay.db", tmp_path / "go", 3000
     SqliteReplayStore(db)  # create the file first, as the first worker would
@@ -670,7 +671,7 @@ def _shared_store_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest)
     return f"sqlite:///{tmp_path}/replay.db"
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("redis", marks=pytest.mark.integration)])
 async def test_cloudstack_token_single_use_across_instances(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -725,7 +726,7 @@ def _errors(server: ProxyServer) -> float:
     return server.metrics.registry.get_sample_value("consoleproxy_replay_store_errors_total") or 0.0
 
 
-@pytest.mark.parametrize("kind", ["redis", "sqlite"])
+@pytest.mark.parametrize("kind", [pytest.param("redis", marks=pytest.mark.integration), "sqlite"])
 async def test_native_token_used_on_one_instance_is_refused_on_another(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

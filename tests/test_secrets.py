@@ -153,6 +153,7 @@ async def test_no_secret_in_logs_output_or_admin_api(
         assert_absent(body, secrets, f"admin {where}")
 
 
+@pytest.mark.integration
 def test_token_inspect_masks_the_password(tmp_path: Path) -> None:
     from consoleproxy.tokens import Keyring, issue
 

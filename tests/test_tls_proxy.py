@@ -180,6 +180,7 @@ async def test_tls_versions_below_1_2_refused(tmp_path: Path) -> None:
             await asyncio.open_connection("127.0.0.1", p.port, ssl=ctx, server_hostname=HOST)
 
 
+@pytest.mark.integration
 async def test_sighup_reloads_after_cli_import(tmp_path: Path) -> None:
     Keyring.generate().save(tmp_path / "keys.json")
     (tmp_path / "consoleproxy.toml").write_text(
@@ -250,6 +251,7 @@ async def test_sighup_reloads_after_cli_import(tmp_path: Path) -> None:
             await proc.wait()
 
 
+@pytest.mark.integration
 def test_certs_cli_errors(tmp_path: Path) -> None:
     (tmp_path / "junk.pem").write_text("garbage")
     r = subprocess.run(

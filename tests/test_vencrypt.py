@@ -170,6 +170,7 @@ async def vencrypt_subtypes(port: int) -> list[int]:
             w.close()
 
 
+@pytest.mark.integration
 async def test_vencrypt_x509none_verified(tmp_path: Path) -> None:
     async with (
         qemu_tls(tmp_path) as (port, ca),
@@ -181,6 +182,7 @@ async def test_vencrypt_x509none_verified(tmp_path: Path) -> None:
         assert len(pixels) == 720 * 400 * 4
 
 
+@pytest.mark.integration
 async def test_vencrypt_x509vnc_verified(tmp_path: Path) -> None:
     async with (
         qemu_tls(tmp_path, password=PASSWORD) as (port, ca),
@@ -197,6 +199,7 @@ async def test_vencrypt_x509vnc_verified(tmp_path: Path) -> None:
         assert code == 4011 and "password" in reason, (code, reason)
 
 
+@pytest.mark.integration
 async def test_vencrypt_untrusted_certificate_refused(tmp_path: Path) -> None:
     wrong_ca = write_ca(tmp_path / "other-ca.pem", "some other CA")
     async with (
@@ -210,6 +213,7 @@ async def test_vencrypt_untrusted_certificate_refused(tmp_path: Path) -> None:
         assert "certificate" in reason.lower(), reason
 
 
+@pytest.mark.integration
 async def test_vencrypt_untrusted_certificate_refused_with_password(tmp_path: Path) -> None:
     wrong_ca = write_ca(tmp_path / "other-ca.pem", "some other CA")
     async with (
@@ -221,6 +225,7 @@ async def test_vencrypt_untrusted_certificate_refused_with_password(tmp_path: Pa
         assert "certificate" in reason.lower(), reason
 
 
+@pytest.mark.integration
 async def test_vencrypt_insecure_skips_verification(tmp_path: Path) -> None:
     wrong_ca = write_ca(tmp_path / "other-ca.pem", "some other CA")
     async with (
@@ -231,6 +236,7 @@ async def test_vencrypt_insecure_skips_verification(tmp_path: Path) -> None:
         assert (w, h) == (720, 400)
 
 
+@pytest.mark.integration
 async def test_vencrypt_insecure_without_password(tmp_path: Path) -> None:
     wrong_ca = write_ca(tmp_path / "other-ca.pem", "some other CA")
     async with (

@@ -13,11 +13,14 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+import pytest
+
 from consoleproxy import __version__
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.integration
 def test_cli_prints_the_package_version() -> None:
     out = subprocess.run([sys.executable, "-m", "consoleproxy.cli", "--version"], capture_output=True,
                          text=True, timeout=30, check=True)

@@ -148,6 +148,7 @@ def test_worker_config() -> None:
         worker_config(load_config(env={"CONSOLEPROXY_ADMIN_PORT": "65535"}), 1)
 
 
+@pytest.mark.integration
 async def test_two_workers_share_port_and_replay_store(tmp_path: Path) -> None:
     async with workers(tmp_path) as w, tcp_server(echo_backend) as backend:
         # a new TCP connection lands on either worker (SO_REUSEPORT hashes the 4-tuple)
@@ -165,6 +166,7 @@ async def test_two_workers_share_port_and_replay_store(tmp_path: Path) -> None:
             assert code == 4003
 
 
+@pytest.mark.integration
 async def test_worker_restarted_and_drain_exits_zero(tmp_path: Path) -> None:
     async with workers(tmp_path) as w, tcp_server(echo_backend) as backend:
         before = _children(w.proc.pid)
@@ -196,6 +198,7 @@ async def _ready_status(port: int) -> int:
         return 0
 
 
+@pytest.mark.integration
 def test_bad_worker_counts() -> None:
     for bad, needle in (("0", "at least 1"), ("two", "not a whole number"), ("1000", "more than 256")):
         r = subprocess.run([sys.executable, "-m", "consoleproxy", "serve", "--workers", bad],
@@ -208,6 +211,7 @@ def _uses_uvloop(pid: int) -> bool:
     return "uvloop/loop." in Path(f"/proc/{pid}/maps").read_text()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("args", "uvloop"), [((), True), (("--loop", "asyncio"), False)])
 async def test_serve_runs_on_uvloop_by_default(tmp_path: Path, args: tuple[str, ...], uvloop: bool) -> None:
     """uvloop is installed with the test extra: serve's default (auto) takes it; asyncio on request."""
@@ -220,6 +224,7 @@ async def test_serve_runs_on_uvloop_by_default(tmp_path: Path, args: tuple[str, 
             await connect_echo(c)
 
 
+@pytest.mark.integration
 async def test_workers_run_the_chosen_event_loop(tmp_path: Path) -> None:
     async with workers(tmp_path, 2, "--loop", "uvloop") as w, tcp_server(echo_backend) as backend:
         for child in _children(w.proc.pid):
