@@ -22,13 +22,11 @@ MARKER = re.compile(r"^\s*Longer than \d+ lines because \S", re.M)
 KNOWN: dict[str, str] = {
     "acme_orders.py:AcmeManager": "one renewal state machine; issue 17 split certstore, not ACME",
     "cli.py": "one argparse tree for every subcommand; a cli/ folder is planned by issue 17's layout",
-    "cloudstack.py": "17e moves its key-file loaders (shared with tokens.py) out",
     "config.py": "the whole configuration schema, one dataclass a section",
     "listener.py": "17a/17b rewrite the accept layer and TLS transport in this round",
     "relay.py": "17a/17b rewrite the browser side of the relay in this round",
     "replay.py": "the replay stores (SQLite, Redis, Sentinel) and their guard; split after issue 17",
     "rfb.py": "17c grows the RFB handshake (probe mode, VNC-side protocol) in this round",
-    "tokens.py": "17e moves its key-file loaders (shared with cloudstack.py) out",
 }
 
 

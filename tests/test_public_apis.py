@@ -48,7 +48,7 @@ DOCUMENTED = frozenset({
 ATTR_BUILTINS = frozenset({"getattr", "setattr", "hasattr", "delattr"})
 
 # (module, name) -> the part of issue 17 that removes it. The lead empties this after merging.
-A, B, C, D = "17a browser side", "17b TLS", "17c VNC side", "17d structure"
+A, B = "17a browser side", "17b TLS"
 KNOWN_TODAY: dict[tuple[str, str], str] = {
     ("consoleproxy.wsframes", "aiohttp._websocket.helpers"): A,
     ("consoleproxy.relay", "_post_start"): A,
@@ -60,7 +60,7 @@ KNOWN_TODAY: dict[tuple[str, str], str] = {
     ("consoleproxy.relay", "_data_received_cb"): A,
     ("consoleproxy.relay", "_keepalive_handle"): A,
     ("consoleproxy.relay", "_manager"): A,
-    ("consoleproxy.relay", "_buffer"): A + " (WebSocketDataQueue) and " + C + " (StreamReader)",
+    ("consoleproxy.relay", "_buffer"): A + " (WebSocketDataQueue)",
     ("consoleproxy.relay", "_ssl_protocol"): B,
     ("consoleproxy.relay", "_ssl_buffer"): B,
     ("consoleproxy.relay", "_ssl_buffer_view"): B,
@@ -70,15 +70,9 @@ KNOWN_TODAY: dict[tuple[str, str], str] = {
     ("consoleproxy.listener", "_extra"): B,
     ("consoleproxy.listener", "_ssl_context"): A + "/" + B + " (aiohttp BaseSite)",
     ("consoleproxy.listener", "_backlog"): A + "/" + B + " (aiohttp BaseSite)",
-    ("consoleproxy.server", "_server"): D + " (TCPSite._server in _site_port)",
-    ("consoleproxy.admin", "_page_dirs"): D + " (ProxyServer's private)",
-    ("consoleproxy.health", "_sites"): D + " (ProxyServer's private)",
-    ("consoleproxy.health", "_admin_site"): D + " (ProxyServer's private)",
-    ("consoleproxy.health", "_server"): D + " (TCPSite._server)",
 }
-# Not visible to this checker, removed by the same parts: relay.py's getattr/setattr of
-# StreamWriter "_protocol", "_reader", "_complete_fut" through a loop variable (17c) and
-# ConsoleWebSocket's self._parser / "_payload_parser" (17a).
+# Not visible to this checker, removed by the same part: ConsoleWebSocket's self._parser /
+# "_payload_parser" (17a).
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from harness import Proxy, RFBClient, running_proxy
 
-from consoleproxy import recording
+from consoleproxy import recording, recording_writer
 from consoleproxy import recording_format as fmt
 from consoleproxy.demo import DemoVncServer, KeyEvent
 
@@ -235,13 +235,13 @@ async def test_slow_disk_makes_the_recording_incomplete_not_the_console_slow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = threading.Event()
-    real_write = recording._write_all
+    real_write = recording_writer._write_all
 
     def stuck(fd: int, *parts: bytes | bytearray) -> None:
         gate.wait(30)
         real_write(fd, *parts)
 
-    monkeypatch.setattr(recording, "_write_all", stuck)
+    monkeypatch.setattr(recording_writer, "_write_all", stuck)
     monkeypatch.setattr(recording, "MAX_BACKLOG", 600_000)
     monkeypatch.setattr(recording, "FLUSH_BYTES", 200_000)  # a chunk per screen
     async with demo() as d, running_proxy(tmp_path, recording=rec_config(tmp_path)) as p:

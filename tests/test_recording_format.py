@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consoleproxy import recording
+from consoleproxy import recording, recording_writer
 from consoleproxy import recording_format as fmt
 from consoleproxy.recording_policy import input_record, should_record
 from consoleproxy.recording_store import (
@@ -376,15 +376,14 @@ def test_writer_file_gets_every_byte_in_order_direct_or_not(tmp_path, direct: bo
     file must still be exactly the bytes emitted, whatever their sizes (tmp_path is ext4 here)."""
     import random
 
-    from consoleproxy import recording
 
     store = FileStore(tmp_path)
     rid = new_id()
     fd, is_direct = store.open_new(rid, {"id": rid}, direct=direct)
-    f = recording._Open(fd, 0, {}, is_direct)
+    f = recording_writer._Open(fd, 0, {}, is_direct)
     rng = random.Random(7)
     expected = bytearray()
-    for size in [1, 4095, 4096, 4097, 10, recording.STAGE_BYTES + 123, 3, 70_000, 0, 5000]:
+    for size in [1, 4095, 4096, 4097, 10, recording_writer.STAGE_BYTES + 123, 3, 70_000, 0, 5000]:
         part = rng.randbytes(size)
         f.emit(part[: size // 3], bytearray(part[size // 3 :]))
         expected += part
@@ -402,19 +401,18 @@ def test_writer_sends_aligned_blocks_of_a_chunk_from_where_they_lie(tmp_path, di
     import mmap
     import random
 
-    from consoleproxy import recording
 
     store = FileStore(tmp_path)
     rid = new_id()
     fd, is_direct = store.open_new(rid, {"id": rid}, direct=direct)
-    f = recording._Open(fd, 0, {}, is_direct)
+    f = recording_writer._Open(fd, 0, {}, is_direct)
     rng = random.Random(11)
     expected = bytearray()
     buf = mmap.mmap(-1, 4 * 1024 * 1024)
     f.emit(b"H" * 77)
     expected += b"H" * 77
     for n, misplaced in [(100_000, False), (5, False), (3 * 1024 * 1024, False), (9000, True), (4096, False)]:
-        start = (f.size + fmt.CHUNK_HEADER + (1 if misplaced else 0)) % recording.ALIGN
+        start = (f.size + fmt.CHUNK_HEADER + (1 if misplaced else 0)) % recording_writer.ALIGN
         payload = rng.randbytes(n)
         buf[start : start + n] = payload
         head = b"C" * fmt.CHUNK_HEADER
