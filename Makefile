@@ -2,7 +2,7 @@
 # make test  — set everything up and run the whole suite (ruff, mypy, pytest)
 # make unit  — the tests that start no program (pytest -m "not integration"; tests/conftest.py)
 # make bench — benchmarks (bench/README.md)
-# make fuzz  — the fuzzers of tests/test_fuzz.py with thousands of examples each (a few minutes)
+# make fuzz  — the fuzzers of tests/policy/test_fuzz.py with thousands of examples each (a few minutes)
 # make test-lowest — the console-path tests on the lowest version of every dependency pyproject.toml
 #                    allows (scripts/lowest-constraints.py), in a virtualenv of their own (.venv-lowest)
 # make test-pythons — the console-path tests on Python 3.12 and 3.13 when this machine has them
@@ -16,13 +16,13 @@ LOWEST := .venv-lowest
 # The console path (plain, TLS, VeNCrypt; both event loops where conftest.py says so) and the
 # modules each dependency serves: tokens (joserfc, cryptography), replay stores (redis), health
 # (psutil), DNS (dnspython), metrics (prometheus-client), reload, ACME orders against Pebble (acme).
-LOWEST_TESTS := tests/test_console_path.py tests/test_tls_proxy.py tests/test_vencrypt.py \
-	tests/test_relay_close.py tests/test_listener.py tests/test_drain.py tests/test_rfb.py \
-	tests/test_wsframes.py tests/test_tokens.py tests/test_cloudstack.py tests/test_replay_stores.py \
-	tests/test_health.py tests/test_dns.py tests/test_reload.py tests/test_acme.py tests/test_acme_policy.py
+LOWEST_TESTS := tests/test_console_path.py tests/tls/test_tls_proxy.py tests/net/test_vencrypt.py \
+	tests/net/test_relay_close.py tests/net/test_listener.py tests/test_drain.py tests/protocol/test_rfb.py \
+	tests/protocol/test_wsframes.py tests/policy/test_tokens.py tests/policy/test_cloudstack.py tests/policy/test_replay_stores.py \
+	tests/web/test_health.py tests/net/test_dns.py tests/test_reload.py tests/tls/test_acme.py tests/policy/test_acme_policy.py
 
-PYTHONS_TESTS := tests/test_console_path.py tests/test_tls_proxy.py tests/test_vencrypt.py \
-	tests/test_relay_close.py tests/test_reload.py
+PYTHONS_TESTS := tests/test_console_path.py tests/tls/test_tls_proxy.py tests/net/test_vencrypt.py \
+	tests/net/test_relay_close.py tests/test_reload.py
 
 .PHONY: run test bench lint typecheck unit suite setup system clean fuzz test-lowest test-pythons
 
@@ -72,7 +72,7 @@ test-pythons: system
 	bash scripts/test-other-pythons.sh $(PYTHONS_TESTS)
 
 fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_fuzz.py tests/test_proxyproto.py
+	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest -q -p no:cacheprovider tests/policy/test_fuzz.py tests/protocol/test_proxyproto.py
 
 bench: setup
 	$(PY) -m pip install -q -e '.[test,bench]'

@@ -33,7 +33,7 @@ ZONE = "consoleproxy.company.com"
 
 async def _serve() -> None:
     """Child side: serve on a loopback port, print it, run until stdin closes."""
-    from consoleproxy.dns import DnsServer, DnsSettings
+    from consoleproxy.net.dns import DnsServer, DnsSettings
 
     server = DnsServer(DnsSettings(zone=ZONE, listen="127.0.0.1:0"))
     await server.start()

@@ -70,7 +70,7 @@ def _serve_commands(out: TextIO) -> None:
 
 
 def main() -> int:
-    from consoleproxy.cli import main as consoleproxy
+    from consoleproxy.tools.cli import main as consoleproxy
 
     out = open(int(os.environ["GC_PROBE_FD"]), "w")  # open for the process's life
     threading.Thread(target=_serve_commands, args=(out,), name="gc-probe", daemon=True).start()

@@ -115,9 +115,9 @@ class Env:
 
 
 def make_env(work: Path, logs: Path) -> Env:
-    from consoleproxy.certstore import CertStore
-    from consoleproxy.devcert import ensure_dev_certificate
-    from consoleproxy.tokens import Keyring
+    from consoleproxy.policy.tokens import Keyring
+    from consoleproxy.tls.certstore import CertStore
+    from consoleproxy.tls.devcert import ensure_dev_certificate
 
     keyring = work / "keys.json"
     Keyring.generate().save(keyring)

@@ -141,7 +141,7 @@ class Target:
 
     def url(self, index: int, keyring: Any) -> str:
         if keyring is not None:
-            from consoleproxy.tokens import issue
+            from consoleproxy.policy.tokens import issue
 
             token = issue(keyring, host="127.0.0.1", port=self.backend_port, vm=f"bench-{index}", ttl=600)
         else:
@@ -537,7 +537,7 @@ async def run_client(spec: dict[str, Any]) -> dict[str, Any]:
     t = Target(**spec["target"])
     keyring = None
     if t.keyring:
-        from consoleproxy.tokens import Keyring
+        from consoleproxy.policy.tokens import Keyring
 
         keyring = Keyring.load(t.keyring)
     ctx = client_ssl(t.cafile) if t.tls else None

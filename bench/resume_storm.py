@@ -39,7 +39,7 @@ import relay_parts as parts  # noqa: E402
 import websockets  # noqa: E402
 from websockets.exceptions import ConnectionClosed, InvalidHandshake  # noqa: E402
 
-from consoleproxy.tokens import Keyring, issue  # noqa: E402
+from consoleproxy.policy.tokens import Keyring, issue  # noqa: E402
 
 BASE_MS, CAP_MS = 250, 8000  # novnc_static/console.js: RESUME_BASE_MS, RESUME_CAP_MS
 

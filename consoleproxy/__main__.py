@@ -1,5 +1,5 @@
 """`python -m consoleproxy`: the same CLI as the `consoleproxy` command (used by `serve --workers`)."""
 
-from .cli import main
+from consoleproxy.tools.cli import main
 
 raise SystemExit(main())

@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .metrics import Metrics
-from .outcome import Outcome
-from .sessions import Session
+from consoleproxy.metrics import Metrics
+from consoleproxy.policy.outcome import Outcome
+from consoleproxy.policy.sessions import Session
 
 __all__ = ["MAX_REMOVED", "Bookkeeping"]
 

@@ -22,9 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .acme_policy import CHALLENGES, KEY_TYPES, challenge_txt_name, directory_url, order_names
-from .errors import ConfigError
-from .replay import BadStoreURL, parse_store_url, redact_url
+from consoleproxy.errors import ConfigError
+from consoleproxy.policy.acme_policy import (
+    CHALLENGES,
+    KEY_TYPES,
+    challenge_txt_name,
+    directory_url,
+    order_names,
+)
+from consoleproxy.policy.replay import BadStoreURL, parse_store_url, redact_url
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_port_range"]
 
@@ -245,8 +251,8 @@ class Input:
 
 
 def _recording_store(v: Any) -> str | None:
-    from .recording_store import BadStoreURL as BadRecordingStore
-    from .recording_store import parse_store
+    from consoleproxy.recordings.recording_store import BadStoreURL as BadRecordingStore
+    from consoleproxy.recordings.recording_store import parse_store
 
     try:
         parse_store(v)

@@ -11,17 +11,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from .acme_orders import AcmeManager
-    from .certsni import SNIContexts
-    from .certstore import CertStore
-    from .config import Config
-    from .dns import DnsServer
-    from .health import HealthRunner
-    from .metrics import Metrics
-    from .recording import Recordings
-    from .reload import ReloadResult
-    from .replay import GuardedReplayStore
-    from .sessions import Registry
+    from consoleproxy.config import Config
+    from consoleproxy.metrics import Metrics
+    from consoleproxy.net.dns import DnsServer
+    from consoleproxy.policy.replay import GuardedReplayStore
+    from consoleproxy.policy.sessions import Registry
+    from consoleproxy.recordings.recording import Recordings
+    from consoleproxy.reload import ReloadResult
+    from consoleproxy.tls.acme_orders import AcmeManager
+    from consoleproxy.tls.certsni import SNIContexts
+    from consoleproxy.tls.certstore import CertStore
+    from consoleproxy.web.health import HealthRunner
 
 __all__ = ["ProxyControl"]
 

@@ -14,8 +14,8 @@ import sys
 import urllib.error
 import urllib.request
 
-from .config import Config, load_config
-from .errors import ConfigError
+from consoleproxy.config import Config, load_config
+from consoleproxy.errors import ConfigError
 
 TIMEOUT_SECONDS = 4.0  # below the Dockerfile's HEALTHCHECK --timeout
 

@@ -17,17 +17,17 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
-from .certstate import ServingCertificates
-from .config import Config, Limits
-from .config import Drain as DrainSettings
-from .errors import SessionKilled, ShuttingDown
-from .listener import ConsoleSite
-from .metrics import Metrics
-from .reload import ReloadError
-from .sessions import Registry
+from consoleproxy.config import Config, Limits
+from consoleproxy.config import Drain as DrainSettings
+from consoleproxy.errors import SessionKilled, ShuttingDown
+from consoleproxy.metrics import Metrics
+from consoleproxy.net.listener import ConsoleSite
+from consoleproxy.policy.sessions import Registry
+from consoleproxy.reload import ReloadError
+from consoleproxy.tls.certstate import ServingCertificates
 
 if TYPE_CHECKING:
-    from .server import ProxyServer
+    from consoleproxy.server import ProxyServer
 
 __all__ = ["CERT_RECHECK_SECONDS", "Drain", "Pinged", "kill", "run_forever", "sweep"]
 
@@ -150,7 +150,7 @@ def _reload_quietly(server: ProxyServer) -> None:
 
 
 async def run_forever(cfg: Config, *, worker_index: int | None = None) -> int:
-    from .server import ProxyServer  # the server composes this module's parts
+    from consoleproxy.server import ProxyServer  # the server composes this module's parts
 
     tag = "" if worker_index is None else f"[w{worker_index}] "
     logging.basicConfig(level=cfg.log.level.upper(), format=f"%(asctime)s {tag}%(name)s %(message)s")

@@ -13,16 +13,16 @@ import logging
 import ssl
 from dataclasses import dataclass
 
-from .certpem import CertificateError
-from .certstate import ServingCertificates
-from .cloudstack import CloudStackValidator
-from .config import Config, ConfigError, load_config
-from .errors import ConsoleProxyError
-from .reload import ReloadError, plan
-from .replay import GuardedReplayStore
-from .targets import TargetPolicy
-from .tokens import Keyring, TokenValidator
-from .wiring import backend_tls_context, cloudstack_validator, target_policy
+from consoleproxy.config import Config, ConfigError, load_config
+from consoleproxy.errors import ConsoleProxyError
+from consoleproxy.policy.cloudstack import CloudStackValidator
+from consoleproxy.policy.replay import GuardedReplayStore
+from consoleproxy.policy.targets import TargetPolicy
+from consoleproxy.policy.tokens import Keyring, TokenValidator
+from consoleproxy.reload import ReloadError, plan
+from consoleproxy.tls.certpem import CertificateError
+from consoleproxy.tls.certstate import ServingCertificates
+from consoleproxy.wiring import backend_tls_context, cloudstack_validator, target_policy
 
 __all__ = ["Prepared", "prepare", "swap_validators"]
 

@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Config
+from consoleproxy.config import Config
 
 __all__ = ["LIVE_SECTIONS", "RESTART_KEYS", "ReloadError", "ReloadPlan", "ReloadResult", "plan"]
 

@@ -30,18 +30,10 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from . import rfb, vncconn, wiring
-from .acme_orders import AcmeManager
-from .acme_policy import ChallengeRecords
-from .bookkeeping import Bookkeeping
-from .certpem import CertificateError
-from .certsni import SNIContexts
-from .certstate import ServingCertificates
-from .certstore import CertStore
-from .cloudstack import CloudStackValidator
-from .config import Config
-from .dns import DnsServer
-from .errors import (
+from consoleproxy import wiring
+from consoleproxy.bookkeeping import Bookkeeping
+from consoleproxy.config import Config
+from consoleproxy.errors import (
     BackendUnreachable,
     ConsoleError,
     ConsoleProxyError,
@@ -51,20 +43,19 @@ from .errors import (
     ShuttingDown,
     TokenInvalid,
 )
-from .forwarded import client_address, parse_networks
-from .health import HealthRunner
-from .lifecycle import Drain, kill, sweep
-from .listener import AcceptSettings, ConsoleSite, handler_args
-from .memory import Trimmer, malloc_trim
-from .metrics import Metrics
-from .origin import check_origin
-from .query import raw_query_param
-from .readiness import ReadinessState, not_ready_reason
-from .reconfigure import prepare, swap_validators
-from .recording_policy import should_record
-from .relay import CLOSE_TIMEOUT, ClientReader, ConsoleWebSocket, Relay
-from .reload import ReloadResult
-from .resume import (
+from consoleproxy.lifecycle import Drain, kill, sweep
+from consoleproxy.metrics import Metrics
+from consoleproxy.net import vncconn
+from consoleproxy.net.dns import DnsServer
+from consoleproxy.net.listener import AcceptSettings, ConsoleSite, handler_args
+from consoleproxy.net.memory import Trimmer, malloc_trim
+from consoleproxy.net.relay import CLOSE_TIMEOUT, ClientReader, ConsoleWebSocket, Relay
+from consoleproxy.net.vncconn import Handover, VNCConnection
+from consoleproxy.policy.acme_policy import ChallengeRecords
+from consoleproxy.policy.cloudstack import CloudStackValidator
+from consoleproxy.policy.origin import check_origin
+from consoleproxy.policy.readiness import ReadinessState, not_ready_reason
+from consoleproxy.policy.resume import (
     MAX_TICKET_BYTES,
     TicketBody,
     issue_ticket,
@@ -73,12 +64,23 @@ from .resume import (
     seal_body,
     used_key,
 )
-from .sessions import Session
-from .targets import check_hostname_syntax, is_ip_address
-from .tokens import Claims, Keyring, TokenValidator
-from .vncconn import Handover, VNCConnection
-from .webapps import bind_admin, page_dirs, page_handler, public_app, redirect_app
-from .wsframes import close_reason as _reason
+from consoleproxy.policy.sessions import Session
+from consoleproxy.policy.targets import check_hostname_syntax, is_ip_address
+from consoleproxy.policy.tokens import Claims, Keyring, TokenValidator
+from consoleproxy.protocol import rfb
+from consoleproxy.protocol.forwarded import client_address, parse_networks
+from consoleproxy.protocol.query import raw_query_param
+from consoleproxy.protocol.wsframes import close_reason as _reason
+from consoleproxy.reconfigure import prepare, swap_validators
+from consoleproxy.recordings.recording_policy import should_record
+from consoleproxy.reload import ReloadResult
+from consoleproxy.tls.acme_orders import AcmeManager
+from consoleproxy.tls.certpem import CertificateError
+from consoleproxy.tls.certsni import SNIContexts
+from consoleproxy.tls.certstate import ServingCertificates
+from consoleproxy.tls.certstore import CertStore
+from consoleproxy.web.health import HealthRunner
+from consoleproxy.web.webapps import bind_admin, page_dirs, page_handler, public_app, redirect_app
 
 __all__ = ["NOTICE_PREFIX", "NOTICE_PROTOCOL", "RECORDED_NOTICE", "ProxyServer"]
 
@@ -231,7 +233,7 @@ class ProxyServer:
         )
 
     async def start(self) -> None:
-        from .admin import admin_app, startup_admin_key
+        from consoleproxy.web.admin import admin_app, startup_admin_key
 
         # Checked before anything binds: a public admin address needs a key file made beforehand.
         self.admin_key = startup_admin_key(self.cfg.admin.address, self.cfg.path(self.cfg.admin.key_file))

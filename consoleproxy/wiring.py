@@ -12,23 +12,23 @@ import logging
 import ssl
 from pathlib import Path
 
-from .cloudstack import CloudStackKeyError, CloudStackKeys, CloudStackValidator
-from .config import Config, ConfigError, Limits
-from .dns import DnsSettings
-from .metrics import Metrics
-from .origin import OriginPolicy
-from .recording import Recordings
-from .recording_store import FileStore, parse_store
-from .replay import (
+from consoleproxy.config import Config, ConfigError, Limits
+from consoleproxy.metrics import Metrics
+from consoleproxy.net.dns import DnsSettings
+from consoleproxy.policy.cloudstack import CloudStackKeyError, CloudStackKeys, CloudStackValidator
+from consoleproxy.policy.origin import OriginPolicy
+from consoleproxy.policy.replay import (
     BadStoreURL,
     GuardedReplayStore,
     ReplayStoreUnavailable,
     open_replay_store,
     redact_url,
 )
-from .sessions import Registry
-from .targets import TargetPolicy, local_addresses
-from .tokens import Keyring, KeyringError, TokenValidator
+from consoleproxy.policy.sessions import Registry
+from consoleproxy.policy.targets import TargetPolicy, local_addresses
+from consoleproxy.policy.tokens import Keyring, KeyringError, TokenValidator
+from consoleproxy.recordings.recording import Recordings
+from consoleproxy.recordings.recording_store import FileStore, parse_store
 
 __all__ = [
     "apply_limits",
@@ -148,7 +148,7 @@ def recordings(cfg: Config, metrics: Metrics) -> Recordings:
     url = parse_store(rc.store)  # checked by load_config
     if url.scheme == "file":
         return Recordings(rc, FileStore(Path(url.path)), metrics)
-    from .recording_s3 import S3Store
+    from consoleproxy.recordings.recording_s3 import S3Store
 
     spool = FileStore(cfg.path(rc.spool_dir))
     remote = S3Store(url.path, url.prefix, endpoint=rc.s3_endpoint, region=rc.s3_region, spool=spool)

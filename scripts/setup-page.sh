@@ -3,7 +3,7 @@
 # - noVNC's core, from the npm package @novnc/novnc pinned in package.json / package-lock.json,
 #   into node_modules/ (git-ignored; the proxy serves node_modules/@novnc/novnc/ under /novnc/).
 #   Runs `npm ci` (or `npm install` without a lock file) when it is missing or not the pinned version.
-# - Debian's chromium, for tests/test_page.py (Playwright drives /usr/bin/chromium; no
+# - Debian's chromium, for tests/web/test_page.py (Playwright drives /usr/bin/chromium; no
 #   `playwright install`): as root and missing, apt-get update then apt-get install -y.
 # - certutil (Debian libnss3-tools), with which the HTTPS page tests make an NSS database that
 #   trusts the test CA for chromium (never --ignore-certificate-errors): installed the same way.

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from consoleproxy.certchain import Item
+from consoleproxy.tls.certchain import Item
 
 SUFFIX = "*.consoleproxy.company.com"
 PASS = "correct horse battery staple"

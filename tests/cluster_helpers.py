@@ -27,9 +27,9 @@ from certutil_helpers import make_chain
 from conftest import require_tool
 from harness import free_port
 
-from consoleproxy.certstore import CertStore
-from consoleproxy.loadbalancer import Backend, haproxy_config
-from consoleproxy.tokens import Keyring, issue
+from consoleproxy.policy.tokens import Keyring, issue
+from consoleproxy.tls.certstore import CertStore
+from consoleproxy.tools.loadbalancer import Backend, haproxy_config
 
 FQDN = "console.test"
 ADMIN_KEY = "a" * 43

@@ -18,6 +18,7 @@ import inspect
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -26,6 +27,15 @@ import pytest
 from hypothesis import HealthCheck, settings
 from redis_helpers import RedisServer, running_redis
 from sentinel_helpers import SentinelGroup, running_group
+
+# tests/ mirrors the package's folders (protocol/, policy/, tls/, net/, web/, tools/, recordings/,
+# and install/ for what operators install); test modules share fixtures and helpers by importing one
+# another by name (``from test_page import …``), so every folder is importable as tests/ is.
+_TESTS = Path(__file__).resolve().parent
+for _folder in sorted(p for p in _TESTS.iterdir() if p.is_dir() and any(p.glob("test_*.py"))):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
+
 
 IN_CI = os.environ.get("CI") == "true"
 

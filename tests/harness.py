@@ -22,8 +22,8 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from consoleproxy.config import Config, load_config, replace
+from consoleproxy.policy.tokens import Keyring, issue
 from consoleproxy.server import ProxyServer
-from consoleproxy.tokens import Keyring, issue
 
 # Set by a test module's fixture to run its consoles over TLS (the proxy's development CA trusted).
 TLS_BY_DEFAULT = False

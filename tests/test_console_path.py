@@ -26,7 +26,7 @@ from harness import (
 from websockets.exceptions import ConnectionClosed
 
 from consoleproxy import vncconn
-from consoleproxy.rfb import vnc_auth_response
+from consoleproxy.protocol.rfb import vnc_auth_response
 
 
 @pytest.fixture(autouse=True, params=["plain", "tls"])
@@ -178,7 +178,7 @@ async def test_connect_timeout_is_4010(tmp_path: Path) -> None:
 
 
 async def test_wrong_vnc_password_is_4011_with_server_reason(tmp_path: Path) -> None:
-    from consoleproxy.demo import DemoVncServer
+    from consoleproxy.tools.demo import DemoVncServer
 
     vnc = DemoVncServer(password="right")
     await vnc.start()
@@ -192,7 +192,7 @@ async def test_wrong_vnc_password_is_4011_with_server_reason(tmp_path: Path) -> 
 
 
 async def test_demo_server_through_proxy_and_input(tmp_path: Path) -> None:
-    from consoleproxy.demo import DemoVncServer
+    from consoleproxy.tools.demo import DemoVncServer
 
     vnc = DemoVncServer()
     await vnc.start()
@@ -214,7 +214,7 @@ async def test_demo_server_through_proxy_and_input(tmp_path: Path) -> None:
 
 
 async def test_view_only_drops_input(tmp_path: Path) -> None:
-    from consoleproxy.demo import DemoVncServer
+    from consoleproxy.tools.demo import DemoVncServer
 
     vnc = DemoVncServer()
     await vnc.start()

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from harness import RFBClient, connect_echo, echo_backend, expect_close, running_proxy, tcp_server
 
-from consoleproxy.tokens import Keyring
+from consoleproxy.policy.tokens import Keyring
 
 
 async def _get(url: str, **kw: object) -> int:
@@ -75,7 +75,7 @@ async def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONSOLEPROXY_")}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consoleproxy.cli", "serve", "--config", "consoleproxy.toml",
+        sys.executable, "-m", "consoleproxy", "serve", "--config", "consoleproxy.toml",
         cwd=tmp_path, env=env, stderr=subprocess.PIPE,
     )
     assert proc.stderr is not None

@@ -9,13 +9,13 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from consoleproxy.certstate import ServingCertificates
 from consoleproxy.config import Drain as DrainSettings
 from consoleproxy.config import Limits
 from consoleproxy.errors import SessionKilled, ShuttingDown
 from consoleproxy.lifecycle import Drain, kill, sweep
 from consoleproxy.metrics import Metrics
-from consoleproxy.sessions import Registry, Session
+from consoleproxy.policy.sessions import Registry, Session
+from consoleproxy.tls.certstate import ServingCertificates
 
 
 def _session(closed: list[tuple[str, int, str]], vm: str) -> Session:

@@ -20,13 +20,13 @@ import pytest
 from conftest import IN_CI
 from harness import Proxy, RFBClient, connect_echo, echo_backend, make_config, running_proxy, tcp_server
 
-from consoleproxy.admin import startup_admin_key
 from consoleproxy.config import ConfigError
 from consoleproxy.errors import Forbidden
-from consoleproxy.listener import HandshakeGate, HeadScanner, HeadTooLarge, RateLimiter, source_key
+from consoleproxy.net.listener import HandshakeGate, HeadScanner, HeadTooLarge, RateLimiter, source_key
+from consoleproxy.policy.targets import TargetPolicy
+from consoleproxy.policy.tokens import Keyring
 from consoleproxy.server import ProxyServer
-from consoleproxy.targets import TargetPolicy
-from consoleproxy.tokens import Keyring
+from consoleproxy.web.admin import startup_admin_key
 
 OTHER = "127.0.0.2"  # the well-behaved client's address; the flood comes from 127.0.0.1
 # The scheduled self-checks (health.py) connect to the listener from 127.0.0.1 at start; they would
@@ -110,7 +110,8 @@ def test_proxy_own_addresses_refused_unless_listed() -> None:
 
 
 def test_policy_checks_addresses_not_names() -> None:
-    """Names are resolved once by the server (tests/test_target_names.py); the policy sees addresses."""
+    """Names are resolved once by the server (tests/policy/test_target_names.py); the policy sees
+    addresses."""
     policy = TargetPolicy.from_config(["127.0.0.1/32"], "1-65535")
     with pytest.raises(Forbidden, match="not an IP address"):
         policy.check("localhost", 5900)

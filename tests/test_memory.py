@@ -9,7 +9,7 @@ from pathlib import Path
 
 from harness import RFBClient, connect_echo, echo_backend, running_proxy, tcp_server
 
-from consoleproxy.memory import TRIM_EVERY, Trimmer, malloc_trim
+from consoleproxy.net.memory import TRIM_EVERY, Trimmer, malloc_trim
 
 
 class FakeTrim:

@@ -22,11 +22,11 @@ import aiohttp
 import pytest
 from harness import RFBClient, connect_echo, echo_backend, expect_close, running_proxy, tcp_server
 
-from consoleproxy.cloudstack import CloudStackKeys, encrypt_gcm
 from consoleproxy.config import load_config, replace
+from consoleproxy.policy.cloudstack import CloudStackKeys, encrypt_gcm
+from consoleproxy.policy.tokens import Keyring, issue
 from consoleproxy.reload import ReloadError, plan
 from consoleproxy.server import ProxyServer
-from consoleproxy.tokens import Keyring, issue
 
 # --- the plan: pure ----------------------------------------------------------------------------
 
@@ -76,7 +76,7 @@ async def serve(tmp_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.Proces
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONSOLEPROXY_")}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consoleproxy.cli", "serve", "--config", "consoleproxy.toml",
+        sys.executable, "-m", "consoleproxy", "serve", "--config", "consoleproxy.toml",
         cwd=tmp_path, env=env, stderr=subprocess.PIPE,
     )
     assert proc.stderr is not None

@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 from harness import Proxy, RFBClient, expect_close, running_proxy
 
-from consoleproxy.demo import DemoVncServer
-from consoleproxy.tokens import b64url_encode
+from consoleproxy.policy.tokens import b64url_encode
+from consoleproxy.tools.demo import DemoVncServer
 
 PASSWORD = "Qz7-vK2w"  # VNC authentication uses 8 bytes; all 8 are distinctive
 WRONG_PASSWORD = "Xr4_mN9p"
@@ -155,7 +155,7 @@ async def test_no_secret_in_logs_output_or_admin_api(
 
 @pytest.mark.integration
 def test_token_inspect_masks_the_password(tmp_path: Path) -> None:
-    from consoleproxy.tokens import Keyring, issue
+    from consoleproxy.policy.tokens import Keyring, issue
 
     keyring = Keyring.generate()
     keys = tmp_path / "keys.json"
@@ -163,7 +163,7 @@ def test_token_inspect_masks_the_password(tmp_path: Path) -> None:
     token = issue(keyring, host="127.0.0.1", port=5901, vm=VM, password=PASSWORD)
     key = keyring.issuing[1]
     proc = subprocess.run(
-        [sys.executable, "-m", "consoleproxy.cli", "token", "inspect", "--keys", str(keys), token],
+        [sys.executable, "-m", "consoleproxy", "token", "inspect", "--keys", str(keys), token],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -181,7 +181,7 @@ def test_token_inspect_masks_the_password(tmp_path: Path) -> None:
 
     # from standard input as well
     proc = subprocess.run(
-        [sys.executable, "-m", "consoleproxy.cli", "token", "inspect", "--keys", str(keys), "-"],
+        [sys.executable, "-m", "consoleproxy", "token", "inspect", "--keys", str(keys), "-"],
         cwd=tmp_path,
         input=token + "\n",
         capture_output=True,

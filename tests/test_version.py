@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.integration
 def test_cli_prints_the_package_version() -> None:
-    out = subprocess.run([sys.executable, "-m", "consoleproxy.cli", "--version"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "consoleproxy", "--version"], capture_output=True,
                          text=True, timeout=30, check=True)
     assert out.stdout.strip() == f"consoleproxy {__version__}"
 

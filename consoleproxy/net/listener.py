@@ -1,0 +1,679 @@
+"""The public listeners' accept layer: everything between ``accept()`` and aiohttp's HTTP parser.
+
+A connection's *handshake* runs from accept to the end of its first HTTP request head: the PROXY
+protocol header (when ``[listen] proxy_protocol`` is on), the TLS handshake, the request line and
+headers. Until then the peer has proven nothing, so this is where one source could tie up the
+proxy (websockify issue 404: half-open connections, slowloris). The limits here:
+
+* ``max_concurrent_handshakes`` (all sources) and ``max_handshakes_per_ip``: over either cap a new
+  connection is reset right after ``accept()``, before any TLS work; it costs one accept and one
+  close. A finished handshake frees its slot, so established consoles never count.
+* ``connections_per_ip_per_second`` / ``connection_burst``: a token bucket per source (IPv4
+  address, IPv6 /64); over it, reset at accept. With the PROXY protocol the source is the one the
+  header names, so a balancer's address is never rate-limited as a whole.
+* ``request_head_timeout_seconds``: the whole handshake must finish in time, or it is closed.
+* ``max_request_head_bytes``: a first request head larger than this gets 431 and a close; each
+  line is also capped by aiohttp (``max_header_line_bytes``, 400).
+
+PROXY protocol: HAProxy in ``mode tcp`` with ``send-proxy-v2`` writes the header and then the
+browser's ClientHello, often in one segment. The header is read from the raw socket with
+``MSG_PEEK`` so that not one byte past it is consumed; the socket then becomes an asyncio
+transport with TLS (``loop.connect_accepted_socket(ssl=...)``: the SNI callback of the shared
+context picks the certificate, so a certificate hot swap applies to new handshakes) and aiohttp's
+request handler takes over. aiohttp gets a ``ClientAddressTransport`` whose
+``get_extra_info("peername")`` is the header's source, so everything reading
+``request.transport.get_extra_info("peername")`` sees the browser (on asyncio's loop and on
+uvloop alike); ``proxy_peername`` is the balancer's own address. A header is only accepted from
+``[listen] trusted_proxies``; a connection from elsewhere, or one without a valid header, is
+closed with a logged reason. A LOCAL header (the balancer's health check) keeps the real peer.
+
+The counting and rate logic (``HandshakeGate``, ``RateLimiter``, ``HeadScanner``) is pure code,
+tested without sockets; ``ConsoleSite`` is the asyncio glue, an aiohttp site used instead of
+``web.TCPSite``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import ssl
+import struct
+import time
+from asyncio.constants import _SendfileMode
+from asyncio.transports import _FlowControlMixin
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from aiohttp import web
+
+from consoleproxy.config import Limits
+from consoleproxy.metrics import Metrics
+from consoleproxy.protocol import proxyproto
+from consoleproxy.protocol.addresses import normalized_ip
+from consoleproxy.protocol.forwarded import Networks, in_networks, parse_networks
+from consoleproxy.protocol.proxyproto import ProxyHeader, ProxyProtocolError
+
+__all__ = [
+    "AcceptSettings",
+    "ConsoleSite",
+    "HandshakeGate",
+    "HeadScanner",
+    "HeadTooLarge",
+    "RateLimiter",
+    "handler_args",
+    "source_key",
+]
+
+log = logging.getLogger("consoleproxy.listener")
+
+
+# Enough for the longest v2 header we accept (proxyproto's 4096-byte body) plus its 16-byte prefix.
+_PEEK_MAX = 16 + 4096
+_RESPONSE_431 = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 32\r\nConnection: close\r\n\r\nrequest header fields too large\n"
+)
+# One log line per reason at most this often; the metric counts every refusal.
+_LOG_EVERY_SECONDS = 10.0
+_LIMIT_NAMES = {
+    "rate": "[limits] connections_per_ip_per_second",
+    "handshakes_per_ip": "[limits] max_handshakes_per_ip",
+}
+
+
+def handler_args(limits: Limits) -> dict[str, Any]:
+    """aiohttp request-handler settings for the public runner (``web.AppRunner(**...)``)."""
+    return {
+        "max_line_size": limits.max_header_line_bytes,
+        "max_field_size": limits.max_header_line_bytes,
+        "keepalive_timeout": limits.keepalive_timeout_seconds,
+    }
+
+
+def source_key(address: str) -> str:
+    """What a per-source limit counts: the IPv4 address, or the /64 of an IPv6 address.
+
+    One IPv6 host usually holds a whole /64, so per-address counting would not bound it.
+    """
+    ip = normalized_ip(address)
+    if ip is None:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class HandshakeGate:
+    """Counts handshakes in progress, in total and per source; refuses over the caps.
+
+    ``enter()`` takes a total slot, ``enter_source(key)`` a per-source one (separate because
+    behind the PROXY protocol the source is only known after the header). Each successful enter
+    is paired with one leave.
+    """
+
+    def __init__(self, total: int, per_source: int) -> None:
+        self.total = total
+        self.per_source = per_source  # 0 = no per-source cap
+        self.in_progress = 0
+        self._per: dict[str, int] = {}
+
+    def enter(self) -> bool:
+        if self.in_progress >= self.total:
+            return False
+        self.in_progress += 1
+        return True
+
+    def leave(self) -> None:
+        self.in_progress -= 1
+
+    def enter_source(self, key: str) -> bool:
+        n = self._per.get(key, 0)
+        if self.per_source and n >= self.per_source:
+            return False
+        self._per[key] = n + 1
+        return True
+
+    def leave_source(self, key: str) -> None:
+        n = self._per[key] - 1
+        if n:
+            self._per[key] = n
+        else:
+            del self._per[key]  # the table holds only sources with a handshake open
+
+    def count(self, key: str) -> int:
+        return self._per.get(key, 0)
+
+
+class RateLimiter:
+    """A token bucket per source: ``rate`` new connections a second, bursts up to ``burst``.
+
+    Memory: one entry per source seen recently; past ``max_sources`` entries, full buckets
+    (sources idle long enough to have refilled) are dropped, then the least recent ones.
+    ``rate == 0`` turns it off.
+    """
+
+    def __init__(self, rate: float, burst: int, max_sources: int = 65536) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.max_sources = max_sources
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, time)
+
+    def allow(self, key: str, now: float) -> bool:
+        if self.rate <= 0:
+            return True
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate)
+        ok = tokens >= 1.0
+        if ok:
+            tokens -= 1.0
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > self.max_sources:
+            self._prune(now)
+        return ok
+
+    def _prune(self, now: float) -> None:
+        full = self.burst / self.rate
+        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full}
+        if len(self._buckets) > self.max_sources:
+            keep = sorted(self._buckets.items(), key=lambda kv: kv[1][1])[-self.max_sources // 2 :]
+            self._buckets = dict(keep)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class HeadTooLarge(Exception):
+    """The first request head went past ``max_request_head_bytes`` without ending."""
+
+
+class HeadScanner:
+    """Finds the end (CRLF CRLF) of the first HTTP request head in a byte stream.
+
+    ``feed(data)`` returns True once the head is complete (aiohttp's parser does the real
+    parsing; this only decides when the handshake is over) and raises ``HeadTooLarge`` when
+    ``limit`` bytes pass without the end. Keeps three bytes, whatever the chunking.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen = 0
+        self._tail = b""
+
+    def feed(self, data: bytes) -> bool:
+        joined = self._tail + data
+        end = joined.find(b"\r\n\r\n")
+        if end >= 0:
+            size = self.seen - len(self._tail) + end + 4
+            if size > self.limit:
+                raise HeadTooLarge(f"request head of {size} bytes (at most {self.limit})")
+            self.seen = size
+            return True
+        self.seen += len(data)
+        if self.seen > self.limit:
+            raise HeadTooLarge(f"request head longer than {self.limit} bytes")
+        self._tail = joined[-3:]
+        return False
+
+
+@dataclass(frozen=True)
+class AcceptSettings:
+    """What a ``ConsoleSite`` enforces; built from ``[listen]`` and ``[limits]``."""
+
+    max_concurrent_handshakes: int = 1000
+    max_handshakes_per_ip: int = 100
+    connections_per_ip_per_second: float = 20
+    connection_burst: int = 100
+    request_head_timeout_seconds: float = 10
+    max_request_head_bytes: int = 32768
+    proxy_protocol: bool = False
+    trusted_proxies: Networks = ()
+
+    @classmethod
+    def from_config(cls, limits: Limits, proxy_protocol: bool, trusted: Iterable[str]) -> AcceptSettings:
+        return cls(
+            max_concurrent_handshakes=limits.max_concurrent_handshakes,
+            max_handshakes_per_ip=limits.max_handshakes_per_ip,
+            connections_per_ip_per_second=limits.connections_per_ip_per_second,
+            connection_burst=limits.connection_burst,
+            request_head_timeout_seconds=limits.request_head_timeout_seconds,
+            max_request_head_bytes=limits.max_request_head_bytes,
+            proxy_protocol=proxy_protocol,
+            trusted_proxies=parse_networks(trusted),
+        )
+
+    def trusted(self, address: str) -> bool:
+        return in_networks(address, self.trusted_proxies)
+
+
+class _Refused(Exception):
+    """A handshake ended by a limit; ``reason`` is the metric label."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+class _Connection(asyncio.Protocol):
+    """Sits in front of aiohttp's RequestHandler until the first request head has arrived.
+
+    ``connection_made`` comes once the transport is ready (after the TLS handshake on a TLS
+    listener) and hands it to a new aiohttp request handler at once. When the head is complete
+    this protocol steps out of the path (``transport.set_protocol``): a console's bytes then go
+    straight to aiohttp.
+    """
+
+    def __init__(self, site: ConsoleSite, client: tuple[str, int] | None) -> None:
+        self.site = site
+        self.client = client  # the PROXY header's source, when there is one
+        self.transport: asyncio.Transport | None = None
+        self.handler: asyncio.Protocol | None = None
+        # Resolved when the handshake is over: head complete, too large, or the connection lost.
+        self.head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.outcome = ""  # "head", "head_too_large" or "lost"
+        self.scanner = HeadScanner(site.settings.max_request_head_bytes)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they have the same methods.
+        t = cast(asyncio.Transport, transport)
+        self.transport = t
+        server = self.site.runner.server
+        assert server is not None
+        self.handler = server()
+        self.handler.connection_made(t if self.client is None else ClientAddressTransport(t, self.client))
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None and self.handler is not None
+        if self.outcome:
+            return  # refused or lost: nothing more goes to aiohttp
+        try:
+            complete = self.scanner.feed(data)
+        except HeadTooLarge:
+            self._end("head_too_large")
+            self.transport.write(_RESPONSE_431)
+            self.transport.close()
+            return
+        if complete:
+            self._end("head")
+            self.transport.set_protocol(self.handler)
+        self.handler.data_received(data)
+
+    def _end(self, outcome: str) -> None:
+        if not self.outcome:
+            self.outcome = outcome
+            self.head.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        return self.handler.eof_received() if self.handler is not None else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end("lost")
+        if self.handler is not None:
+            self.handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.resume_writing()
+
+
+class ClientAddressTransport(_FlowControlMixin):
+    """The transport aiohttp gets behind the PROXY protocol: ``peername`` is the header's source.
+
+    Everything else goes to the real (TCP or TLS) transport, so everything that reads
+    ``request.transport.get_extra_info("peername")`` sees the browser on any event loop;
+    ``get_extra_info("proxy_peername")`` is the balancer's own address. Only used with
+    ``[listen] proxy_protocol``; without it aiohttp gets the real transport.
+
+    aiohttp sends files with ``loop.sendfile``; asyncio's fallback (used here: the native path
+    would register this object as the socket's transport) accepts only flow-controlled
+    transports, hence the mixin, whose pause state is read from the real transport.
+    """
+
+    _sendfile_compatible = _SendfileMode.FALLBACK
+
+    def __init__(self, inner: asyncio.Transport, client: tuple[str, int]) -> None:
+        self.inner = inner
+        super().__init__(
+            {"peername": client, "proxy_peername": inner.get_extra_info("peername")},
+            asyncio.get_running_loop(),
+        )
+
+    @property
+    def _protocol_paused(self) -> bool:
+        return bool(getattr(self.inner, "_protocol_paused", False))
+
+    @_protocol_paused.setter
+    def _protocol_paused(self, value: bool) -> None:
+        pass  # the real transport keeps the state
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name in self._extra:
+            return self._extra[name]
+        return self.inner.get_extra_info(name, default)
+
+    def __getattr__(self, name: str) -> Any:  # anything else a caller may look for
+        return getattr(self.inner, name)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.inner.write(data)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        self.inner.writelines(list_of_data)
+
+    def write_eof(self) -> None:
+        self.inner.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self.inner.can_write_eof()
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def is_closing(self) -> bool:
+        return self.inner.is_closing()
+
+    def is_reading(self) -> bool:
+        return self.inner.is_reading()
+
+    def pause_reading(self) -> None:
+        self.inner.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.inner.resume_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.inner.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self.inner.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self.inner.get_write_buffer_limits()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.inner.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.inner.get_protocol()
+
+
+class ConsoleSite(web.BaseSite):
+    """A public listener (one host:port) with the limits above, serving ``runner``'s app."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        settings: AcceptSettings,
+        metrics: Metrics,
+        ssl_context: ssl.SSLContext | None = None,
+        backlog: int = 1024,
+        reuse_port: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self.runner = runner
+        self.host = host
+        self.requested_port = port
+        self.settings = settings
+        self.metrics = metrics
+        self.reuse_port = reuse_port
+        self.clock = clock
+        self.gate = HandshakeGate(settings.max_concurrent_handshakes, settings.max_handshakes_per_ip)
+        self.rate = RateLimiter(settings.connections_per_ip_per_second, settings.connection_burst)
+        self.sockets: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last_log: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    @property
+    def port(self) -> int:
+        return int(self.sockets[0].getsockname()[1]) if self.sockets else self.requested_port
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(
+            self.host or None, self.requested_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        seen: set[tuple[int, Any]] = set()
+        try:
+            for family, kind, proto, _, addr in infos:
+                if (family, addr) in seen:
+                    continue
+                seen.add((family, addr))
+                sock = socket.socket(family, kind, proto)
+                self.sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self.reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+                sock.listen(self._backlog)
+                sock.setblocking(False)
+        except OSError:
+            for s in self.sockets:
+                s.close()
+            self.sockets.clear()
+            raise
+        for sock in self.sockets:
+            loop.add_reader(sock.fileno(), self._accept_ready, sock)
+
+    def stop_listening(self) -> None:
+        """Close the listening sockets; accepted connections are not touched. With SO_REUSEPORT
+        the kernel then gives every new connection to the other listeners of the port."""
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        self.sockets.clear()
+
+    async def stop(self) -> None:
+        self.stop_listening()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await super().stop()
+
+    # --- accept ----------------------------------------------------------------------------
+
+    def _accept_ready(self, listening: socket.socket) -> None:
+        for _ in range(self._backlog):
+            try:
+                conn, addr = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: back off a little, as asyncio does
+                self._log("accept", "accept() failed: %s; pausing accepts for 0.5 s", exc)
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(listening.fileno())
+                loop.call_later(0.5, self._resume_accepting, listening)
+                return
+            self._accepted(conn, str(addr[0]))
+
+    def _resume_accepting(self, listening: socket.socket) -> None:
+        if listening in self.sockets:
+            asyncio.get_running_loop().add_reader(listening.fileno(), self._accept_ready, listening)
+
+    def _accepted(self, conn: socket.socket, peer: str) -> None:
+        """Cheap checks right after accept; a refused connection never reaches TLS."""
+        s = self.settings
+        # The proxy's own health checks come from loopback with a LOCAL header (no address claim).
+        if s.proxy_protocol and not s.trusted(peer) and not _is_loopback(peer):
+            self._log("untrusted_proxy", "closed a connection from %s: PROXY protocol is on and "
+                      "it is not in [listen] trusted_proxies", peer)
+            return self._reset(conn, "untrusted_proxy")
+        if not self.gate.enter():
+            self._log("handshakes", "refusing connections: %d handshakes in progress "
+                      "([limits] max_concurrent_handshakes)", self.gate.in_progress)
+            return self._reset(conn, "handshakes")
+        key = None
+        # A balancer in front (X-Forwarded-For layout) is not one source: it carries everyone.
+        if not s.proxy_protocol and not s.trusted(peer):
+            key = source_key(peer)
+            why = self._admit_source(key)
+            if why is not None:
+                self.gate.leave()
+                self._log(why, "refusing connections from %s (%s)", key, _LIMIT_NAMES[why])
+                return self._reset(conn, why)
+        conn.setblocking(False)
+        self.metrics.handshakes_in_progress.inc()
+        task = asyncio.get_running_loop().create_task(self._handshake(conn, peer, key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _admit_source(self, key: str) -> str | None:
+        """Per-source checks; on success a per-source slot is held. Returns a refusal reason."""
+        if not self.rate.allow(key, self.clock()):
+            return "rate"
+        if not self.gate.enter_source(key):
+            return "handshakes_per_ip"
+        return None
+
+    def _reset(self, conn: socket.socket, reason: str) -> None:
+        self.metrics.connections_refused_total.labels(reason).inc()
+        with contextlib.suppress(OSError):
+            # RST instead of FIN: no TIME_WAIT on our side, and the peer learns at once.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    async def _handshake(self, conn: socket.socket, peer: str, key: str | None) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        transport: asyncio.Transport | None = None
+        reason = ""
+        done = False
+        try:
+            async with asyncio.timeout(s.request_head_timeout_seconds):
+                client: tuple[str, int] | None = None
+                if s.proxy_protocol:
+                    header = await read_proxy_header(loop, conn)
+                    client = header.source  # None for LOCAL (the balancer's health check)
+                    if client is not None and not s.trusted(peer):
+                        # let in for a LOCAL header only (a health check of this machine)
+                        self._log("untrusted_proxy", "closed a connection from %s: PROXY protocol is on "
+                                  "and it is not in [listen] trusted_proxies", peer)
+                        raise _Refused("untrusted_proxy")
+                    key = source_key(client[0] if client else peer)
+                    why = self._admit_source(key)
+                    if why is not None:
+                        self._log(why, "refusing connections from %s (%s)", key, _LIMIT_NAMES[why])
+                        key = None
+                        raise _Refused(why)
+                # With TLS, this returns after the TLS handshake (the SNI callback of the shared
+                # context picks the certificate, so a hot swap applies to new handshakes).
+                proto = _Connection(self, client)
+                # (uvloop returns its TLS protocol here, not ours: keep our own reference.)
+                raw, _ = await loop.connect_accepted_socket(lambda: proto, conn, ssl=self._ssl_context)
+                transport = proto.transport or raw  # the one aiohttp writes to
+                await proto.head
+                if proto.outcome == "head_too_large":
+                    raise _Refused("head_too_large")
+                done = proto.outcome == "head"
+        except TimeoutError:
+            reason = "head_timeout"
+        except _Refused as exc:
+            reason = exc.reason
+        except ProxyProtocolError as exc:
+            reason = "proxy_header"
+            self._log(reason, "closed a connection from balancer %s: %s", peer, exc)
+        except ssl.SSLError:
+            reason = "tls"
+        except (OSError, EOFError):
+            pass  # the client went away; nothing to count
+        except Exception:  # a bug here must not kill the accept loop, nor go unnoticed
+            reason = "error"
+            log.exception("handshake of a connection from %s failed", peer)
+        finally:
+            if key is not None:
+                self.gate.leave_source(key)
+            self.gate.leave()
+            self.metrics.handshakes_in_progress.dec()
+            if reason:
+                self.metrics.connections_refused_total.labels(reason).inc()
+            if not done:
+                if transport is None:
+                    conn.close()  # never became a transport (or its transport closed it already)
+                elif reason != "head_too_large":  # that one is closing after its 431
+                    transport.abort()
+
+    def _log(self, reason: str, msg: str, *args: Any) -> None:
+        """A warning at most every few seconds per reason, with the count of the ones skipped."""
+        now = self.clock()
+        last = self._last_log.get(reason)
+        if last is not None and now - last < _LOG_EVERY_SECONDS:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return
+        self._last_log[reason] = now
+        skipped = self._suppressed.pop(reason, 0)
+        if skipped:
+            msg += f" ({skipped} more like this not logged)"
+        log.warning(msg, *args)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(sock.fileno(), ready)
+    try:
+        await fut
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes already seen with MSG_PEEK, so they are in the socket's buffer."""
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise EOFError
+        out += chunk
+    return out
+
+
+def _is_loopback(address: str) -> bool:
+    ip = normalized_ip(address)
+    return ip is not None and ip.is_loopback
+
+
+async def read_proxy_header(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> ProxyHeader:
+    """Read one PROXY header from a non-blocking socket without consuming a byte past it."""
+    buf = b""
+    while True:
+        await _readable(loop, sock)
+        try:
+            peek = sock.recv(_PEEK_MAX, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            continue
+        if not peek:
+            raise ProxyProtocolError("connection closed before a complete PROXY header")
+        header = proxyproto.parse(buf + peek)
+        if header is None:
+            # Every byte seen is still header: take them, so the socket is not readable forever.
+            buf += _recv_exactly(sock, len(peek))
+            continue
+        _recv_exactly(sock, header.length - len(buf))
+        return header
