@@ -700,6 +700,7 @@ class ProxyServer:
             self._refuse(ws, 1002, _reason(f"RFB protocol error: {exc}"))
         except ConnectionError:  # BrowserClosed included
             result = "client closed"  # the browser went away mid-handshake; nothing to tell it
+            request.transport.close()  # (closed already, or its close handshake is over)
         except asyncio.CancelledError:  # the proxy is shutting down
             result = "shutting down"
             self._refuse(ws, 1001, b"proxy shutting down")

@@ -321,13 +321,13 @@ class Connection:
         "_parser", "close_timeout", "failed", "heard", "outgoing", "peer_closed", "ping_sent", "state",
     )
 
-    def __init__(self, max_message: int, *, now: float = 0.0, close_timeout: float = CLOSE_TIMEOUT) -> None:
+    def __init__(self, max_message: int, *, now: float = 0.0, close_timeout: float | None = None) -> None:
         self._parser = FrameParser(max_message)
         self.state = OPEN
         self.outgoing: list[bytes] = []
         self.failed: FrameError | None = None  # the browser broke the protocol: nothing more is parsed
         self.peer_closed = False  # the browser's close frame (or EOF) has arrived
-        self.close_timeout = close_timeout
+        self.close_timeout = CLOSE_TIMEOUT if close_timeout is None else close_timeout
         self.heard = now  # the last bytes from the browser (the heartbeat's clock)
         self.ping_sent = 0.0
 

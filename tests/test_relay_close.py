@@ -23,7 +23,7 @@ from harness import (
 )
 from websockets.exceptions import ConnectionClosed
 
-from consoleproxy import relay
+from consoleproxy import relay, wsframes
 from consoleproxy.errors import SessionKilled
 from consoleproxy.server import ProxyServer
 from consoleproxy.tokens import Keyring
@@ -94,7 +94,7 @@ async def test_the_proxy_waits_for_the_browsers_close_reply(tmp_path: Path) -> N
 async def test_a_browser_that_never_answers_the_close_is_cut_after_the_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(relay, "CLOSE_TIMEOUT", 0.3)
+    monkeypatch.setattr(wsframes, "CLOSE_TIMEOUT", 0.3)
     async with (
         running_proxy(tmp_path) as p, tcp_server(echo_backend) as port, aiohttp.ClientSession() as http,
     ):
@@ -134,7 +134,7 @@ async def test_the_vnc_server_closing_sends_1000_with_a_reason(tmp_path: Path) -
 async def test_shutdown_sends_1001_and_does_not_wait_past_the_close_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(relay, "CLOSE_TIMEOUT", 0.5)
+    monkeypatch.setattr(wsframes, "CLOSE_TIMEOUT", 0.5)
     monkeypatch.setattr("consoleproxy.server.CLOSE_TIMEOUT", 0.5)
     keyring = Keyring.generate()
     server = ProxyServer(make_config(tmp_path), keyring=keyring)
