@@ -149,6 +149,7 @@ class FrameParser:
 
     __slots__ = (
         "_control", "_fin", "_head", "_in_message", "_mask", "_max", "_msg_len", "_opcode", "_remaining",
+        "control_seen",
     )
 
     def __init__(self, max_message: int) -> None:
@@ -161,6 +162,7 @@ class FrameParser:
         self._control = bytearray()  # a control frame's payload (at most 125 bytes)
         self._in_message = False  # between a non-final binary frame and its final continuation
         self._msg_len = 0
+        self.control_seen = False  # set when a feed's events include a control frame's
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
         events: list[Event] = []
@@ -269,6 +271,7 @@ class FrameParser:
                 events.append(END_OF_MESSAGE)
             return
         payload = bytes(self._control)
+        self.control_seen = True
         if op == PING:
             events.append(Ping(payload))
         elif op == PONG:
@@ -337,13 +340,17 @@ class Connection:
         self.heard = now
         if self.failed is not None or self.peer_closed:
             return []  # nothing may follow a close frame (RFC 6455 5.5.1); a broken stream is not read
+        parser = self._parser
         try:
-            events = self._parser.feed(data)
+            events = parser.feed(data)
         except FrameError as exc:
             self.failed = exc
             if self.state is CLOSING:
                 self.state = CLOSED  # no reply to wait for from a broken stream
             raise
+        if not parser.control_seen:
+            return events  # the relay's usual read: message pieces only, nothing to look at
+        parser.control_seen = False
         for ev in events:
             if type(ev) is bytes or ev is END_OF_MESSAGE:
                 continue
