@@ -148,7 +148,8 @@ class BrowserConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = transport
         self.conn = Connection(max_message, now=time.monotonic())
         self._stage = HANDSHAKE
-        self._messages: collections.deque[bytes] = collections.deque()
+        # None once the relay has the connection (an empty deque is ~600 bytes an idle console).
+        self._messages: collections.deque[bytes] | None = collections.deque()
         self._message = bytearray()  # during the handshake: the message being assembled
         self._queued = 0
         self._queue_paused = False
@@ -199,8 +200,8 @@ class BrowserConnection(asyncio.BufferedProtocol):
     async def receive(self) -> bytes:
         """The browser's next binary message; ``BrowserClosed`` once none can come."""
         while not self._messages:
-            if self._ended is not None:
-                raise BrowserClosed(self._ended)
+            if self._ended is not None or self._messages is None:
+                raise BrowserClosed(self._ended or "the relay has the connection")
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -236,10 +237,10 @@ class BrowserConnection(asyncio.BufferedProtocol):
     def start_relay(self, relay: Relay) -> list[bytes]:
         """Hand the connection to ``relay``; returns what the browser sent that no ``receive()``
         took, in order (whole messages, then the start of one), for the VNC server."""
-        pending = list(self._messages)
+        pending = list(self._messages or ())
         if self._message:
             pending.append(bytes(self._message))
-        self._messages.clear()
+        self._messages = None
         self._message = bytearray()
         self._queued = 0
         self.relay = relay
@@ -373,7 +374,7 @@ class BrowserConnection(asyncio.BufferedProtocol):
         for ev in events:
             if type(ev) is bytes:
                 self._message += ev
-            elif ev is END_OF_MESSAGE:
+            elif ev is END_OF_MESSAGE and self._messages is not None:
                 msg = bytes(self._message)
                 self._message.clear()
                 self._messages.append(msg)
