@@ -297,6 +297,9 @@ class BrowserConnection(asyncio.BufferedProtocol):
         closed first or broke the protocol, or when the close timeout says so."""
         self._stage = CLOSING
         self.resume_for_backend()  # the browser's reply must be read
+        if self._queue_paused:
+            self._queue_paused = False
+            self._resume()
         self._end_messages("the console was closed")
         t = self.transport
         if t is None or t.is_closing():

@@ -316,6 +316,10 @@ async def test_a_browser_sending_too_much_in_the_handshake_is_paused() -> None:
     assert not t.reading
     await conn.receive()
     assert t.reading
+    conn.data_received(client_frame(BIN, bytes(HANDSHAKE_QUEUE + 1)))
+    assert not t.reading
+    conn.close(4001, b"token invalid")
+    assert t.reading, "a refused browser's close reply must be read"
 
 
 async def test_send_after_close_raises() -> None:
