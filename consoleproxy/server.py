@@ -1,6 +1,7 @@
 """The aiohttp application: public listeners and the console path.
 
-A console's bytes go ``server`` (upgrade, token) -> ``tokens`` -> ``targets`` -> ``sessions``
+A console's bytes go ``listener`` (first request head) -> ``browser`` (upgrade; our own WebSocket,
+not aiohttp's) -> ``server`` (token) -> ``tokens`` -> ``targets`` -> ``sessions``
 (limits) -> ``rfb`` (security handshake on both sides) -> ``relay``. Errors after the upgrade are
 sent as WebSocket close codes (DESIGN.md 8): a browser cannot read the HTTP status of a failed
 upgrade, but it can read a close code.
