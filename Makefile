@@ -17,7 +17,7 @@ LOWEST := .venv-lowest
 # (psutil), DNS (dnspython), metrics (prometheus-client), reload.
 LOWEST_TESTS := tests/test_console_path.py tests/test_tls_proxy.py tests/test_vencrypt.py \
 	tests/test_relay_close.py tests/test_listener.py tests/test_drain.py tests/test_rfb.py \
-	tests/test_wsframes.py tests/test_tokens.py tests/test_cloudstack.py tests/test_replay_stores.py \
+	tests/test_wsframes.py tests/test_wsconnection.py tests/test_tokens.py tests/test_cloudstack.py tests/test_replay_stores.py \
 	tests/test_health.py tests/test_dns.py tests/test_reload.py
 
 PYTHONS_TESTS := tests/test_console_path.py tests/test_tls_proxy.py tests/test_vencrypt.py \
