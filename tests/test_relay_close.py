@@ -230,7 +230,7 @@ async def test_consoles_ending_every_way_at_once_leave_nothing_behind(tmp_path: 
         assert 'consoleproxy_sessions_total{result="server_closed"} 10.0' in text
         assert 'consoleproxy_sessions_total{result="client_closed"} 20.0' in text
         names = [t.get_coro().__qualname__ for t in asyncio.all_tasks()]  # type: ignore[union-attr]
-        assert not [n for n in names if "handle_websocket" in n or "RequestHandler" in n], names
+        assert not [n for n in names if "handle_console" in n or "RequestHandler" in n], names
 
 
 async def test_no_ping_follows_the_close_of_a_refused_console(tmp_path: Path) -> None:

@@ -114,7 +114,7 @@ async def test_relaying_consoles_keep_no_aiohttp_parser_nor_vnc_stream_protocol(
                 assert live == [], f"aiohttp's per-connection objects are kept per console: {live[:3]}"
                 # No task waits on a relaying console (aiohttp's handler task has ended).
                 names = [t.get_coro().__qualname__ for t in asyncio.all_tasks()]  # type: ignore[union-attr]
-                assert not [n for n in names if "RequestHandler" in n or "handle_websocket" in n], names
+                assert not [n for n in names if "RequestHandler" in n or "handle_console" in n], names
                 assert _live(_reader_types()) == [], "aiohttp's WebSocketReader is kept per console"
                 assert _live(_parser_types()) == [], "aiohttp's HttpRequestParser is kept per console"
                 assert _proxy_stream_protocols() == [], "the VNC StreamReaderProtocol is kept per console"
