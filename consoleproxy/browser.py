@@ -69,8 +69,9 @@ NOTICE_PROTOCOL = "consoleproxy.notice"
 # sends a few dozen bytes during the RFB handshake; this bounds one that sends more.
 HANDSHAKE_QUEUE = 64 * 1024
 
-# websockets' ServerProtocol logs every accepted or refused handshake at INFO; the proxy counts
-# and logs its consoles itself.
+# websockets' ServerProtocol logs every accepted or refused handshake at INFO, and at DEBUG the
+# request line, whose query carries the token (secrets are never logged): WARNING and up only,
+# whatever the root logger's level. The proxy counts and logs its consoles itself.
 _handshake_log = logging.getLogger("consoleproxy.browser.handshake")
 _handshake_log.setLevel(logging.WARNING)
 

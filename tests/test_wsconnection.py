@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import struct
 from typing import Any
 
@@ -330,3 +331,10 @@ async def test_send_after_close_raises() -> None:
     with pytest.raises(BrowserClosed):
         await conn.send_str("late")
     await asyncio.sleep(0)
+
+
+def test_the_handshake_never_logs_the_token_even_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG):
+        open_console(upgrade("/websockify?token=SECRET-TOKEN"))
+        open_console(upgrade("/websockify?token=SECRET-TOKEN", key="short"))
+    assert "SECRET-TOKEN" not in caplog.text
