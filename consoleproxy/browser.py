@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONSOLE_PATHS", "HANDSHAKE_QUEUE", "NOTICE_PROTOCOL", "BrowserClosed", "BrowserConnection",
-    "ConsoleRequest", "is_console_request", "select_subprotocol",
+    "ConsoleHandshake", "ConsoleRequest", "is_console_request", "select_subprotocol",
 ]
 
 # The console's WebSocket (DESIGN.md 6: ``GET /websockify?token=T``).
@@ -90,14 +90,24 @@ def is_console_request(head: bytes) -> bool:
     return path.decode("latin-1") in CONSOLE_PATHS
 
 
-def select_subprotocol(protocol: ServerProtocol, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+def select_subprotocol(offered: Sequence[str]) -> str | None:
     """"binary" when offered (noVNC before 1.2, our page); else our notice protocol when that is
     all a client offers (a browser fails a connection whose offer got no answer); else none
     (noVNC 1.2 and later offer nothing)."""
     for name in ("binary", NOTICE_PROTOCOL):
         if name in offered:
-            return Subprotocol(name)
+            return name
     return None
+
+
+class ConsoleHandshake(ServerProtocol):
+    """websockets' ServerProtocol with our subprotocol choice (its documented override point; a
+    subclass, not the ``select_subprotocol`` argument, which it keeps as a method bound to the
+    protocol: a cycle)."""
+
+    def select_subprotocol(self, subprotocols: Sequence[Subprotocol]) -> Subprotocol | None:
+        chosen = select_subprotocol(subprotocols)
+        return None if chosen is None else Subprotocol(chosen)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +126,23 @@ class ConsoleRequest:
 
     def offered_subprotocols(self) -> list[str]:
         return [p.strip() for v in self.headers.get_all("Sec-WebSocket-Protocol") for p in v.split(",")]
+
+
+def _release(ws: ServerProtocol) -> None:
+    """Let the handshake's ServerProtocol go by reference counting: its ``parser`` is a generator
+    suspended in a method of the protocol (a cycle, ~5 KiB with the request, which only the cycle
+    collector would free; bench/idle_memory.py --no-gc showed it per console). Closing the
+    generator (Python's own generator API) ends its frame, and with it the cycle."""
+    parser = getattr(ws, "parser", None)
+    close = getattr(parser, "close", None)
+    if callable(close):
+        close()
+    # A refused handshake keeps its reason (``handshake_exc``), whose traceback holds the
+    # protocol's frames: another cycle. The reason stays; its tracebacks go.
+    exc: BaseException | None = ws.handshake_exc
+    while exc is not None:
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
 
 
 class BrowserClosed(ConnectionError):
@@ -173,12 +200,14 @@ class BrowserConnection(asyncio.BufferedProtocol):
         t = self.transport
         assert t is not None
         # Only the request goes to it (frames are ours), so its own frame size cap never applies.
-        ws = ServerProtocol(select_subprotocol=select_subprotocol, max_size=None, logger=_handshake_log)
+        ws = ConsoleHandshake(max_size=None, logger=_handshake_log)
         ws.receive_data(head)
         request = next((ev for ev in ws.events_received() if isinstance(ev, Request)), None)
         if request is None:  # not HTTP: websockets answered (414, 431) or has nothing to say
             for data in ws.data_to_send():
-                t.write(data)
+                if data:
+                    t.write(data)
+            _release(ws)
             t.close()
             return None
         response = ws.accept(request)
@@ -186,6 +215,7 @@ class BrowserConnection(asyncio.BufferedProtocol):
         for data in ws.data_to_send():
             if data:
                 t.write(data)
+        _release(ws)
         if response.status_code != 101:
             t.close()
             return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import logging
 import struct
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 from test_wsframes import BIN, CLOSE, PING, PONG, TEXT, client_frame
+from websockets.server import ServerProtocol
 
 from consoleproxy.browser import (
     HANDSHAKE_QUEUE,
@@ -338,3 +340,16 @@ def test_the_handshake_never_logs_the_token_even_at_debug(caplog: pytest.LogCapt
         open_console(upgrade("/websockify?token=SECRET-TOKEN"))
         open_console(upgrade("/websockify?token=SECRET-TOKEN", key="short"))
     assert "SECRET-TOKEN" not in caplog.text
+
+
+def test_the_handshake_leaves_nothing_for_the_cycle_collector() -> None:
+    """websockets' ServerProtocol holds a generator suspended in its own method: kept, it would
+    keep the protocol and the request until a full collection (thousands of idle consoles)."""
+    gc.collect()
+    gc.disable()
+    try:
+        for head in (upgrade(), upgrade(key="short"), b"junk\r\n\r\n"):
+            open_console(head)
+            assert not [o for o in gc.get_objects() if isinstance(o, ServerProtocol)]
+    finally:
+        gc.enable()
