@@ -519,7 +519,6 @@ class ProxyServer:
         log.info("reload: %s", result.summary())
         return result
 
-
     @property
     def public_ports(self) -> list[int]:
         return [s.port for s in self._sites]
@@ -710,6 +709,10 @@ class ProxyServer:
             result = "error"
             log.warning("console for %s ended by a socket error: %s", client_ip, exc)
             self._refuse(ws, 1011, _reason("connection to the VNC server failed"))
+        except Exception:  # a bug, not the peers': logged, and the browser is told (aiohttp did both)
+            result = "error"
+            log.exception("console for %s failed", client_ip)
+            self._refuse(ws, 1011, b"internal error")
         finally:
             self._handshaking.discard(ws)
             if not relaying:

@@ -176,6 +176,24 @@ async def test_a_relay_that_fails_to_start_still_ends_the_console(
         assert 'consoleproxy_sessions_total{result="error"} 1.0' in p.server.metrics.render().decode()
 
 
+async def test_a_bug_in_the_rfb_handshake_closes_the_console_with_1011(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The console pipeline runs in our own task (no aiohttp handler to log a bug and close the
+    connection): the browser gets 1011 at once, not a hang until the handshake timeout."""
+    async def broken(self: ProxyServer, *args: object, **kw: object) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(ProxyServer, "_rfb_handshake", broken)
+    async with running_proxy(tmp_path, limits={"handshake_timeout_seconds": 120}) as p, \
+            tcp_server(echo_backend) as port:
+        async with RFBClient.connect(p.url(p.token(port=port))) as c:
+            assert await c.close_code() == 1011
+        await _wait(lambda: not len(p.server.registry))
+        assert "simulated bug" in caplog.text
+        assert 'consoleproxy_sessions_total{result="error"} 1.0' in p.server.metrics.render().decode()
+
+
 async def test_consoles_ending_every_way_at_once_leave_nothing_behind(tmp_path: Path) -> None:
     """40 consoles end at the same time, ten each way: the browser closes, the browser's TCP
     connection drops, an administrator kills it, the VNC server closes. Afterwards no session,
