@@ -241,6 +241,7 @@ def test_the_upgrade_is_accepted_with_a_101(offered: str, chosen: str | None) ->
     assert headers["sec-websocket-accept"] == ACCEPT
     assert headers["upgrade"].lower() == "websocket"
     assert headers.get("sec-websocket-protocol") == chosen
+    assert request.subprotocol == chosen
     assert "sec-websocket-extensions" not in headers, "no compression: RFB is compressed already"
     assert t.protocol is conn and not t.closed
     assert request.path == "/websockify" and request.query_string == "token=abc"
