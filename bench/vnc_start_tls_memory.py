@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from test_vencrypt import make_qemu_tls_dir  # noqa: E402
 
-from consoleproxy import vncconn  # noqa: E402
+from consoleproxy.net import vncconn  # noqa: E402
 
 N = int(os.environ.get("N", "300"))
 

@@ -1,6 +1,7 @@
 """The proxy: composition and lifecycle of one instance, and (for now) the console pipeline.
 
-A console's bytes go ``server`` (upgrade, token) -> ``tokens`` -> ``targets`` -> ``sessions``
+A console's bytes go ``listener`` (first request head) -> ``browser`` (upgrade; our own WebSocket,
+not aiohttp's) -> ``server`` (token) -> ``tokens`` -> ``targets`` -> ``sessions``
 (limits) -> ``rfb`` (security handshake on both sides) -> ``relay``. Errors after the upgrade are
 sent as WebSocket close codes (DESIGN.md 8): a browser cannot read the HTTP status of a failed
 upgrade, but it can read a close code.
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from consoleproxy import wiring
 from consoleproxy.bookkeeping import Bookkeeping
@@ -46,10 +47,11 @@ from consoleproxy.errors import (
 from consoleproxy.lifecycle import Drain, kill, sweep
 from consoleproxy.metrics import Metrics
 from consoleproxy.net import vncconn
+from consoleproxy.net.browser import NOTICE_PROTOCOL, BrowserClosed, BrowserConnection, ConsoleRequest
 from consoleproxy.net.dns import DnsServer
 from consoleproxy.net.listener import AcceptSettings, ConsoleSite, handler_args
 from consoleproxy.net.memory import Trimmer, malloc_trim
-from consoleproxy.net.relay import CLOSE_TIMEOUT, ClientReader, ConsoleWebSocket, Relay
+from consoleproxy.net.relay import Relay
 from consoleproxy.net.vncconn import Handover, VNCConnection
 from consoleproxy.policy.acme_policy import ChallengeRecords
 from consoleproxy.policy.cloudstack import CloudStackValidator
@@ -70,6 +72,7 @@ from consoleproxy.policy.tokens import Claims, Keyring, TokenValidator
 from consoleproxy.protocol import rfb
 from consoleproxy.protocol.forwarded import client_address, parse_networks
 from consoleproxy.protocol.query import raw_query_param
+from consoleproxy.protocol.wsframes import CLOSE_TIMEOUT
 from consoleproxy.protocol.wsframes import close_reason as _reason
 from consoleproxy.reconfigure import prepare, swap_validators
 from consoleproxy.recordings.recording_policy import should_record
@@ -91,7 +94,6 @@ log = logging.getLogger("consoleproxy")
 # The page's other text messages are resume tickets ("cpr1.<base64url>...", resume.py), which
 # never contain ':': a text message starting with NOTICE_PREFIX is a notice, anything else a
 # ticket (README, "Resume"; docs/recording.md).
-NOTICE_PROTOCOL = "consoleproxy.notice"
 NOTICE_PREFIX = "consoleproxy:"
 RECORDED_NOTICE = NOTICE_PREFIX + "recorded"
 # /readyz waits at most this long for a replay store ping: far below any balancer's check timeout.
@@ -147,7 +149,9 @@ class ProxyServer:
         # Consoles whose browser connection is open: relaying, or closing (close handshake).
         self._relays: dict[str, Relay] = {}
         # Browser connections in the RFB handshake (pinged by the sweeper like relaying ones).
-        self._handshaking: set[ClientReader] = set()
+        self._handshaking: set[BrowserConnection] = set()
+        # The console pipeline's tasks (one a console, from the 101 until the relay starts).
+        self._consoles: set[asyncio.Task[None]] = set()
         self._relays_gone = asyncio.Event()
         self._relays_gone.set()
         # Gives the pages of ended consoles back to the OS (memory.py: ~9 KiB of RSS a TLS console).
@@ -228,7 +232,7 @@ class ProxyServer:
 
     def public_app(self) -> web.Application:
         return public_app(
-            self.cfg, websocket=self.handle_websocket, healthz=self.handle_healthz,
+            self.cfg, websocket=self.handle_late_websocket, healthz=self.handle_healthz,
             readyz=self.handle_readyz, page=page_handler(lambda: self.cfg),
         )
 
@@ -254,7 +258,7 @@ class ProxyServer:
             # listener.py: handshake limits, PROXY protocol, then TLS (SNI via ctx) and aiohttp.
             site = ConsoleSite(
                 runner, lst.address, port, settings=accept, metrics=self.metrics, ssl_context=ctx,
-                backlog=1024, reuse_port=self.reuse_port,
+                backlog=1024, reuse_port=self.reuse_port, console=self.accept_console,
             )
             await site.start()
             self._sites.append(site)
@@ -293,7 +297,7 @@ class ProxyServer:
             )
             self.acme.start()
 
-    def _pinged(self) -> list[ClientReader]:
+    def _pinged(self) -> list[BrowserConnection]:
         """Every open browser connection: in the RFB handshake, relaying, or closing."""
         return [*self._handshaking, *(relay.client for relay in self._relays.values())]
 
@@ -345,6 +349,10 @@ class ProxyServer:
                 await self._relays_gone.wait()
         for relay in list(self._relays.values()):
             relay.abort()
+        for task in list(self._consoles):  # consoles still in their RFB handshake
+            task.cancel()
+        if self._consoles:
+            await asyncio.wait(self._consoles, timeout=2)
         await self.recordings.close()
         if self._burns:
             await asyncio.wait(self._burns, timeout=2)
@@ -388,28 +396,36 @@ class ProxyServer:
     # --- the console path ------------------------------------------------------------------
 
     @staticmethod
-    def _peer_ip(request: web.Request) -> str:
-        peer = request.transport.get_extra_info("peername") if request.transport else None
+    def _peer_ip(request: ConsoleRequest) -> str:
+        peer = request.transport.get_extra_info("peername")
         return str(peer[0]) if peer else "unknown"
 
-    def _client_ip(self, request: web.Request, peer: str) -> str:
+    def _client_ip(self, request: ConsoleRequest, peer: str) -> str:
         """The browser's address; raises BadForwardedFor (4004) for an unreadable balancer header."""
         if not self.cfg.listen.forwarded_for:
             return peer
-        return client_address(peer, request.headers.getall("X-Forwarded-For", ()), self._trusted_proxies)
+        return client_address(peer, request.headers.get_all("X-Forwarded-For"), self._trusted_proxies)
 
-    async def handle_websocket(self, request: web.Request) -> web.StreamResponse:
+    def accept_console(self, transport: asyncio.Transport, head: bytes, rest: bytes) -> None:
+        """The accept layer's hand-over (listener.ConsoleSite): a connection whose first request
+        is the console's upgrade. The opening handshake (browser.py), then the pipeline's task."""
+        ws = BrowserConnection(transport, self.cfg.limits.max_client_message_bytes)
+        request = ws.start(head, rest)
+        if request is None:
+            return  # refused with an HTTP status (not a WebSocket upgrade)
+        # Pinged by the sweeper from the 101 on (BrowserConnection.heartbeat).
+        self._handshaking.add(ws)
+        task = asyncio.get_running_loop().create_task(self.handle_console(ws, request))
+        self._consoles.add(task)
+        task.add_done_callback(self._consoles.discard)
+
+    async def handle_late_websocket(self, request: web.Request) -> web.Response:
+        """A console request behind another request on its connection (keep-alive): consoles are
+        served on a connection of their own, as browsers open them."""
+        return web.Response(status=400, text="the console WebSocket must be its connection's first request\n")
+
+    async def handle_console(self, ws: BrowserConnection, request: ConsoleRequest) -> None:
         lim = self.cfg.limits
-        ws = ConsoleWebSocket(
-            max_message=lim.max_client_message_bytes,  # enforced by ClientReader's parser
-            protocols=("binary",),
-            max_msg_size=lim.max_client_message_bytes + 1,  # aiohttp refuses a message of exactly its cap
-            heartbeat=None,  # the sweeper pings every console from the 101 on (ClientReader.heartbeat)
-            compress=False,  # RFB is already compressed where it matters; deflate costs CPU
-        )
-        await ws.prepare(request)
-        assert ws.client is not None
-        self._handshaking.add(ws.client)
         client_ip = self._peer_ip(request)
         session: Session | None = None
         vnc: VNCConnection | None = None
@@ -451,7 +467,7 @@ class ProxyServer:
                     old.close(SessionKilled.close_code, "replaced by a newer console for this VM")
                 rc = self.cfg.recording
                 record = should_record(rc.enabled, claims.record, claims.vm, rc.vms)
-                if record and NOTICE_PROTOCOL in request.headers.get("Sec-WebSocket-Protocol", ""):
+                if record and NOTICE_PROTOCOL in request.offered_subprotocols():
                     # Our console page offers this protocol: it shows "this session is recorded".
                     await ws.send_str(RECORDED_NOTICE)
                 vnc = await self._connect(claims)
@@ -474,42 +490,53 @@ class ProxyServer:
             relaying = True
         except TimeoutError:
             result = "handshake timeout"
-            await self._refuse(ws, 4012, b"handshake timed out")
+            self._refuse(ws, 4012, b"handshake timed out")
         except ConsoleError as exc:
             result = exc.reason
             if isinstance(exc, TokenInvalid | Forbidden) or exc.close_code in (4002, 4003, 4005):
                 self.metrics.token_rejections_total.labels(exc.reason).inc()
             log.info("console refused for %s: %s (%d)", client_ip, exc, exc.close_code)
-            await self._refuse(ws, exc.close_code, _reason(str(exc)))
+            self._refuse(ws, exc.close_code, _reason(str(exc)))
         except rfb.RFBError as exc:
             result = "protocol error"
-            await self._refuse(ws, 1002, _reason(f"RFB protocol error: {exc}"))
-        except ConnectionError:
+            self._refuse(ws, 1002, _reason(f"RFB protocol error: {exc}"))
+        except ConnectionError:  # BrowserClosed included
             result = "client closed"  # the browser went away mid-handshake; nothing to tell it
+            request.transport.close()  # (closed already, or its close handshake is over)
+        except asyncio.CancelledError:  # the proxy is shutting down
+            result = "shutting down"
+            self._refuse(ws, 1001, b"proxy shutting down")
+            raise
         except OSError as exc:  # e.g. a TLS alert from the VNC server after the handshake
             result = "error"
             log.warning("console for %s ended by a socket error: %s", client_ip, exc)
-            await self._refuse(ws, 1011, _reason("connection to the VNC server failed"))
+            self._refuse(ws, 1011, _reason("connection to the VNC server failed"))
+        except Exception:  # a bug, not the peers': logged, and the browser is told (aiohttp did both)
+            result = "error"
+            log.exception("console for %s failed", client_ip)
+            self._refuse(ws, 1011, b"internal error")
         finally:
-            self._handshaking.discard(ws.client)
+            self._handshaking.discard(ws)
             if not relaying:
                 if vnc is not None:
                     vnc.close()
                 if session is not None:
                     self._end(session, result)
                 self.trimmer.ended()
-        return ws
 
     # --- resume (resume.py) ------------------------------------------------------------------
 
-    async def _receive_ticket(self, ws: ConsoleWebSocket, keys: Keyring, client_ip: str) -> TicketBody:
+    async def _receive_ticket(self, ws: BrowserConnection, keys: Keyring, client_ip: str) -> TicketBody:
         """A resuming page's first message is its ticket (never in the URL: access logs), in a
         binary message like every message a browser sends here (the frame parser refuses text)."""
-        msg = await ws.receive()
-        if msg.type is not WSMsgType.BINARY or len(msg.data) > MAX_TICKET_BYTES:
+        try:
+            data = await ws.receive()
+        except BrowserClosed:
+            data = None
+        if data is None or len(data) > MAX_TICKET_BYTES:
             raise ResumeRefused("resume ticket invalid: expected the ticket as the first message")
         try:
-            text = msg.data.decode("ascii")
+            text = data.decode("ascii")
         except UnicodeDecodeError:
             raise ResumeRefused("resume ticket invalid") from None
         return open_ticket(keys, text, now=time.time(), client_ip=client_ip)
@@ -526,7 +553,7 @@ class ProxyServer:
         session.started = float(ticket.started)
         session.started_mono = time.monotonic() - age
 
-    async def _use_ticket(self, ticket: TicketBody, request: web.Request) -> None:
+    async def _use_ticket(self, ticket: TicketBody, request: ConsoleRequest) -> None:
         """Single use, cluster-wide: the generation's key goes into the shared store once the VNC
         server has accepted the connection, before the browser gets a byte of RFB. So a resume
         that fails to reach the VNC server (a storm after a lost instance: connect timeouts) can
@@ -582,13 +609,14 @@ class ProxyServer:
         self._burns.add(task)
         task.add_done_callback(self._burns.discard)
 
-    async def _refuse(self, ws: ConsoleWebSocket, code: int, message: bytes) -> None:
+    def _refuse(self, ws: BrowserConnection, code: int, message: bytes) -> None:
         """Close a console that did not reach the relay. Out of the sweeper's pings first: only a
-        close reply is due from the browser now (RFC 6455 5.5.1)."""
-        self._handshaking.discard(ws.client)
-        await ws.close(code=code, message=message)
+        close reply is due from the browser now (RFC 6455 5.5.1); the browser's connection
+        ends on its reply or after CLOSE_TIMEOUT, without this task."""
+        self._handshaking.discard(ws)
+        ws.close(code, message)
 
-    def _check_origin(self, request: web.Request) -> None:
+    def _check_origin(self, request: ConsoleRequest) -> None:
         """Refuse cross-site WebSockets: the rule is origin.check_origin, over the request's
         Origin and Host headers (never X-Forwarded-Host)."""
         check_origin(request.headers.get("Origin"), request.host, self.origin_policy)
@@ -602,7 +630,7 @@ class ProxyServer:
         address = await self._resolve_target(claims.host, claims.port)
         return dataclasses.replace(claims, host=str(address))
 
-    async def _validate(self, request: web.Request, client_ip: str) -> Claims:
+    async def _validate(self, request: ConsoleRequest, client_ip: str) -> Claims:
         try:
             token = raw_query_param(request.query_string, "token")
         except UnicodeDecodeError:
@@ -641,7 +669,7 @@ class ProxyServer:
 
     async def _rfb_handshake(
         self,
-        ws: web.WebSocketResponse,
+        ws: BrowserConnection,
         vnc: VNCConnection,
         claims: Claims,
         session: Session,
@@ -659,10 +687,7 @@ class ProxyServer:
 
         ready = False
         while not ready:
-            msg = await ws.receive()
-            if not isinstance(msg.data, bytes):
-                raise rfb.RFBError("the browser closed or sent text during the RFB handshake")
-            browser.receive_data(msg.data)
+            browser.receive_data(await _message(ws, "during the RFB handshake"))
             out = browser.data_to_send()
             if out:
                 await ws.send_bytes(out)
@@ -676,10 +701,7 @@ class ProxyServer:
         # ServerInit is checked before anything is relayed (a bounded desktop name).
         leftover = browser.leftover()
         while not leftover:
-            msg = await ws.receive()
-            if not isinstance(msg.data, bytes):
-                raise rfb.RFBError("the browser closed or sent text before its ClientInit")
-            leftover = msg.data
+            leftover = await _message(ws, "before its ClientInit")
         vnc.write(leftover[:1])
         # What the server pipelines behind its ServerInit stays in ``vnc`` for the relay.
         init = await vncconn.read_server_init(vnc)
@@ -690,7 +712,7 @@ class ProxyServer:
 
     def _start_relay(
         self,
-        ws: ConsoleWebSocket,
+        ws: BrowserConnection,
         vnc: VNCConnection,
         session: Session,
         client_leftover: bytes,
@@ -786,11 +808,20 @@ class ProxyServer:
         self.books.audit(event, session, **extra)
 
 
-def _query(request: web.Request, name: str) -> str | None:
+def _query(request: ConsoleRequest, name: str) -> str | None:
     try:
         return raw_query_param(request.query_string, name)
     except UnicodeDecodeError:
         return None
+
+
+async def _message(ws: BrowserConnection, when: str) -> bytes:
+    """The browser's next message in the RFB handshake; its close (or a broken frame: its close
+    code is out already) is an RFB protocol error."""
+    try:
+        return await ws.receive()
+    except BrowserClosed:
+        raise rfb.RFBError(f"the browser closed {when}") from None
 
 
 def _ticket_claims(t: TicketBody) -> Claims:

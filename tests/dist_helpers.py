@@ -1,8 +1,8 @@
 """Building and installing consoleproxy the way an operator does: from a fresh copy of the source,
 into a new virtualenv whose PATH holds nothing but the virtualenv (no node, npm or compiler).
 
-Used by tests/install/test_wheel.py and tests/install/test_image.py. Installing the wheel fetches its dependencies
-from PyPI (pip's cache makes a second run fast).
+Used by tests/install/test_wheel.py and tests/install/test_image.py. Installing the wheel fetches its
+dependencies from PyPI (pip's cache makes a second run fast).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from harness import (
 )
 from websockets.exceptions import ConnectionClosed
 
-from consoleproxy import vncconn
+from consoleproxy.net import vncconn
 from consoleproxy.protocol.rfb import vnc_auth_response
 
 

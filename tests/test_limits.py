@@ -433,3 +433,30 @@ async def test_a_slow_second_head_on_a_kept_alive_connection_is_closed(tmp_path:
             rest = await r.read()  # the body of the first answer, then the close
         assert not rest.startswith(b"HTTP/"), "the slow second request got an answer"
         w.close()
+
+
+async def test_console_path_requests_that_are_not_a_first_upgrade(tmp_path: Path) -> None:
+    """The accept layer gives a connection whose first request is a GET for /websockify to the
+    proxy's own WebSocket: no upgrade there is websockets' 426. A console upgrade behind another
+    request on a kept-alive connection reaches aiohttp, which answers 400 (browsers open every
+    WebSocket on a connection of its own)."""
+    async with running_proxy(tmp_path, health=QUIET) as p:
+        assert await http_status(p, b"GET /websockify?token=x HTTP/1.1\r\nHost: x\r\n\r\n") == 426
+        r, w = await tcp(p, "127.0.0.1")
+        try:
+            w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(10):
+                assert (await r.readline()).startswith(b"HTTP/1.1 200")
+                length = 0
+                while (line := await r.readline()) != b"\r\n":
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await r.readexactly(length)
+                w.write(
+                    b"GET /websockify?token=x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n"
+                    b"Sec-WebSocket-Version: 13\r\n\r\n"
+                )
+                assert (await r.readline()).startswith(b"HTTP/1.1 400")
+        finally:
+            w.close()

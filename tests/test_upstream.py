@@ -1,4 +1,5 @@
-"""The up direction's own WebSocket reader (relay.ClientReader) end to end, plain and TLS."""
+"""The up direction's own WebSocket reader (browser.BrowserConnection, wsframes.Connection) end to
+end, plain and TLS."""
 
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ async def test_a_busy_client_is_not_pinged_out(tmp_path: Path) -> None:
 
 
 async def test_heartbeat_pings_during_the_relay_and_a_silent_client_is_closed(tmp_path: Path) -> None:
-    """The proxy's pings (every ping_interval_seconds) still go out while ClientReader owns the
+    """The proxy's pings (every ping_interval_seconds) still go out while BrowserConnection owns the
     connection; a client that answers stays, one that does not is cut (the sweeper's pong timeout)."""
     async with (
         running_proxy(tmp_path, limits={"ping_interval_seconds": 0.4}) as p,

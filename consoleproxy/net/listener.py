@@ -19,9 +19,10 @@ PROXY protocol: HAProxy in ``mode tcp`` with ``send-proxy-v2`` writes the header
 browser's ClientHello, often in one segment. The header is read from the raw socket with
 ``MSG_PEEK`` so that not one byte past it is consumed; the socket then becomes an asyncio
 transport with TLS (``loop.connect_accepted_socket(ssl=...)``: the SNI callback of the shared
-context picks the certificate, so a certificate hot swap applies to new handshakes) and aiohttp's
-request handler takes over. aiohttp gets a ``ClientAddressTransport`` whose
-``get_extra_info("peername")`` is the header's source, so everything reading
+context picks the certificate, so a certificate hot swap applies to new handshakes). Once the
+first request head is complete, a GET for the console path goes to ``ConsoleSite.console`` (our
+own WebSocket, ``browser.py``) and anything else to aiohttp's request handler. Both get a
+``ClientAddressTransport`` whose ``get_extra_info("peername")`` is the header's source, so everything reading
 ``request.transport.get_extra_info("peername")`` sees the browser (on asyncio's loop and on
 uvloop alike); ``proxy_peername`` is the balancer's own address. A header is only accepted from
 ``[listen] trusted_proxies``; a connection from elsewhere, or one without a valid header, is
@@ -52,13 +53,18 @@ from aiohttp import web
 
 from consoleproxy.config import Limits
 from consoleproxy.metrics import Metrics
+from consoleproxy.net.browser import is_console_request
 from consoleproxy.protocol import proxyproto
 from consoleproxy.protocol.addresses import normalized_ip
 from consoleproxy.protocol.forwarded import Networks, in_networks, parse_networks
 from consoleproxy.protocol.proxyproto import ProxyHeader, ProxyProtocolError
 
+# A console's connection, its upgrade request's head and the bytes that followed it.
+ConsoleHandoff = Callable[[asyncio.Transport, bytes, bytes], None]
+
 __all__ = [
     "AcceptSettings",
+    "ConsoleHandoff",
     "ConsoleSite",
     "HandshakeGate",
     "HeadScanner",
@@ -258,48 +264,59 @@ class _Refused(Exception):
 
 
 class _Connection(asyncio.Protocol):
-    """Sits in front of aiohttp's RequestHandler until the first request head has arrived.
+    """Holds a connection's bytes until its first request head has arrived, then hands it on.
 
     ``connection_made`` comes once the transport is ready (after the TLS handshake on a TLS
-    listener) and hands it to a new aiohttp request handler at once. When the head is complete
-    this protocol steps out of the path (``transport.set_protocol``): a console's bytes then go
-    straight to aiohttp.
+    listener). When the head is complete this protocol steps out of the path
+    (``transport.set_protocol``): a GET for the console path goes, with the head and what
+    followed it, to the site's ``console`` hand-over (``browser.BrowserConnection``: aiohttp
+    never sees a console); anything else to a new aiohttp request handler, fed the same bytes.
     """
 
     def __init__(self, site: ConsoleSite, client: tuple[str, int] | None) -> None:
         self.site = site
         self.client = client  # the PROXY header's source, when there is one
         self.transport: asyncio.Transport | None = None
-        self.handler: asyncio.Protocol | None = None
         # Resolved when the handshake is over: head complete, too large, or the connection lost.
         self.head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.outcome = ""  # "head", "head_too_large" or "lost"
         self.scanner = HeadScanner(site.settings.max_request_head_bytes)
+        self.received = bytearray()  # the head so far (at most max_request_head_bytes + a read)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; they have the same methods.
-        t = cast(asyncio.Transport, transport)
-        self.transport = t
-        server = self.site.runner.server
-        assert server is not None
-        self.handler = server()
-        self.handler.connection_made(t if self.client is None else ClientAddressTransport(t, self.client))
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        assert self.transport is not None and self.handler is not None
+        t = self.transport
+        assert t is not None
         if self.outcome:
-            return  # refused or lost: nothing more goes to aiohttp
+            return  # refused or lost
+        self.received += data
         try:
             complete = self.scanner.feed(data)
         except HeadTooLarge:
             self._end("head_too_large")
-            self.transport.write(_RESPONSE_431)
-            self.transport.close()
+            t.write(_RESPONSE_431)
+            t.close()
             return
-        if complete:
-            self._end("head")
-            self.transport.set_protocol(self.handler)
-        self.handler.data_received(data)
+        if not complete:
+            return
+        self._end("head")
+        received, self.received = bytes(self.received), bytearray()
+        # Everything reading the peer's address (aiohttp's request, the console's) sees the browser.
+        seen = t if self.client is None else ClientAddressTransport(t, self.client)
+        console = self.site.console
+        if console is not None and is_console_request(received):
+            size = self.scanner.seen
+            console(seen, received[:size], received[size:])
+            return
+        server = self.site.runner.server
+        assert server is not None
+        handler = server()
+        t.set_protocol(handler)
+        handler.connection_made(seen)
+        handler.data_received(received)
 
     def _end(self, outcome: str) -> None:
         if not self.outcome:
@@ -307,20 +324,10 @@ class _Connection(asyncio.Protocol):
             self.head.set_result(None)
 
     def eof_received(self) -> bool | None:
-        return self.handler.eof_received() if self.handler is not None else None
+        return None  # before a complete head: nothing to answer; the transport closes
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end("lost")
-        if self.handler is not None:
-            self.handler.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self.handler is not None:
-            self.handler.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.handler is not None:
-            self.handler.resume_writing()
 
 
 class ClientAddressTransport(_FlowControlMixin):
@@ -422,8 +429,13 @@ class ConsoleSite(web.BaseSite):
         backlog: int = 1024,
         reuse_port: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        console: ConsoleHandoff | None = None,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self.ssl_context = ssl_context
+        self.backlog = backlog
+        # Takes a connection whose first request is the console's upgrade (None: aiohttp serves all).
+        self.console = console
         self.runner = runner
         self.host = host
         self.requested_port = port
@@ -440,7 +452,7 @@ class ConsoleSite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        scheme = "https" if self._ssl_context else "http"
+        scheme = "https" if self.ssl_context else "http"
         return f"{scheme}://{self.host}:{self.port}"
 
     @property
@@ -467,7 +479,7 @@ class ConsoleSite(web.BaseSite):
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(addr)
-                sock.listen(self._backlog)
+                sock.listen(self.backlog)
                 sock.setblocking(False)
         except OSError:
             for s in self.sockets:
@@ -496,7 +508,7 @@ class ConsoleSite(web.BaseSite):
     # --- accept ----------------------------------------------------------------------------
 
     def _accept_ready(self, listening: socket.socket) -> None:
-        for _ in range(self._backlog):
+        for _ in range(self.backlog):
             try:
                 conn, addr = listening.accept()
             except (BlockingIOError, InterruptedError):
@@ -582,7 +594,7 @@ class ConsoleSite(web.BaseSite):
                 # context picks the certificate, so a hot swap applies to new handshakes).
                 proto = _Connection(self, client)
                 # (uvloop returns its TLS protocol here, not ours: keep our own reference.)
-                raw, _ = await loop.connect_accepted_socket(lambda: proto, conn, ssl=self._ssl_context)
+                raw, _ = await loop.connect_accepted_socket(lambda: proto, conn, ssl=self.ssl_context)
                 transport = proto.transport or raw  # the one aiohttp writes to
                 await proto.head
                 if proto.outcome == "head_too_large":

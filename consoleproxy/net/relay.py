@@ -9,17 +9,15 @@ callback, as one binary WebSocket frame (a 2-10 byte header, then a view of the 
 browser: over plain TCP header and view go to the socket in one writev(2) (``write_buffers``).
 No allocation and no copy in Python per read.
 
-Up (browser -> VNC) also runs in a read callback: from the WebSocket's 101 on, the browser's
-transport belongs to ``ClientReader``, whose sans-I/O parser (``wsframes``) unmasks and caps the
-client's frames (1009 past ``max_client_message_bytes``). During the RFB handshake it hands whole
-messages to aiohttp's queue (``ws.receive()`` works as usual); in the relay the unmasked pieces of
-one read go to the VNC server in one writev(2), not joined, with no task wake-up and no
-per-message object.
-
-The relay outlives aiohttp's request handler: when it starts, aiohttp lets go of the connection
-(``ClientReader.start_relay``) and its handler, request, response and tasks are freed. The relay
-then does what they did: it answers pings, pings a silent browser (``ClientReader.heartbeat``,
-from the server's sweeper), and at the end sends the close frame and waits for the reply.
+Up (browser -> VNC) also runs in a read callback: the browser's transport belongs to
+``browser.BrowserConnection`` from the upgrade request on (aiohttp never sees a console), whose
+sans-I/O ``wsframes.Connection`` unmasks and caps the client's frames (1009 past
+``max_client_message_bytes``), answers pings and runs the close handshake. In the relay the
+unmasked pieces of one read go to the VNC server in one writev(2), not joined, with no task
+wake-up and no per-message object. What the browser sent during the RFB handshake that the
+handshake did not read goes first (``BrowserConnection.start_relay``). The sweeper pings a silent
+browser (``BrowserConnection.heartbeat``); at the end the relay sends the close frame and the
+browser's connection waits for the reply.
 
 Backpressure, both ways, without polling:
 - down: when the browser's transport is over its high-water mark (``pause_writing``) we pause
@@ -44,36 +42,23 @@ import asyncio
 import asyncio.sslproto
 import contextlib
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import WebSocketError, WSMessage, WSMsgType, web
-
 from consoleproxy.policy.sessions import Session
 from consoleproxy.protocol.rfb import RFBError
-from consoleproxy.protocol.wsframes import (
-    END_OF_MESSAGE,
-    Close,
-    Event,
-    FrameError,
-    FrameParser,
-    Ping,
-    Pong,
-    close_frame,
-    close_reason,
-    frame,
-)
+from consoleproxy.protocol.wsframes import Close, Event, close_reason, frame_header
 
 if TYPE_CHECKING:
+    from consoleproxy.net.browser import BrowserConnection
     from consoleproxy.net.vncconn import Handover
     from consoleproxy.recordings.recording import Recorder
 
 __all__ = [
-    "CLOSE_TIMEOUT", "MAX_IOV", "READ_SIZE", "ClientReader", "ConsoleWebSocket", "Relay",
-    "frame_header", "socket_fd", "write_buffers",
+    "CLIENT_READ_SIZE", "MAX_IOV", "READ_SIZE", "Relay", "read_buffer", "socket_fd",
+    "write_buffers",
 ]
 
 # Bytes asked of a socket per read. Large reads mean few WebSocket frames and little Python work
@@ -86,20 +71,6 @@ READ_SIZE = 1024 * 1024
 CLIENT_READ_SIZE = 256 * 1024
 # Frames up to this size are written as one joined bytes object (header + payload).
 SMALL_FRAME = 16 * 1024
-
-_H2 = struct.Struct(">BB").pack
-_H4 = struct.Struct(">BBH").pack
-_H10 = struct.Struct(">BBQ").pack
-
-
-def frame_header(length: int) -> bytes:
-    """Header of one final, unmasked binary WebSocket frame of ``length`` bytes (RFC 6455 5.2)."""
-    if length < 126:
-        return _H2(0x82, length)
-    if length < 65536:
-        return _H4(0x82, 126, length)
-    return _H10(0x82, 127, length)
-
 
 # At most this many buffers go to one writev(2) (Linux's IOV_MAX is 1024); more are joined first.
 MAX_IOV = 64
@@ -175,21 +146,12 @@ def _share_ssl_buffer(transport: object) -> None:
 _read_buffers: dict[int, memoryview] = {}
 
 
-def _read_buffer() -> memoryview:
+def read_buffer() -> memoryview:
     key = threading.get_ident()
     view = _read_buffers.get(key)
     if view is None:
         view = _read_buffers[key] = memoryview(bytearray(READ_SIZE))
     return view
-
-
-# How long a browser has to answer our close frame before its connection is cut (aiohttp's
-# WebSocketResponse default, which the relay kept while aiohttp's handler closed its consoles).
-CLOSE_TIMEOUT = 10.0
-_PING = frame(0x9)
-
-# ClientReader's stages (see its docstring).
-HANDSHAKE, RELAYING, CLOSING = 0, 1, 2
 
 
 class _Backend(asyncio.BufferedProtocol):
@@ -214,7 +176,7 @@ class _Backend(asyncio.BufferedProtocol):
         # A recorded console that streams reads into its recording's buffer: nothing is copied.
         buf = rec.read_buffer() if rec is not None else None
         if buf is None:
-            buf = _read_buffer()
+            buf = read_buffer()
         self._buf = buf
         return buf
 
@@ -298,279 +260,16 @@ class _Backend(asyncio.BufferedProtocol):
         self._relay.client.resume_for_backend()
 
 
-class ConsoleWebSocket(web.WebSocketResponse):
-    """aiohttp's WebSocket response whose incoming frames ``ClientReader`` parses from the 101 on.
-
-    Taking the transport in ``_post_start`` (before aiohttp's parser has seen a byte, bytes the
-    browser sent right behind its upgrade request included) means no frame is ever split between
-    two parsers: nothing can be lost or read twice when the relay starts.
-    """
-
-    # Our attributes in slots: aiohttp's own fill this response's __dict__ to a resize.
-    __slots__ = ("_max_message", "client")
-
-    def __init__(self, *, max_message: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.client: ClientReader | None = None
-        self._max_message = max_message
-
-    def _post_start(self, request: web.BaseRequest, protocol: str | None, writer: Any) -> None:
-        handler: Any = request.protocol
-        tail: bytes = handler._message_tail  # bytes after the upgrade request, not parsed yet
-        handler._message_tail = b""
-        super()._post_start(request, protocol, writer)
-        self.client = ClientReader(self, request, self._max_message)
-        # From here on ClientReader parses every byte: aiohttp's WebSocketReader (2 KiB) and
-        # HTTP request parser are never fed again. Dropped so they are not kept while the RFB
-        # handshake runs (ClientReader.connection_lost does the reader's one remaining job, the
-        # queue's EOF; aiohttp checks both for None: it sets them so itself in connection_lost).
-        # Private attributes of aiohttp 3.x: each is set only when it is there (tests/
-        # test_relay_memory.py fails if aiohttp renames them and the objects are kept again).
-        self._parser = None
-        for name in ("_payload_parser", "_parser"):
-            if getattr(handler, name, None) is not None:
-                setattr(handler, name, None)
-        if tail:
-            self.client.data_received(tail)
-
-
-class ClientReader(asyncio.BufferedProtocol):
-    """The browser connection's protocol from the 101 on, in three stages:
-
-    - ``HANDSHAKE``: aiohttp's handler runs the RFB handshake with ``ws.receive()``. Whole
-      messages, pings, pongs and closes go to aiohttp's queue as its own parser would put them
-      there; write flow control and the connection's end are passed on to aiohttp.
-    - ``RELAYING`` (``start_relay``): aiohttp has let go of the connection; its handler, request
-      and response are gone. Message pieces go straight to the VNC server and pings are answered
-      here; ``heartbeat`` (from the server's sweeper) pings a silent browser.
-    - ``CLOSING`` (``close``): our close frame is out; the browser's reply, or CLOSE_TIMEOUT,
-      ends the connection.
-    """
-
-    __slots__ = (
-        "_backend_paused", "_buf", "_failed", "_message", "_parser", "_stage",
-        "_timer", "handler", "heard", "ping_sent", "queue", "relay", "transport", "writing_paused",
-    )
-
-    def __init__(self, ws: web.WebSocketResponse, request: web.BaseRequest, max_message: int) -> None:
-        transport = request.transport
-        assert transport is not None
-        # Dropped once the connection is lost: over TLS the transport's protocol holds this
-        # reader's bound methods, a cycle only the cycle collector would free.
-        self.transport: asyncio.Transport | None = transport
-        self.handler: Any = request.protocol
-        self.queue: Any = ws._reader  # aiohttp's WebSocketDataQueue (what ws.receive() reads)
-        self._parser = FrameParser(max_message)
-        self._message = bytearray()  # during the handshake: the message being assembled
-        self._stage = HANDSHAKE
-        self._failed = False
-        self._backend_paused = False
-        self._buf: memoryview | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self.relay: Relay | None = None
-        self.heard = time.monotonic()  # the last read from the browser (the heartbeat's clock)
-        self.ping_sent = 0.0
-        self.writing_paused = bool(self.handler.writing_paused)
-        transport.set_protocol(self)
-
-    def start_relay(self, relay: Relay, ws: web.WebSocketResponse) -> tuple[list[WSMessage], bytes]:
-        """Take the connection from aiohttp for ``relay``.
-
-        Returns what the browser sent that aiohttp's queue holds (in order) and the start of a
-        message not yet queued; both go to the VNC server before anything read later.
-
-        aiohttp's handler task then ends as soon as the request handler returns, and with it the
-        request, the response, the queue and the handler (~10 KiB a console): the response is
-        marked closed (its heartbeat stops, and aiohttp's finish sends no close frame), the
-        handler no longer holds the transport (its end does not close it) and the server no
-        longer counts it among its connections. Private aiohttp 3.x attributes: tests/
-        test_relay_memory.py fails if one changes and the objects are kept again.
-        """
-        queued = [msg for msg, _size in self.queue._buffer]
-        partial = bytes(self._message)
-        ws_: Any = ws
-        ws_._closed = True  # aiohttp's close() and write_eof() now send nothing
-        ws_._cancel_heartbeat()  # the sweeper's heartbeat takes over (see heartbeat)
-        h = self.handler
-        paused_by_queue = bool(h._reading_paused)
-        h.transport = None
-        # A heartbeat callback (aiohttp's heartbeat is off, so none is set) would be a method of the
-        # response: a cycle (handler -> response -> request -> handler) only the cyclic GC frees.
-        h._data_received_cb = None
-        if h._keepalive_handle is not None:
-            h._keepalive_handle.cancel()
-            h._keepalive_handle = None
-        if h._manager is not None:
-            h._manager.connection_lost(h, None)  # forgotten once the handler task is done
-        self.handler = self.queue = None
-        self._message = bytearray()
-        self.relay = relay
-        self._stage = RELAYING
-        if paused_by_queue and not self._backend_paused:
-            self._resume()  # aiohttp's full queue had paused reading; it is empty now
-        return queued, partial
-
-    def pause_for_backend(self) -> None:
-        t = self.transport
-        if not self._backend_paused and self._stage == RELAYING and t is not None:
-            self._backend_paused = True
-            with contextlib.suppress(RuntimeError, AttributeError, NotImplementedError):
-                t.pause_reading()
-
-    def resume_for_backend(self) -> None:
-        if self._backend_paused:
-            self._backend_paused = False
-            self._resume()
-
-    def _resume(self) -> None:
-        t = self.transport
-        if t is not None:
-            with contextlib.suppress(RuntimeError, AttributeError, NotImplementedError):
-                t.resume_reading()
-
-    def heartbeat(self, now: float, interval: float) -> None:
-        """Ping a browser silent for ``interval`` s; cut one that sends nothing within
-        ``interval / 2`` s of a ping (aiohttp's heartbeat rule). One sweeper calls this for every
-        console, in the RFB handshake and in the relay: no timer each. During the handshake
-        aiohttp writes whole frames in one callback, so a ping never lands inside one."""
-        t = self.transport
-        if self._stage == CLOSING or t is None:
-            return
-        sent = self.ping_sent
-        if sent > self.heard:  # our ping is unanswered: nothing read since it went out
-            if now - sent >= interval / 2:
-                t.abort()  # connection_lost ends the relay
-        elif now - self.heard >= interval:
-            self.ping_sent = now
-            t.write(_PING)
-
-    def send_text(self, text: bytes) -> None:
-        """One text message to the browser (a resume ticket) between the relay's whole frames,
-        as the heartbeat's pings are; nothing once closing."""
-        t = self.transport
-        if self._stage == CLOSING or t is None or t.is_closing():
-            return
-        t.write(frame(0x1, text))
-
-    def close(self, code: int, reason: bytes, *, reply: bool = False) -> None:
-        """Send our close frame (the relay has ended) and end the connection when the browser
-        answers, at once when ``reply`` (the browser closed first) or its bytes can no longer be
-        parsed, or after CLOSE_TIMEOUT."""
-        if self._stage == CLOSING:
-            return
-        self._stage = CLOSING
-        self.resume_for_backend()  # the browser's reply must be read
-        t = self.transport
-        if t is None or t.is_closing():
-            return
-        t.write(close_frame(code, reason))
-        if reply or self._failed:
-            t.close()
-        else:
-            self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, t.abort)
-
-    # -- asyncio.BufferedProtocol ------------------------------------------------------------
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        # The thread's shared read buffer (see _read_buffer): the parser copies what it keeps,
-        # so the buffer is free again when buffer_updated returns. No allocation per read.
-        self._buf = buf = _read_buffer()[:CLIENT_READ_SIZE]
-        return buf
-
-    def buffer_updated(self, nbytes: int) -> None:
-        buf, self._buf = self._buf, None
-        assert buf is not None
-        self.data_received(buf[:nbytes])
-
-    def data_received(self, data: bytes | memoryview) -> None:
-        self.heard = time.monotonic()
-        if self._failed:
-            return
-        try:
-            events = self._parser.feed(data)
-        except FrameError as exc:
-            self._failed = True
-            if self._stage == HANDSHAKE:
-                # ws.receive() (or ws.close() waiting for a reply) answers with this code.
-                self.queue.set_exception(WebSocketError(exc.code, str(exc)))
-            elif self._stage == RELAYING:
-                assert self.relay is not None
-                self.relay.stop(exc.code, str(exc))  # its close frame, then the connection ends
-            elif self.transport is not None:
-                self.transport.close()
-            return
-        stage = self._stage
-        if stage == RELAYING:
-            assert self.relay is not None
-            self.relay.up(events)
-        elif stage == HANDSHAKE:
-            self._to_queue(events)
-        elif self.transport is not None and any(type(ev) is Close for ev in events):
-            self.transport.close()  # the browser's reply to our close frame
-
-    def _to_queue(self, events: list[Event]) -> None:
-        feed = self.queue.feed_data
-        for ev in events:
-            if type(ev) is bytearray:
-                self._message += ev
-            elif ev is END_OF_MESSAGE:
-                data = bytes(self._message)
-                self._message.clear()
-                feed(WSMessage(WSMsgType.BINARY, data, None), len(data))
-            elif isinstance(ev, Ping):
-                feed(WSMessage(WSMsgType.PING, ev.payload, None), len(ev.payload))
-            elif isinstance(ev, Close):
-                # aiohttp's own parser reports a close without a status code as 0.
-                feed(WSMessage(WSMsgType.CLOSE, ev.code or 0, ev.reason), 0)
-            elif isinstance(ev, Pong):
-                feed(WSMessage(WSMsgType.PONG, ev.payload, None), len(ev.payload))
-
-    def eof_received(self) -> bool | None:
-        if self._stage == RELAYING:
-            self._stage = CLOSING  # nothing to send a close frame to; the transport closes
-            assert self.relay is not None
-            self.relay.end("client closed")
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        stage, self._stage = self._stage, CLOSING
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if stage == HANDSHAKE:
-            self.handler.connection_lost(exc)  # wakes the drain waiters, cancels the handler
-            self.queue.feed_eof()  # wakes ws.receive(), as aiohttp's (dropped) WebSocketReader did
-        # The connection is over: let go of everything that points back here, so this console
-        # is freed by reference counting, not left for a full collection (module docstring).
-        self.transport = None
-        relay, self.relay = self.relay, None
-        if relay is not None:
-            relay.browser_gone()
-
-    def pause_writing(self) -> None:
-        self.writing_paused = True
-        if self.handler is not None:
-            self.handler.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.writing_paused = False
-        if self.handler is not None:
-            self.handler.resume_writing()
-        elif self.relay is not None:
-            self.relay.browser_drained()
-
-
 class Relay:
     """One console's relay, from ``start`` until either side closes or ``stop(code, reason)``.
 
-    It outlives aiohttp's handler (see ``ClientReader.start_relay``): ``on_end(relay, result)``
+    No task waits on it: ``on_end(relay, result)``
     runs once when the console ends (both directions stop, the VNC socket closes and the close
     frame goes to the browser), ``on_closed(relay)`` when the browser's connection is gone too.
     """
 
     __slots__ = (
         "_backend",
-        "_client_closed",
         "_on_closed",
         "_on_end",
         "_pending",
@@ -587,14 +286,13 @@ class Relay:
         "recorder",
         "session",
         "vnc_fd",
-        "ws",
         "ws_fd",
         "ws_transport",
     )
 
     def __init__(
         self,
-        ws: ConsoleWebSocket,
+        ws: BrowserConnection,
         vnc: Handover,
         session: Session,
         *,
@@ -603,7 +301,6 @@ class Relay:
         on_end: Callable[[Relay, str], None] | None = None,
         on_closed: Callable[[Relay], None] | None = None,
     ) -> None:
-        self.ws: ConsoleWebSocket | None = ws
         # The VNC connection from vncconn.VNCConnection.detach(): its reading is paused until
         # ``start`` attaches (in the same callback), its bytes read past the handshake go first.
         self._vnc: asyncio.Transport = vnc.transport
@@ -615,18 +312,16 @@ class Relay:
         # recording.Recorder of a recorded console (its ``down`` sees every VNC -> browser byte);
         # None costs the down path one check per read.
         self.recorder: Recorder | None = None
-        assert ws.client is not None, "the WebSocket is prepared"
-        if ws.client.transport is None:  # lost right after the handshake's last read
+        if ws.transport is None:  # lost right after the handshake's last read
             raise ConnectionResetError("the browser closed its connection")
-        self.client: ClientReader = ws.client
-        self.ws_transport: asyncio.Transport = ws.client.transport
+        self.client: BrowserConnection = ws
+        self.ws_transport: asyncio.Transport = ws.transport
         self.ws_fd = socket_fd(self.ws_transport)
         self.vnc_fd = -1  # set when the VNC socket is attached
         self.close_code: int | None = None
         self.close_reason = ""
         self.ended = False
         self._why = ""
-        self._client_closed = False
         self._pending = client_leftover  # what the browser sent behind its ClientInit
         self._backend: _Backend | None = None
         self._on_end = on_end
@@ -636,19 +331,15 @@ class Relay:
         """Relay from now on, in the two sockets' callbacks: no task waits on a console.
 
         First what the browser sent during the handshake that the VNC server has not had:
-        bytes behind its ClientInit, messages aiohttp queued, a message begun.
+        bytes behind its ClientInit, then messages no ``receive()`` took and a message begun.
         """
-        ws, self.ws = self.ws, None
-        assert ws is not None
-        queued, partial = self.client.start_relay(self, ws)
+        queued = self.client.start_relay(self)
         self._attach()
         if self._pending:
             pending, self._pending = self._pending, b""
-            self.up([bytearray(pending)])
-        for msg in queued:
-            self._take(msg)
-        if partial:
-            self.up([bytearray(partial)])
+            self.up([pending])
+        for data in queued:
+            self.up([data])
 
     def stop(self, code: int, reason: str) -> None:
         """End the relay; the browser gets ``code`` and ``reason`` in its close frame."""
@@ -674,7 +365,7 @@ class Relay:
             code, reason = 1000, b"the VNC server closed the connection"
         else:
             code, reason = 1000, b""
-        self.client.close(code, reason, reply=self._client_closed)
+        self.client.close(code, reason)
         on_end, self._on_end = self._on_end, None
         if on_end is not None:
             on_end(self, self.result)
@@ -706,14 +397,6 @@ class Relay:
         if self._backend is not None:
             self._backend.browser_drained()
 
-    def _take(self, msg: WSMessage) -> None:
-        if msg.type is WSMsgType.BINARY:
-            self.up([bytearray(msg.data)])
-        elif msg.type is WSMsgType.PING:
-            self.up([Ping(msg.data)])
-        elif msg.type is WSMsgType.CLOSE:
-            self.up([Close(msg.data or None, msg.extra or "")])
-
     def up(self, events: list[Event]) -> None:
         """Browser -> VNC server, in the browser transport's read callback.
 
@@ -727,20 +410,17 @@ class Relay:
         pieces: list[bytes | bytearray] = []
         n = 0  # bytes from the browser, counted before the view-only filter (as aiohttp's were)
         for ev in events:
-            if type(ev) is bytearray:
+            if type(ev) is bytes:
                 n += len(ev)
                 if flt is not None:
                     try:
-                        ev = flt(ev)  # type: ignore[arg-type,assignment]  # feed() only slices it
+                        ev = flt(ev)
                     except RFBError as exc:
                         self.stop(1008, f"RFB error: {exc}")
                         return
                 pieces.append(ev)
-            elif isinstance(ev, Ping):
-                self.ws_transport.write(frame(0xA, ev.payload))
             elif isinstance(ev, Close):
                 self._write(pieces, n)
-                self._client_closed = True  # our close frame is the reply
                 self.end("client closed")
                 return
         self._write(pieces, n)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from consoleproxy.tools.cli import build_parser
 from consoleproxy.config import load_config
+from consoleproxy.tools.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"

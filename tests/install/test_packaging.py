@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import require_tool
 
-from consoleproxy.tools.cli import build_parser
 from consoleproxy.config import load_config
+from consoleproxy.tools.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "consoleproxy@.service"

@@ -15,8 +15,8 @@ from pathlib import Path
 from harness import Proxy, RFBClient, connect_echo, echo_backend, make_config, tcp_server
 
 from consoleproxy.config import replace
-from consoleproxy.server import ProxyServer
 from consoleproxy.policy.tokens import Keyring
+from consoleproxy.server import ProxyServer
 
 
 @contextlib.asynccontextmanager

@@ -23,9 +23,10 @@ from harness import (
 )
 from websockets.exceptions import ConnectionClosed
 
-from consoleproxy import relay
 from consoleproxy.errors import SessionKilled
+from consoleproxy.net import relay
 from consoleproxy.policy.tokens import Keyring
+from consoleproxy.protocol import wsframes
 from consoleproxy.server import ProxyServer
 
 
@@ -94,7 +95,7 @@ async def test_the_proxy_waits_for_the_browsers_close_reply(tmp_path: Path) -> N
 async def test_a_browser_that_never_answers_the_close_is_cut_after_the_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(relay, "CLOSE_TIMEOUT", 0.3)
+    monkeypatch.setattr(wsframes, "CLOSE_TIMEOUT", 0.3)
     async with (
         running_proxy(tmp_path) as p, tcp_server(echo_backend) as port, aiohttp.ClientSession() as http,
     ):
@@ -134,7 +135,7 @@ async def test_the_vnc_server_closing_sends_1000_with_a_reason(tmp_path: Path) -
 async def test_shutdown_sends_1001_and_does_not_wait_past_the_close_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(relay, "CLOSE_TIMEOUT", 0.5)
+    monkeypatch.setattr(wsframes, "CLOSE_TIMEOUT", 0.5)
     monkeypatch.setattr("consoleproxy.server.CLOSE_TIMEOUT", 0.5)
     keyring = Keyring.generate()
     server = ProxyServer(make_config(tmp_path), keyring=keyring)
@@ -173,6 +174,24 @@ async def test_a_relay_that_fails_to_start_still_ends_the_console(
             assert info.value.rcvd is not None
             assert (info.value.rcvd.code, info.value.rcvd.reason) == (1011, "internal error")
         await _wait(lambda: not p.server._relays and not len(p.server.registry))
+        assert 'consoleproxy_sessions_total{result="error"} 1.0' in p.server.metrics.render().decode()
+
+
+async def test_a_bug_in_the_rfb_handshake_closes_the_console_with_1011(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The console pipeline runs in our own task (no aiohttp handler to log a bug and close the
+    connection): the browser gets 1011 at once, not a hang until the handshake timeout."""
+    async def broken(self: ProxyServer, *args: object, **kw: object) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(ProxyServer, "_rfb_handshake", broken)
+    async with running_proxy(tmp_path, limits={"handshake_timeout_seconds": 120}) as p, \
+            tcp_server(echo_backend) as port:
+        async with RFBClient.connect(p.url(p.token(port=port))) as c:
+            assert await c.close_code() == 1011
+        await _wait(lambda: not len(p.server.registry))
+        assert "simulated bug" in caplog.text
         assert 'consoleproxy_sessions_total{result="error"} 1.0' in p.server.metrics.render().decode()
 
 
@@ -230,7 +249,7 @@ async def test_consoles_ending_every_way_at_once_leave_nothing_behind(tmp_path: 
         assert 'consoleproxy_sessions_total{result="server_closed"} 10.0' in text
         assert 'consoleproxy_sessions_total{result="client_closed"} 20.0' in text
         names = [t.get_coro().__qualname__ for t in asyncio.all_tasks()]  # type: ignore[union-attr]
-        assert not [n for n in names if "handle_websocket" in n or "RequestHandler" in n], names
+        assert not [n for n in names if "handle_console" in n or "RequestHandler" in n], names
 
 
 async def test_no_ping_follows_the_close_of_a_refused_console(tmp_path: Path) -> None:

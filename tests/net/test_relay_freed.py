@@ -24,8 +24,9 @@ import harness
 import pytest
 from harness import SERVER_INIT, Proxy, RFBClient, connect_echo, make_config, rfb38_none_handshake, tcp_server
 
-from consoleproxy import relay
-from consoleproxy.net.relay import ClientReader, Relay, _Backend
+from consoleproxy.net import relay
+from consoleproxy.net.browser import BrowserConnection
+from consoleproxy.net.relay import Relay, _Backend
 from consoleproxy.net.vncconn import VNCConnection
 from consoleproxy.policy.sessions import Session
 from consoleproxy.policy.tokens import Keyring
@@ -64,13 +65,13 @@ def collector_off() -> Iterator[None]:
 def count_live() -> dict[str, int]:
     """Live objects of one console, found without a collection (gc.get_objects() only lists)."""
     names = (
-        "Relay", "ClientReader", "_Backend", "VNCConnection", "Session", "SSLProtocol", "SSLObject",
+        "Relay", "BrowserConnection", "_Backend", "VNCConnection", "Session", "SSLProtocol", "SSLObject",
         "Recorder",
     )
     counts = dict.fromkeys(names, 0)
     for o in gc.get_objects():
         t = type(o)
-        if t in (Relay, ClientReader, _Backend, VNCConnection, Session, Recorder):
+        if t in (Relay, BrowserConnection, _Backend, VNCConnection, Session, Recorder):
             counts[t.__name__] += 1
         elif t.__name__ == "SSLProtocol" and t.__module__ in ("asyncio.sslproto", "uvloop.loop"):
             # The proxy's (server side) and the test clients'; the clients' are freed as well.
@@ -243,7 +244,7 @@ async def test_positive_control_a_link_left_in_place_is_counted(
         # has run, so by then every socket of these consoles is closed.
         await _wait(lambda: count_live()["_Backend"] == base["_Backend"])
         now = count_live()
-        for name in ("Relay", "ClientReader", "Session") + (("SSLObject",) if tls else ()):
+        for name in ("Relay", "BrowserConnection", "Session") + (("SSLObject",) if tls else ()):
             assert now[name] - base[name] >= N, (name, now, base)
         gc.collect()
         after = count_live()
@@ -259,7 +260,7 @@ async def test_a_browser_gone_before_the_relay_starts_ends_as_client_closed(
     vnc_closed = asyncio.Event()
 
     def gone_first(self: ProxyServer, ws: Any, *args: Any, **kw: Any) -> None:
-        ws.client.connection_lost(None)  # what the loop runs when the browser's socket breaks
+        ws.connection_lost(None)  # what the loop runs when the browser's socket breaks
         start(self, ws, *args, **kw)
 
     async def backend(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -282,7 +283,7 @@ async def test_a_browser_gone_before_the_relay_starts_ends_as_client_closed(
             text = p.server.metrics.render().decode()
             assert 'consoleproxy_sessions_total{result="client_closed"} 1.0' in text
             assert "consoleproxy_sessions_active 0.0" in text
-        # Ours are freed. (Its ClientReader is not, yet: aiohttp's WebSocketResponse, which owns a
-        # console until the relay starts, keeps the EOF exception its close() met, whose traceback
-        # holds the response - a cycle inside aiohttp, gone once we own the WebSocket, issue 17.)
-        await _wait(lambda: all(count_live()[k] <= base[k] for k in ("Relay", "Session")))
+        # Ours are freed, the browser's connection too (aiohttp's WebSocketResponse, which owned a
+        # console until the relay started, kept it in a cycle until issue 17).
+        ours = ("Relay", "Session", "BrowserConnection")
+        await _wait(lambda: all(count_live()[k] <= base[k] for k in ours))

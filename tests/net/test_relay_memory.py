@@ -1,12 +1,11 @@
 """Memory per idle console: what the relay no longer needs is not kept (issue 8).
 
-Once ``ClientReader`` owns the browser's socket and ``_Backend`` the VNC server's, aiohttp's
-WebSocket frame reader and HTTP request parser and the VNC socket's handshake protocol
-(``vncconn.VNCConnection``) are never used again (each console keeping them cost ~3.5 KiB), and
-once the relay starts aiohttp lets go of
-the connection: its request handler, request, response, message queue and tasks (~10 KiB) are
-freed. These tests count live instances while consoles relay, so a change that holds them again
-fails here (no sizes, no timing).
+A console's connection is ours from its upgrade request on (``browser.BrowserConnection``; issue
+17): aiohttp's request handler, request, WebSocket response, message queue, frame reader, HTTP
+parser and tasks (~13 KiB a console when aiohttp owned it until the relay started) are never
+created for a console, and once ``_Backend`` owns the VNC server's socket the VNC connection's
+handshake protocol (``vncconn.VNCConnection``) is not kept. These tests count live instances
+while consoles relay, so a change that holds them again fails here (no sizes, no timing).
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from aiohttp._websocket import reader as ws_reader
 from aiohttp._websocket import reader_py
 from harness import RFBClient, connect_echo, echo_backend, rfb38_none_handshake, running_proxy, tcp_server
 
-from consoleproxy.net.relay import ConsoleWebSocket
 from consoleproxy.net.vncconn import VNCConnection
 from consoleproxy.policy.sessions import Session
 from consoleproxy.policy.tokens import Claims
@@ -46,7 +44,7 @@ def _parser_types() -> tuple[type, ...]:
 def _aiohttp_per_connection_types() -> tuple[type, ...]:
     return (
         web_protocol.RequestHandler, web_request.BaseRequest, web_request.Request,
-        web_ws.WebSocketResponse, ConsoleWebSocket, ws_reader.WebSocketDataQueue,
+        web_ws.WebSocketResponse, ws_reader.WebSocketDataQueue,
         reader_py.WebSocketDataQueue,
     )
 
@@ -70,11 +68,13 @@ def test_the_counted_types_are_seen_by_the_garbage_collector() -> None:
 
 
 async def _a_request_handler_is_seen_while_aiohttp_serves(port: int, ssl: Any) -> None:
-    """Positive control: a connection aiohttp still serves (its request head not finished) keeps
-    a RequestHandler, and it is found; it goes with the connection."""
-    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl)
-    writer.write(b"GET /healthz HTTP/1.1\r\n")
+    """Positive control: a connection aiohttp serves (kept alive after a request) keeps a
+    RequestHandler, and it is found; it goes with the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     await writer.drain()
+    async with asyncio.timeout(10):
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
     async with asyncio.timeout(10):
         while not _live((web_protocol.RequestHandler,)):
             await asyncio.sleep(0.01)
@@ -113,7 +113,7 @@ async def test_relaying_consoles_keep_no_aiohttp_parser_nor_vnc_stream_protocol(
                 assert live == [], f"aiohttp's per-connection objects are kept per console: {live[:3]}"
                 # No task waits on a relaying console (aiohttp's handler task has ended).
                 names = [t.get_coro().__qualname__ for t in asyncio.all_tasks()]  # type: ignore[union-attr]
-                assert not [n for n in names if "RequestHandler" in n or "handle_websocket" in n], names
+                assert not [n for n in names if "RequestHandler" in n or "handle_console" in n], names
                 assert _live(_reader_types()) == [], "aiohttp's WebSocketReader is kept per console"
                 assert _live(_parser_types()) == [], "aiohttp's HttpRequestParser is kept per console"
                 assert _vnc_handshake_protocols() == [], "the VNC handshake protocol is kept per console"
@@ -124,7 +124,7 @@ async def test_relaying_consoles_keep_no_aiohttp_parser_nor_vnc_stream_protocol(
 
 
 async def test_a_browser_gone_mid_handshake_ends_its_console(tmp_path: Path) -> None:
-    """aiohttp's dropped WebSocketReader used to wake ws.receive() at EOF; ClientReader does now.
+    """The browser's EOF wakes the RFB handshake's receive() (BrowserConnection).
 
     The handshake timeout is long: without the wake-up the console would wait for it.
     """

@@ -20,8 +20,8 @@ import pytest
 from harness import SERVER_INIT, Handler, RFBClient, running_proxy, tcp_server
 from test_vencrypt import make_qemu_tls_dir
 
-from consoleproxy import vncconn
 from consoleproxy.errors import BackendAuthFailed, BackendUnreachable
+from consoleproxy.net import vncconn
 from consoleproxy.net.vncconn import PENDING_LIMIT, READ_SIZE, VNCConnection
 
 # More than PENDING_LIMIT: reading must pause during the handshake, and resume after.

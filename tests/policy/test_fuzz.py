@@ -33,13 +33,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_certstore import parsers_raise_only_certificate_error
 
-from consoleproxy import rfb
 from consoleproxy.errors import ConsoleError, HostnameError, ResumeRefused, TokenInvalid
 from consoleproxy.net.dns import DnsSettings, Responder
 from consoleproxy.net.listener import HeadScanner, HeadTooLarge
 from consoleproxy.policy.cloudstack import CloudStackKeys, decrypt, encrypt_cbc_hmac, encrypt_gcm, to_claims
 from consoleproxy.policy.resume import TicketBody, issue_ticket, open_ticket, seal_body
 from consoleproxy.policy.tokens import Keyring, b64url_encode, decode, issue
+from consoleproxy.protocol import rfb
 from consoleproxy.protocol.forwarded import BadForwardedFor, client_address, parse_networks
 from consoleproxy.protocol.hostnames import hostname_for_ip, ip_for_hostname, normalize_suffix
 from consoleproxy.protocol.proxyproto import V2_SIGNATURE, ProxyProtocolError

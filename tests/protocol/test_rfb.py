@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consoleproxy import rfb
 from consoleproxy.errors import ConsoleProxyError
+from consoleproxy.protocol import rfb
 from consoleproxy.protocol.rfb import (
     Authenticated,
     AuthFailed,

@@ -46,7 +46,7 @@ def joined(events: list[Event]) -> list[object]:
     """Pieces of one message joined into one bytes, the other events as they are."""
     out: list[object] = []
     for ev in events:
-        if isinstance(ev, bytearray):
+        if isinstance(ev, bytes):
             if out and isinstance(out[-1], bytes):
                 out[-1] += bytes(ev)
             else:

@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 from harness import Proxy, RFBClient, running_proxy
 
-from consoleproxy import recording, recording_writer
-from consoleproxy import recording_format as fmt
+from consoleproxy.recordings import recording, recording_writer
+from consoleproxy.recordings import recording_format as fmt
 from consoleproxy.tools.demo import DemoVncServer, KeyEvent
 
 PASSWORD = "Tr0ub4dor&3-xyzzy"

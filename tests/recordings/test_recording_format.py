@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consoleproxy import recording, recording_writer
-from consoleproxy import recording_format as fmt
 from consoleproxy.protocol.rfb import ClientMessageFilter, RFBError, seekable_encodings
+from consoleproxy.recordings import recording, recording_writer
+from consoleproxy.recordings import recording_format as fmt
 from consoleproxy.recordings.recording_policy import input_record, should_record
 from consoleproxy.recordings.recording_store import (
     BadRecordingId,

@@ -20,7 +20,7 @@ from conftest import require_tool
 from harness import Proxy, running_proxy
 from test_page import Browser, browser, console_url
 
-from consoleproxy import recording_format as fmt
+from consoleproxy.recordings import recording_format as fmt
 from consoleproxy.recordings.recording_store import FileStore, new_id
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from harness import RFBClient, free_port, running_proxy
 
-from consoleproxy import recording_format as fmt
+from consoleproxy.recordings import recording_format as fmt
 from consoleproxy.tools.demo import DemoVncServer
 
 pytestmark = pytest.mark.integration

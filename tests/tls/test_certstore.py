@@ -816,7 +816,7 @@ async def test_one_session_ticket_per_tls13_connection(tmp_path: Path) -> None:
 def test_names_of_the_store_before_its_split_still_import() -> None:
     """certstore.py was split (certpem, certchain, certsni); code importing from it keeps working."""
     import consoleproxy.tls.certstore as store
-    from consoleproxy import certchain, certpem, certsni
+    from consoleproxy.tls import certchain, certpem, certsni
 
     before = ["CertStore", "CertificateError", "ImportResult", "Item", "SNIContexts", "ServerKey",
               "VerifiedBundle", "bundle_key", "ip_or_dns", "make_ssl_context", "parse_certificate_pem",

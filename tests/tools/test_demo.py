@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from consoleproxy import rfb
+from consoleproxy.protocol import rfb
 from consoleproxy.tools.demo import CutText, DemoVncServer, ExtendedKeyEvent, KeyEvent, PointerEvent
 
 TIMEOUT = 10.0

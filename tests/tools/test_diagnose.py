@@ -22,8 +22,9 @@ from test_real_vnc import qemu
 from test_vencrypt import qemu_tls
 
 import consoleproxy.tools.diagnose as diagnose_mod
-from consoleproxy import cli, vncconn
+from consoleproxy.net import vncconn
 from consoleproxy.protocol.rfb import LimitExceeded, ServerHandshakeState, VersionError
+from consoleproxy.tools import cli
 from consoleproxy.tools.diagnose import (
     BadDiagnosticTarget,
     RFBProbe,
