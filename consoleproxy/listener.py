@@ -42,8 +42,6 @@ import socket
 import ssl
 import struct
 import time
-from asyncio.constants import _SendfileMode
-from asyncio.transports import _FlowControlMixin
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -55,6 +53,7 @@ from .config import Limits
 from .forwarded import Networks, in_networks, normalized_ip, parse_networks
 from .metrics import Metrics
 from .proxyproto import ProxyHeader, ProxyProtocolError
+from .tlstransport import accept_tls
 
 __all__ = [
     "AcceptSettings",
@@ -322,43 +321,28 @@ class _Connection(asyncio.Protocol):
             self.handler.resume_writing()
 
 
-class ClientAddressTransport(_FlowControlMixin):
+class ClientAddressTransport(asyncio.Transport):
     """The transport aiohttp gets behind the PROXY protocol: ``peername`` is the header's source.
 
     Everything else goes to the real (TCP or TLS) transport, so everything that reads
     ``request.transport.get_extra_info("peername")`` sees the browser on any event loop;
     ``get_extra_info("proxy_peername")`` is the balancer's own address. Only used with
-    ``[listen] proxy_protocol``; without it aiohttp gets the real transport.
-
-    aiohttp sends files with ``loop.sendfile``; asyncio's fallback (used here: the native path
-    would register this object as the socket's transport) accepts only flow-controlled
-    transports, hence the mixin, whose pause state is read from the real transport.
+    ``[listen] proxy_protocol``; without it aiohttp gets the real transport. ``loop.sendfile``
+    does not take this transport (nor a TLS one): the public app serves its files with
+    ``pagefiles``, never with aiohttp's FileResponse.
     """
 
-    _sendfile_compatible = _SendfileMode.FALLBACK
+    __slots__ = ("addresses", "inner")
 
     def __init__(self, inner: asyncio.Transport, client: tuple[str, int]) -> None:
+        super().__init__()
         self.inner = inner
-        super().__init__(
-            {"peername": client, "proxy_peername": inner.get_extra_info("peername")},
-            asyncio.get_running_loop(),
-        )
-
-    @property
-    def _protocol_paused(self) -> bool:
-        return bool(getattr(self.inner, "_protocol_paused", False))
-
-    @_protocol_paused.setter
-    def _protocol_paused(self, value: bool) -> None:
-        pass  # the real transport keeps the state
+        self.addresses = {"peername": client, "proxy_peername": inner.get_extra_info("peername")}
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name in self._extra:
-            return self._extra[name]
+        if name in self.addresses:
+            return self.addresses[name]
         return self.inner.get_extra_info(name, default)
-
-    def __getattr__(self, name: str) -> Any:  # anything else a caller may look for
-        return getattr(self.inner, name)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.inner.write(data)
@@ -577,12 +561,14 @@ class ConsoleSite(web.BaseSite):
                         self._log(why, "refusing connections from %s (%s)", key, _LIMIT_NAMES[why])
                         key = None
                         raise _Refused(why)
-                # With TLS, this returns after the TLS handshake (the SNI callback of the shared
-                # context picks the certificate, so a hot swap applies to new handshakes).
                 proto = _Connection(self, client)
-                # (uvloop returns its TLS protocol here, not ours: keep our own reference.)
-                raw, _ = await loop.connect_accepted_socket(lambda: proto, conn, ssl=self._ssl_context)
-                transport = proto.transport or raw  # the one aiohttp writes to
+                if self._ssl_context is not None:
+                    # Returns after the TLS handshake (the SNI callback of the shared context
+                    # picks the certificate, so a hot swap applies to new handshakes); on a
+                    # failure or a timeout accept_tls has closed the connection.
+                    transport = await accept_tls(conn, self._ssl_context, proto)
+                else:
+                    transport, _ = await loop.connect_accepted_socket(lambda: proto, conn)
                 await proto.head
                 if proto.outcome == "head_too_large":
                     raise _Refused("head_too_large")

@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from . import rfb
+from . import pagefiles, rfb
 from .acme_orders import AcmeManager
 from .acme_policy import ChallengeRecords
 from .assets import default_page_dirs
@@ -276,9 +276,9 @@ class ProxyServer:
         app.router.add_get("/console", self.handle_page)
         app.router.add_get("/resource/noVNC/vnc.html", self.handle_page)
         if static.is_dir():
-            app.router.add_static("/static/", static, append_version=False)
+            pagefiles.add_static(app.router, "/static/", static)  # never loop.sendfile: see pagefiles
         if novnc.is_dir():
-            app.router.add_static("/novnc/", novnc, append_version=False)
+            pagefiles.add_static(app.router, "/novnc/", novnc)
         return app
 
     def _page_dirs(self) -> tuple[Path, Path]:
@@ -292,7 +292,8 @@ class ProxyServer:
         page = self._page_dirs()[0] / "console.html"
         if not page.is_file():
             return web.Response(status=503, text=f"console page not installed ({page} missing)\n")
-        return web.FileResponse(
+        return await pagefiles.file_response(
+            request,
             page,
             headers={
                 "Cache-Control": "no-store",
