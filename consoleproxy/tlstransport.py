@@ -228,10 +228,11 @@ class TLSTransport(asyncio.Transport):
         self._cancel_timer()
         self._state = _OPEN
         assert self._app is not None
+        paused = self._writing_paused  # by the handshake's own writes: the app has not heard
         self._app.connection_made(self)
         if not self.handshake.done():
             self.handshake.set_result(None)
-        if self._writing_paused:
+        if paused and self._writing_paused and self._app is not None:
             self._app.pause_writing()
         if self.incoming.pending and self._state == _OPEN and not self._read_paused:
             self._do_read()  # the peer's first bytes came with its last handshake message
