@@ -90,10 +90,10 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
         end = int(last) + 1 if last else size
     except ValueError:
         return None
-    if start < 0 or end <= start:
-        return None
     if start >= size:
         raise RangeNotSatisfiable(header)
+    if end <= start:
+        return None
     return start, min(end, size)
 
 
