@@ -18,8 +18,9 @@ proxy (websockify issue 404: half-open connections, slowloris). The limits here:
 PROXY protocol: HAProxy in ``mode tcp`` with ``send-proxy-v2`` writes the header and then the
 browser's ClientHello, often in one segment. The header is read from the raw socket with
 ``MSG_PEEK`` so that not one byte past it is consumed; the socket then becomes an asyncio
-transport with TLS (``loop.connect_accepted_socket(ssl=...)``: the SNI callback of the shared
-context picks the certificate, so a certificate hot swap applies to new handshakes) and aiohttp's
+transport, with TLS by ``tlstransport.accept_tls`` (our own TLS on public APIs, one read buffer
+per thread; the SNI callback of the shared context picks the certificate, so a certificate hot
+swap applies to new handshakes; a failed TLS handshake is the "tls" refusal) and aiohttp's
 request handler takes over. aiohttp gets a ``ClientAddressTransport`` whose
 ``get_extra_info("peername")`` is the header's source, so everything reading
 ``request.transport.get_extra_info("peername")`` sees the browser (on asyncio's loop and on
@@ -53,7 +54,7 @@ from .config import Limits
 from .forwarded import Networks, in_networks, normalized_ip, parse_networks
 from .metrics import Metrics
 from .proxyproto import ProxyHeader, ProxyProtocolError
-from .tlstransport import accept_tls
+from .tlstransport import TLSTransport
 
 __all__ = [
     "AcceptSettings",
@@ -563,10 +564,15 @@ class ConsoleSite(web.BaseSite):
                         raise _Refused(why)
                 proto = _Connection(self, client)
                 if self._ssl_context is not None:
-                    # Returns after the TLS handshake (the SNI callback of the shared context
-                    # picks the certificate, so a hot swap applies to new handshakes); on a
-                    # failure or a timeout accept_tls has closed the connection.
-                    transport = await accept_tls(conn, self._ssl_context, proto)
+                    # The SNI callback of the shared context picks the certificate, so a hot
+                    # swap applies to new handshakes. A failed handshake (ssl.SSLError: the "tls"
+                    # refusal) or a timeout: the transport is aborted below, like a plain one.
+                    tls = TLSTransport(self._ssl_context, proto)
+                    wire = tls.wire
+                    assert wire is not None
+                    await loop.connect_accepted_socket(lambda: wire, conn)
+                    transport = tls
+                    await tls.handshake
                 else:
                     transport, _ = await loop.connect_accepted_socket(lambda: proto, conn)
                 await proto.head
