@@ -105,12 +105,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def measure(impl: str, cert: str, key: str, idle: int, mib: int) -> dict[str, float]:
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "serve", impl, cert, key], stdout=subprocess.PIPE, text=True
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "serve", impl, cert, key, stdout=subprocess.PIPE
     )
     try:
         assert proc.stdout is not None
-        port = int(proc.stdout.readline())
+        port = int(await proc.stdout.readline())
         client = ssl.create_default_context(cafile=cert)
         out: dict[str, float] = {}
 
@@ -121,7 +121,9 @@ async def measure(impl: str, cert: str, key: str, idle: int, mib: int) -> dict[s
 
         async def one() -> None:
             async with sem:
-                r, w = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="localhost")
+                _, w = await asyncio.open_connection(
+                    "127.0.0.1", port, ssl=client, server_hostname="localhost"
+                )
                 w.write(b"hi")
                 await w.drain()
                 conns.append(w)
@@ -134,7 +136,7 @@ async def measure(impl: str, cert: str, key: str, idle: int, mib: int) -> dict[s
 
         total = mib * 1024 * 1024
         # up: the server decrypts
-        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="localhost")
+        _, w = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="localhost")
         w.write(b"UP\n")
         block = os.urandom(CHUNK)
         c0 = cpu_seconds(proc.pid)
@@ -158,13 +160,14 @@ async def measure(impl: str, cert: str, key: str, idle: int, mib: int) -> dict[s
         return out
     finally:
         proc.kill()
-        proc.wait()
+        await proc.wait()
 
 
 def make_cert(d: Path) -> tuple[str, str]:
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-         "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "2", "-subj", "/CN=localhost",
+         "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "2",
+         "-subj", "/CN=localhost",
          "-addext", "subjectAltName=DNS:localhost"],
         check=True, capture_output=True,
     )
@@ -189,7 +192,8 @@ def main() -> None:
     idle, mib = (300, 256) if a.quick else (a.idle, a.mib)
     d = Path(tempfile.mkdtemp(prefix="tls-bench-"))
     cert, key = make_cert(d)
-    print(f"{'server':24} {'idle KiB/conn':>14} {'up s/GiB':>9} {'down s/GiB':>11}   ({idle} idle, {mib} MiB)")
+    head = f"{'server':24} {'idle KiB/conn':>14} {'up s/GiB':>9} {'down s/GiB':>11}"
+    print(f"{head}   ({idle} idle, {mib} MiB)")
     for impl in IMPLS:
         t0 = time.monotonic()
         r = asyncio.run(measure(impl, cert, key, idle, mib))

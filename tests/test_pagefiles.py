@@ -70,9 +70,10 @@ async def test_page_and_static_files_over_the_tls_listener(tmp_path: Path) -> No
             assert r.headers["Content-Type"] == "text/javascript; charset=utf-8"
             tag = r.headers["ETag"]
             assert r.headers["Last-Modified"]
-        async with http.get(p.http_base + "/novnc/core/rfb.js", ssl=ssl, headers={"If-None-Match": tag}) as r:
+        rfb_url = p.http_base + "/novnc/core/rfb.js"
+        async with http.get(rfb_url, ssl=ssl, headers={"If-None-Match": tag}) as r:
             assert r.status == 304 and await r.read() == b""
-        async with http.get(p.http_base + "/novnc/core/rfb.js", ssl=ssl, headers={"Range": "bytes=10-19"}) as r:
+        async with http.get(rfb_url, ssl=ssl, headers={"Range": "bytes=10-19"}) as r:
             assert r.status == 206 and await r.read() == rfb[10:20]
             assert r.headers["Content-Range"] == f"bytes 10-19/{len(rfb)}"
         async with http.get(p.http_base + "/console?token=x", ssl=ssl) as r:
@@ -92,7 +93,10 @@ async def test_a_symlink_out_of_the_directory_is_not_served(tmp_path: Path) -> N
     secret = tmp_path / "secret.txt"
     secret.write_text("secret")
     os.symlink(secret, static / "link.txt")
-    async with running_proxy(tmp_path, page={"static_dir": str(static)}) as p, aiohttp.ClientSession() as http:
+    async with (
+        running_proxy(tmp_path, page={"static_dir": str(static)}) as p,
+        aiohttp.ClientSession() as http,
+    ):
         async with http.get(p.http_base + "/static/link.txt") as r:
             assert r.status == 404
         async with http.get(p.http_base + "/console") as r:
