@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import random
 import socket
 import ssl
@@ -455,3 +456,58 @@ async def test_client_side_with_start_tls(
         raw, _ = await asyncio.get_running_loop().create_connection(asyncio.Protocol, "127.0.0.1", port)
         with pytest.raises(ssl.SSLCertVerificationError):
             await start_tls(raw, client_ctx, App(), server_hostname="other.example")
+
+
+async def test_a_peer_that_never_answers_close_notify_is_cut_after_the_shutdown_timeout(
+    server_ctx: ssl.SSLContext, cert: Cert
+) -> None:
+    """close() waits for the peer's close_notify only up to shutdown_timeout: a peer that reads
+    ours and then says nothing would otherwise hold the connection for ever."""
+    made: list[App] = []
+
+    def closer() -> App:
+        made.append(SaysBye("close"))
+        return made[-1]
+
+    def silent(s: ssl.SSLSocket) -> str:
+        s.sendall(b"hi")
+        assert _read_to_end(s) == (b"bye", "close_notify")
+        # No close_notify back: wait on a plain duplicate of the socket for the server's TCP end.
+        with socket.socket(fileno=os.dup(s.fileno())) as plain:
+            plain.settimeout(20)
+            try:
+                return "closed" if plain.recv(1) == b"" else "data"
+            except ConnectionResetError:
+                return "closed"
+
+    loop = asyncio.get_running_loop()
+    listening = socket.create_server(("127.0.0.1", 0))
+    listening.setblocking(False)
+    with listening:
+        port = listening.getsockname()[1]
+        peer = asyncio.create_task(asyncio.to_thread(_blocking_client, port, cert.pem, silent))
+        conn, _ = await loop.sock_accept(listening)
+        app = closer()
+        t = TLSTransport(server_ctx, app, shutdown_timeout=0.2)
+        wire = t.wire
+        assert wire is not None
+        await loop.connect_accepted_socket(lambda: wire, conn)
+        await t.handshake
+        async with asyncio.timeout(20):
+            assert await peer == "closed"
+        await until(lambda: bool(app.lost))
+        assert app.lost == [None]
+
+
+async def test_a_silent_peer_fails_the_handshake_timeout(server_ctx: ssl.SSLContext) -> None:
+    loop = asyncio.get_running_loop()
+    listening = socket.create_server(("127.0.0.1", 0))
+    listening.setblocking(False)
+    with listening:
+        _, w = await asyncio.open_connection("127.0.0.1", listening.getsockname()[1])
+        conn, _ = await loop.sock_accept(listening)
+        app = App()
+        with pytest.raises(ConnectionAbortedError, match="timed out"):
+            await accept_tls(conn, server_ctx, app, handshake_timeout=0.1)
+        assert app.transport is None
+        w.close()
