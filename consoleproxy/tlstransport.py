@@ -504,10 +504,12 @@ async def start_tls(
     server_side: bool = False,
     server_hostname: str | None = None,
     handshake_timeout: float | None = None,
+    already_read: bytes = b"",
 ) -> TLSTransport:
     """TLS on a connected transport from now on (STARTTLS, VeNCrypt): its protocol is replaced.
 
-    The transport must hold no unread bytes of the peer's (like ``loop.start_tls``).
+    ``already_read``: the peer's first TLS bytes when the old protocol read them with its last
+    plaintext (``loop.start_tls`` has no way to take them).
     """
     tls = TLSTransport(
         context, protocol, server_side=server_side, server_hostname=server_hostname,
@@ -515,6 +517,8 @@ async def start_tls(
     )
     wire = tls.wire
     assert wire is not None
+    if already_read:
+        tls.incoming.write(already_read)
     transport.set_protocol(wire)
     wire.connection_made(transport)
     try:

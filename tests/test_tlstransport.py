@@ -511,3 +511,56 @@ async def test_a_silent_peer_fails_the_handshake_timeout(server_ctx: ssl.SSLCont
             await accept_tls(conn, server_ctx, app, handshake_timeout=0.1)
         assert app.transport is None
         w.close()
+
+
+async def test_start_tls_takes_the_bytes_the_old_protocol_already_read(
+    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    """A plain protocol reads ``STARTTLS\\n`` and the ClientHello in one read: TLS begins with
+    those bytes (already_read), the handshake completes and the stream is TLS from then on."""
+    apps: list[App] = []
+
+    class Plain(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.seen = getattr(self, "seen", b"") + data
+            if len(self.seen) <= 9:
+                return  # the line alone: the TLS bytes come in a later read (not the case tested)
+            assert self.seen.startswith(b"STARTTLS\n")
+            apps.append(App())
+            t = asyncio.ensure_future(
+                start_tls(self.transport, server_ctx, apps[-1], server_side=True, already_read=self.seen[9:])
+            )
+            t.add_done_callback(lambda t: t.exception())
+
+    server = await asyncio.get_running_loop().create_server(Plain, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        hello = ssl.MemoryBIO()
+        out = ssl.MemoryBIO()
+        obj = client_ctx.wrap_bio(hello, out, server_hostname=HOST)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            obj.do_handshake()
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"STARTTLS\n" + out.read())  # one segment: the protocol reads both at once
+        async with asyncio.timeout(20):
+            while True:
+                try:
+                    obj.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    w.write(out.read())
+                    data = await r.read(65536)
+                    assert data, "closed during the handshake"
+                    hello.write(data)
+            w.write(out.read())
+            obj.write(b"after")
+            w.write(out.read())
+            while True:
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    assert obj.read(5) == b"after"  # echoed through the upgraded connection
+                    break
+                hello.write(await r.read(65536))
+        w.close()
