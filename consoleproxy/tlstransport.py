@@ -357,25 +357,37 @@ class TLSTransport(asyncio.Transport):
     # -- asyncio.Transport ------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._state != _OPEN or not data:
-            return  # closing or closed: dropped, as asyncio's transports do
+        if self._encrypt(data):
+            self._flush()
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        """All pieces encrypted, then one write to the TCP transport (one send for a frame's
+        header and payload)."""
+        for data in list_of_data:
+            if not self._encrypt(data):
+                break
+        self._flush()
+
+    def _encrypt(self, data: bytes | bytearray | memoryview) -> bool:
+        """Into the outgoing BIO (a copy: ``data`` may be reused once this returns)."""
+        if self._state != _OPEN:
+            return False  # closing or closed: dropped, as asyncio's transports do
+        if not data:
+            return True
         if self._pending is not None:
             self._pending.append(bytes(data))
-            return
+            return True
         assert self.sslobj is not None
         try:
             self.sslobj.write(data)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            # OpenSSL waits for the peer (a renegotiation): kept until ciphertext arrives.
+            # OpenSSL waits for the peer (a renegotiation; our server contexts refuse them):
+            # kept until ciphertext arrives.
             self._pending = collections.deque([bytes(data)])
         except ssl.SSLError as exc:
             self._fail(exc)
-            return
-        self._flush()
-
-    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        for data in list_of_data:
-            self.write(data)
+            return False
+        return True
 
     def can_write_eof(self) -> bool:
         return False  # close_notify ends both directions for most peers; close() sends it

@@ -388,6 +388,10 @@ async def test_extra_info_and_relay_never_writes_around_tls(
         assert not t.can_write_eof()
         with pytest.raises(NotImplementedError):
             t.write_eof()
+        buf = bytearray(b"bc")
+        t.writelines([b"a", b"", memoryview(buf)])
+        buf[:] = b"XX"  # encrypted already: reusing the buffer changes nothing sent
+        assert await r.readexactly(3) == b"abc"
         w.close()
 
 
