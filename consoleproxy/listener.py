@@ -408,6 +408,9 @@ class ConsoleSite(web.BaseSite):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        # Our own copies: BaseSite keeps them in private attributes.
+        self.tls_context = ssl_context
+        self.backlog = backlog
         self.runner = runner
         self.host = host
         self.requested_port = port
@@ -424,7 +427,7 @@ class ConsoleSite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        scheme = "https" if self._ssl_context else "http"
+        scheme = "https" if self.tls_context else "http"
         return f"{scheme}://{self.host}:{self.port}"
 
     @property
@@ -451,7 +454,7 @@ class ConsoleSite(web.BaseSite):
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(addr)
-                sock.listen(self._backlog)
+                sock.listen(self.backlog)
                 sock.setblocking(False)
         except OSError:
             for s in self.sockets:
@@ -480,7 +483,7 @@ class ConsoleSite(web.BaseSite):
     # --- accept ----------------------------------------------------------------------------
 
     def _accept_ready(self, listening: socket.socket) -> None:
-        for _ in range(self._backlog):
+        for _ in range(self.backlog):
             try:
                 conn, addr = listening.accept()
             except (BlockingIOError, InterruptedError):
@@ -563,11 +566,11 @@ class ConsoleSite(web.BaseSite):
                         key = None
                         raise _Refused(why)
                 proto = _Connection(self, client)
-                if self._ssl_context is not None:
+                if self.tls_context is not None:
                     # The SNI callback of the shared context picks the certificate, so a hot
                     # swap applies to new handshakes. A failed handshake (ssl.SSLError: the "tls"
                     # refusal) or a timeout: the transport is aborted below, like a plain one.
-                    tls = TLSTransport(self._ssl_context, proto)
+                    tls = TLSTransport(self.tls_context, proto)
                     wire = tls.wire
                     assert wire is not None
                     await loop.connect_accepted_socket(lambda: wire, conn)
