@@ -463,8 +463,8 @@ class TLSTransport(asyncio.Transport):
         self._app_buffered = isinstance(protocol, asyncio.BufferedProtocol)
 
     def get_protocol(self) -> asyncio.BaseProtocol:
-        assert self._app is not None, "the connection has ended"
-        return self._app
+        # None once the connection has ended, as with asyncio's own transports.
+        return cast(asyncio.BaseProtocol, self._app)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """``ssl_object``, ``peercert``, ``cipher``, ``compression``, ``sslcontext``, then the TCP
