@@ -53,7 +53,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "bounded"))
 BOTH_LOOPS = frozenset({
     "test_console_path.py", "test_tls_proxy.py", "test_upstream.py", "test_socket_writes.py",
     "test_drain.py", "test_listener.py", "test_relay_turns.py", "test_relay_memory.py",
-    "test_relay_close.py", "test_relay_freed.py", "test_vncconn.py",
+    "test_relay_close.py", "test_relay_freed.py", "test_vncconn.py", "test_tlstransport.py",
 })
 
 

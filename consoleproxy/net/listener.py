@@ -18,10 +18,11 @@ proxy (websockify issue 404: half-open connections, slowloris). The limits here:
 PROXY protocol: HAProxy in ``mode tcp`` with ``send-proxy-v2`` writes the header and then the
 browser's ClientHello, often in one segment. The header is read from the raw socket with
 ``MSG_PEEK`` so that not one byte past it is consumed; the socket then becomes an asyncio
-transport with TLS (``loop.connect_accepted_socket(ssl=...)``: the SNI callback of the shared
-context picks the certificate, so a certificate hot swap applies to new handshakes). Once the
-first request head is complete, a GET for the console path goes to ``ConsoleSite.console`` (our
-own WebSocket, ``browser.py``) and anything else to aiohttp's request handler. Both get a
+transport, with TLS by ``tlstransport.TLSTransport`` (our own TLS on public APIs, one read buffer
+per thread; the SNI callback of the shared context picks the certificate, so a certificate hot
+swap applies to new handshakes; a failed TLS handshake is the "tls" refusal). Once the first
+request head is complete, a GET for the console path goes to ``ConsoleSite.console`` (our own
+WebSocket, ``browser.py``) and anything else to aiohttp's request handler. Both get a
 ``ClientAddressTransport`` whose ``get_extra_info("peername")`` is the header's source, so everything reading
 ``request.transport.get_extra_info("peername")`` sees the browser (on asyncio's loop and on
 uvloop alike); ``proxy_peername`` is the balancer's own address. A header is only accepted from
@@ -43,8 +44,6 @@ import socket
 import ssl
 import struct
 import time
-from asyncio.constants import _SendfileMode
-from asyncio.transports import _FlowControlMixin
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -54,6 +53,7 @@ from aiohttp import web
 from consoleproxy.config import Limits
 from consoleproxy.metrics import Metrics
 from consoleproxy.net.browser import is_console_request
+from consoleproxy.net.tlstransport import TLSTransport
 from consoleproxy.protocol import proxyproto
 from consoleproxy.protocol.addresses import normalized_ip
 from consoleproxy.protocol.forwarded import Networks, in_networks, parse_networks
@@ -330,43 +330,28 @@ class _Connection(asyncio.Protocol):
         self._end("lost")
 
 
-class ClientAddressTransport(_FlowControlMixin):
+class ClientAddressTransport(asyncio.Transport):
     """The transport aiohttp gets behind the PROXY protocol: ``peername`` is the header's source.
 
     Everything else goes to the real (TCP or TLS) transport, so everything that reads
     ``request.transport.get_extra_info("peername")`` sees the browser on any event loop;
     ``get_extra_info("proxy_peername")`` is the balancer's own address. Only used with
-    ``[listen] proxy_protocol``; without it aiohttp gets the real transport.
-
-    aiohttp sends files with ``loop.sendfile``; asyncio's fallback (used here: the native path
-    would register this object as the socket's transport) accepts only flow-controlled
-    transports, hence the mixin, whose pause state is read from the real transport.
+    ``[listen] proxy_protocol``; without it aiohttp gets the real transport. ``loop.sendfile``
+    does not take this transport (nor a TLS one): the public app serves its files with
+    ``pagefiles``, never with aiohttp's FileResponse.
     """
 
-    _sendfile_compatible = _SendfileMode.FALLBACK
+    __slots__ = ("addresses", "inner")
 
     def __init__(self, inner: asyncio.Transport, client: tuple[str, int]) -> None:
+        super().__init__()
         self.inner = inner
-        super().__init__(
-            {"peername": client, "proxy_peername": inner.get_extra_info("peername")},
-            asyncio.get_running_loop(),
-        )
-
-    @property
-    def _protocol_paused(self) -> bool:
-        return bool(getattr(self.inner, "_protocol_paused", False))
-
-    @_protocol_paused.setter
-    def _protocol_paused(self, value: bool) -> None:
-        pass  # the real transport keeps the state
+        self.addresses = {"peername": client, "proxy_peername": inner.get_extra_info("peername")}
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name in self._extra:
-            return self._extra[name]
+        if name in self.addresses:
+            return self.addresses[name]
         return self.inner.get_extra_info(name, default)
-
-    def __getattr__(self, name: str) -> Any:  # anything else a caller may look for
-        return getattr(self.inner, name)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.inner.write(data)
@@ -432,7 +417,8 @@ class ConsoleSite(web.BaseSite):
         console: ConsoleHandoff | None = None,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
-        self.ssl_context = ssl_context
+        # Our own copies: BaseSite keeps them in private attributes.
+        self.tls_context = ssl_context
         self.backlog = backlog
         # Takes a connection whose first request is the console's upgrade (None: aiohttp serves all).
         self.console = console
@@ -452,7 +438,7 @@ class ConsoleSite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        scheme = "https" if self.ssl_context else "http"
+        scheme = "https" if self.tls_context else "http"
         return f"{scheme}://{self.host}:{self.port}"
 
     @property
@@ -590,12 +576,19 @@ class ConsoleSite(web.BaseSite):
                         self._log(why, "refusing connections from %s (%s)", key, _LIMIT_NAMES[why])
                         key = None
                         raise _Refused(why)
-                # With TLS, this returns after the TLS handshake (the SNI callback of the shared
-                # context picks the certificate, so a hot swap applies to new handshakes).
                 proto = _Connection(self, client)
-                # (uvloop returns its TLS protocol here, not ours: keep our own reference.)
-                raw, _ = await loop.connect_accepted_socket(lambda: proto, conn, ssl=self.ssl_context)
-                transport = proto.transport or raw  # the one aiohttp writes to
+                if self.tls_context is not None:
+                    # The SNI callback of the shared context picks the certificate, so a hot
+                    # swap applies to new handshakes. A failed handshake (ssl.SSLError: the "tls"
+                    # refusal) or a timeout: the transport is aborted below, like a plain one.
+                    tls = TLSTransport(self.tls_context, proto)
+                    wire = tls.wire
+                    assert wire is not None
+                    await loop.connect_accepted_socket(lambda: wire, conn)
+                    transport = tls
+                    await tls.handshake
+                else:
+                    transport, _ = await loop.connect_accepted_socket(lambda: proto, conn)
                 await proto.head
                 if proto.outcome == "head_too_large":
                     raise _Refused("head_too_large")

@@ -39,7 +39,6 @@ of the relay when the browser's connection is lost, and the server of the sessio
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
 import contextlib
 import os
 import threading
@@ -115,28 +114,6 @@ def write_buffers(transport: asyncio.WriteTransport, fd: int, bufs: list[Any]) -
         return
     for b in bufs:
         transport.write(b)
-
-
-# asyncio's SSLProtocol (3.11+) gives every TLS connection its own 256 KiB receive buffer, zeroed
-# and so resident: 300 KiB per idle TLS console. Its buffer_updated() copies the bytes into the
-# SSL object's BIO before returning, so one buffer per event loop thread can serve every relayed
-# connection. Swapped in only for asyncio's own SSLProtocol (uvloop's keeps its own buffers).
-_shared_ssl_buffers: dict[tuple[int, int], tuple[bytearray, memoryview]] = {}
-
-
-def _share_ssl_buffer(transport: object) -> None:
-    proto = getattr(transport, "_ssl_protocol", None)
-    if not isinstance(proto, asyncio.sslproto.SSLProtocol):
-        return
-    own = getattr(proto, "_ssl_buffer", None)
-    if not isinstance(own, bytearray):
-        return
-    key = (threading.get_ident(), len(own))
-    shared = _shared_ssl_buffers.get(key)
-    if shared is None:
-        buf = bytearray(len(own))
-        shared = _shared_ssl_buffers[key] = (buf, memoryview(buf))
-    proto._ssl_buffer, proto._ssl_buffer_view = shared  # type: ignore[attr-defined]
 
 
 # The down direction reads into one buffer per event-loop thread, shared by every console: reads
@@ -447,7 +424,6 @@ class Relay:
         eof = self._vnc_eof
         transport.set_protocol(backend)
         self.vnc_fd = socket_fd(transport)
-        _share_ssl_buffer(self.ws_transport)
         if self.client.writing_paused:
             backend.browser_wait = True  # the handshake's last write is still draining
             with contextlib.suppress(RuntimeError, AttributeError, NotImplementedError):

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from consoleproxy.config import Config
 from consoleproxy.policy.acme_policy import ChallengeRecords
+from consoleproxy.web import pagefiles
 from consoleproxy.web.assets import default_page_dirs
 
 __all__ = ["PAGE_HEADERS", "Handler", "bind_admin", "page_dirs", "page_handler", "public_app", "redirect_app"]
@@ -48,7 +49,8 @@ def page_handler(cfg: Callable[[], Config]) -> Handler:
         page = page_dirs(cfg())[0] / "console.html"
         if not page.is_file():
             return web.Response(status=503, text=f"console page not installed ({page} missing)\n")
-        return web.FileResponse(page, headers=PAGE_HEADERS)
+        # Never loop.sendfile (aiohttp's FileResponse): it fails on our TLS transport (pagefiles).
+        return await pagefiles.file_response(request, page, headers=PAGE_HEADERS)
 
     return handle_page
 
@@ -66,9 +68,9 @@ def public_app(
     app.router.add_get("/console", page)
     app.router.add_get("/resource/noVNC/vnc.html", page)
     if static.is_dir():
-        app.router.add_static("/static/", static, append_version=False)
+        pagefiles.add_static(app.router, "/static/", static)  # never loop.sendfile: see pagefiles
     if novnc.is_dir():
-        app.router.add_static("/novnc/", novnc, append_version=False)
+        pagefiles.add_static(app.router, "/novnc/", novnc)
     return app
 
 

@@ -318,3 +318,30 @@ async def test_local_header_from_this_machine_without_trust(tmp_path: Path) -> N
 
         results = {r.name: r for r in await HealthRunner(p.server).run("advanced")}
         assert results["tls_handshake_check"].success, results["tls_handshake_check"].message
+
+
+async def test_a_failed_tls_handshake_is_the_tls_refusal(tmp_path: Path) -> None:
+    """Plain HTTP on the TLS port fails the handshake (tlstransport): counted as "tls", the
+    connection closed and its handshake slot freed; a client gone mid-handshake is not counted."""
+    async with running_proxy(tmp_path, health=QUIET, listen={"tls": True}) as p:
+        r, w = await tcp(p)
+        w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(10):
+            while await r.read(65536):
+                pass  # (a TLS alert, at most) until the proxy closes
+        w.close()
+        async with asyncio.timeout(10):
+            while refused(p, "tls") != 1 or sum(s.gate.in_progress for s in p.server._sites):
+                await asyncio.sleep(0.02)
+        r, w = await tcp(p)
+        w.write(client_hello()[:20])  # half a ClientHello, then gone
+        w.close()
+        # a request afterwards still works over TLS (accepted after the half handshake), and
+        # once no handshake is left in progress nothing more was counted
+        async with aiohttp.ClientSession() as http:
+            async with http.get(p.http_base + "/healthz", ssl=p.client_ssl) as resp:
+                assert resp.status == 200
+        async with asyncio.timeout(10):
+            while sum(s.gate.in_progress for s in p.server._sites):
+                await asyncio.sleep(0.02)
+        assert refused(p, "tls") == 1

@@ -27,6 +27,7 @@ from harness import SERVER_INIT, Proxy, RFBClient, connect_echo, make_config, rf
 from consoleproxy.net import relay
 from consoleproxy.net.browser import BrowserConnection
 from consoleproxy.net.relay import Relay, _Backend
+from consoleproxy.net.tlstransport import TLSTransport
 from consoleproxy.net.vncconn import VNCConnection
 from consoleproxy.policy.sessions import Session
 from consoleproxy.policy.tokens import Keyring
@@ -65,17 +66,15 @@ def collector_off() -> Iterator[None]:
 def count_live() -> dict[str, int]:
     """Live objects of one console, found without a collection (gc.get_objects() only lists)."""
     names = (
-        "Relay", "BrowserConnection", "_Backend", "VNCConnection", "Session", "SSLProtocol", "SSLObject",
+        "Relay", "BrowserConnection", "_Backend", "VNCConnection", "Session", "TLSTransport", "SSLObject",
         "Recorder",
     )
     counts = dict.fromkeys(names, 0)
     for o in gc.get_objects():
         t = type(o)
-        if t in (Relay, BrowserConnection, _Backend, VNCConnection, Session, Recorder):
+        if t in (Relay, BrowserConnection, _Backend, VNCConnection, Session, Recorder, TLSTransport):
+            # TLSTransport: the proxy's side of a TLS console (tlstransport.py).
             counts[t.__name__] += 1
-        elif t.__name__ == "SSLProtocol" and t.__module__ in ("asyncio.sslproto", "uvloop.loop"):
-            # The proxy's (server side) and the test clients'; the clients' are freed as well.
-            counts["SSLProtocol"] += 1
         elif issubclass(t, ssl.SSLObject) and o.server_side:  # the proxy's side of a TLS console
             counts["SSLObject"] += 1
     return counts
@@ -227,7 +226,7 @@ async def test_positive_control_a_link_left_in_place_is_counted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without breaking the session -> relay link (the relay's ``stop`` as the session's closer)
-    every ended console stays, with its reader and, over TLS, its SSL protocol: the count above
+    every ended console stays, with its reader and, over TLS, its TLS transport: the count above
     would not be zero. A full collection then frees them: a cycle, not a leak."""
     ended = ProxyServer._relay_ended
 
@@ -244,7 +243,7 @@ async def test_positive_control_a_link_left_in_place_is_counted(
         # has run, so by then every socket of these consoles is closed.
         await _wait(lambda: count_live()["_Backend"] == base["_Backend"])
         now = count_live()
-        for name in ("Relay", "BrowserConnection", "Session") + (("SSLObject",) if tls else ()):
+        for name in ("Relay", "BrowserConnection", "Session") + (("TLSTransport",) if tls else ()):
             assert now[name] - base[name] >= N, (name, now, base)
         gc.collect()
         after = count_live()
