@@ -467,12 +467,14 @@ class ProxyServer:
                     old.close(SessionKilled.close_code, "replaced by a newer console for this VM")
                 rc = self.cfg.recording
                 record = should_record(rc.enabled, claims.record, claims.vm, rc.vms)
-                if record and NOTICE_PROTOCOL in request.offered_subprotocols():
-                    # Our console page offers this protocol: it shows "this session is recorded".
-                    await ws.send_str(RECORDED_NOTICE)
                 vnc = await self._connect(claims)
                 if ticket is not None:
                     await self._use_ticket(ticket, request)
+                if record and NOTICE_PROTOCOL in request.offered_subprotocols():
+                    # Our console page offers this protocol: it shows "this session is recorded".
+                    # Only now, just before RFB: a console refused before this point (its resume
+                    # ticket used, its VNC server unreachable) is never said to be recorded.
+                    await ws.send_str(RECORDED_NOTICE)
                 client_leftover, server_init = await self._rfb_handshake(ws, vnc, claims, session)
                 if wants_resume and keys is not None:
                     session.resume_body = seal_body(keys, _ticket_body(session, claims))

@@ -21,8 +21,9 @@ of the same module, one set on ``self`` in a subclass of a foreign class (``self
 and a ``getattr`` whose name is a variable.
 
 Dunder (``__x__``) and sunder (``_x_``, enum hooks) names are public protocol, and so are the few
-documented underscore APIs in ``DOCUMENTED``. ``KNOWN_TODAY`` lists the violations other parts of
-issue 17 are removing now; an entry that no longer matches fails too, so the list only shrinks.
+documented underscore APIs in ``DOCUMENTED``. There is no allowlist: issue 17 removed the last
+of them (aiohttp's WebSocket and request-handler internals, asyncio's SSL buffer, StreamReader's
+buffer, BaseSite's attributes).
 """
 
 from __future__ import annotations
@@ -47,30 +48,6 @@ DOCUMENTED = frozenset({
 
 ATTR_BUILTINS = frozenset({"getattr", "setattr", "hasattr", "delattr"})
 
-# (module, name) -> the part of issue 17 that removes it. The lead empties this after merging.
-A, B = "17a browser side", "17b TLS"
-KNOWN_TODAY: dict[tuple[str, str], str] = {
-    ("consoleproxy.protocol.wsframes", "aiohttp._websocket.helpers"): A,
-    ("consoleproxy.net.relay", "_post_start"): A,
-    ("consoleproxy.net.relay", "_message_tail"): A,
-    ("consoleproxy.net.relay", "_reader"): A,
-    ("consoleproxy.net.relay", "_closed"): A,
-    ("consoleproxy.net.relay", "_cancel_heartbeat"): A,
-    ("consoleproxy.net.relay", "_reading_paused"): A,
-    ("consoleproxy.net.relay", "_data_received_cb"): A,
-    ("consoleproxy.net.relay", "_keepalive_handle"): A,
-    ("consoleproxy.net.relay", "_manager"): A,
-    ("consoleproxy.net.relay", "_buffer"): A + " (WebSocketDataQueue)",
-    ("consoleproxy.net.relay", "_ssl_protocol"): B,
-    ("consoleproxy.net.relay", "_ssl_buffer"): B,
-    ("consoleproxy.net.relay", "_ssl_buffer_view"): B,
-    ("consoleproxy.net.listener", "_SendfileMode"): B,
-    ("consoleproxy.net.listener", "_FlowControlMixin"): B,
-    ("consoleproxy.net.listener", "_protocol_paused"): B,
-    ("consoleproxy.net.listener", "_extra"): B,
-    ("consoleproxy.net.listener", "_ssl_context"): A + "/" + B + " (aiohttp BaseSite)",
-    ("consoleproxy.net.listener", "_backlog"): A + "/" + B + " (aiohttp BaseSite)",
-}
 # Not visible to this checker, removed by the same part: ConsoleWebSocket's self._parser /
 # "_payload_parser" (17a).
 
@@ -246,11 +223,7 @@ def test_no_module_uses_another_packages_private_names() -> None:
     overridden = frozenset(v.name for v in found)
     for module, tree in trees.items():
         found += violations(module, tree, own, foreign_privates=overridden)
-    new = [str(v) for v in found if (v.module, v.name) not in KNOWN_TODAY]
-    assert not new, "private names of other packages (use a public API):\n" + "\n".join(new)
-    seen = {(v.module, v.name) for v in found}
-    stale = [f"{key} ({part})" for key, part in KNOWN_TODAY.items() if key not in seen]
-    assert not stale, "fixed: remove these KNOWN_TODAY entries:\n" + "\n".join(stale)
+    assert not found, "private names of other packages (use a public API):\n" + "\n".join(map(str, found))
 
 
 # --- the checker itself ------------------------------------------------------------------------

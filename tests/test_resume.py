@@ -209,7 +209,6 @@ async def test_ticket_only_when_asked_and_resume_after_a_cut(tmp_path: Path) -> 
         assert 'consoleproxy_resumes_total{cause="drain"} 1.0' in p.server.metrics.render().decode()
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in handle_websocket after issue 17a merges")
 async def test_a_refused_resume_sends_no_recorded_notice(tmp_path: Path) -> None:
     """A recorded console's page is told "this session is recorded" only by a console that
     opens: a resume refused with 4005 (its ticket already used) sends no notice before its close,

@@ -117,6 +117,10 @@ class TLSTransport(asyncio.Transport):
     ``wire`` is the protocol to give the TCP transport (``accept_tls``/``start_tls`` do it);
     ``handshake`` resolves when the handshake is done (the application's ``connection_made`` has
     then been called) or fails with its error.
+
+    Longer than 300 lines because it is the whole public ``asyncio.Transport`` API (writes, flow
+    control both ways, close, abort, extra info) over one SSLObject, whose state every one of
+    those methods reads; the handshake and shutdown are a few lines each.
     """
 
     __slots__ = (
