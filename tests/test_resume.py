@@ -31,10 +31,11 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from consoleproxy.errors import ConfigError, ResumeRefused, TokenInvalid
+from consoleproxy.net.console import NOTICE_PREFIX, NOTICE_PROTOCOL, RECORDED_NOTICE
 from consoleproxy.policy.cloudstack import CloudStackKeys, encrypt_gcm
 from consoleproxy.policy.resume import TicketBody, issue_ticket, open_ticket, seal_body, used_key
 from consoleproxy.policy.tokens import Keyring, decode, issue
-from consoleproxy.server import NOTICE_PREFIX, NOTICE_PROTOCOL, RECORDED_NOTICE, ProxyServer
+from consoleproxy.server import ProxyServer
 
 RING = Keyring.generate()
 BODY = TicketBody(sid="chain", gen=3, host="10.0.0.5", port=5901, vm="vm-9", started=1_700_000_000,

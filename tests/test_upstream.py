@@ -157,5 +157,5 @@ async def test_a_silent_client_in_the_rfb_handshake_is_pinged_and_cut(tmp_path: 
             assert pings >= 1
             assert msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.ERROR)
         async with asyncio.timeout(10):
-            while len(p.server.registry) or p.server._handshaking:
+            while len(p.server.registry) or p.server.consoles.handshaking:
                 await asyncio.sleep(0.01)

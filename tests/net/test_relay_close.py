@@ -45,7 +45,7 @@ async def _console(http: aiohttp.ClientSession, p: Proxy, port: int) -> aiohttp.
     """A relaying console whose client does not answer a close by itself (autoclose=False)."""
     ws = await http.ws_connect(p.url(p.token(port=port)), autoclose=False, ssl=p.client_ssl or False)
     await aiohttp_console(ws)
-    await _wait(lambda: len(p.server._relays) == 1)
+    await _wait(lambda: len(p.server.consoles.relays) == 1)
     return ws
 
 
@@ -67,7 +67,7 @@ async def test_a_browser_close_is_answered_and_ends_the_vnc_connection(tmp_path:
         assert ws.close_code == 1000
         async with asyncio.timeout(10):
             await vnc_ended.wait()
-        await _wait(lambda: not p.server._relays and not len(p.server.registry))
+        await _wait(lambda: not p.server.consoles.relays and not len(p.server.registry))
         text = p.server.metrics.render().decode()
         assert 'consoleproxy_sessions_total{result="client_closed"} 1.0' in text
 
@@ -86,10 +86,10 @@ async def test_the_proxy_waits_for_the_browsers_close_reply(tmp_path: Path) -> N
         await _wait(lambda: not len(p.server.registry))
         with pytest.raises(TimeoutError):  # the connection stays open for our reply
             await _wait(lambda: _connection_ended(ws), timeout=0.5)
-        assert len(p.server._relays) == 1
+        assert len(p.server.consoles.relays) == 1
         await ws._writer.close(1000, b"")  # the reply (what aiohttp's client sends on close())
         await _wait(lambda: _connection_ended(ws))  # the proxy closes the connection on it
-        await _wait(lambda: not p.server._relays)
+        await _wait(lambda: not p.server.consoles.relays)
 
 
 async def test_a_browser_that_never_answers_the_close_is_cut_after_the_timeout(
@@ -105,7 +105,7 @@ async def test_a_browser_that_never_answers_the_close_is_cut_after_the_timeout(
         # No reply (another receive() would send one): the proxy cuts the connection after
         # CLOSE_TIMEOUT instead of waiting forever.
         await _wait(lambda: _connection_ended(ws))
-        await _wait(lambda: not p.server._relays)
+        await _wait(lambda: not p.server.consoles.relays)
 
 
 async def test_the_vnc_server_closing_sends_1000_with_a_reason(tmp_path: Path) -> None:
@@ -129,14 +129,14 @@ async def test_the_vnc_server_closing_sends_1000_with_a_reason(tmp_path: Path) -
         assert got == b"last"  # everything the VNC server sent, then the close frame
         assert msg.type is aiohttp.WSMsgType.CLOSE
         assert (msg.data, msg.extra) == (1000, "the VNC server closed the connection")
-        await _wait(lambda: not p.server._relays and not len(p.server.registry))
+        await _wait(lambda: not p.server.consoles.relays and not len(p.server.registry))
 
 
 async def test_shutdown_sends_1001_and_does_not_wait_past_the_close_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(wsframes, "CLOSE_TIMEOUT", 0.5)
-    monkeypatch.setattr("consoleproxy.server.CLOSE_TIMEOUT", 0.5)
+    monkeypatch.setattr("consoleproxy.net.console.CLOSE_TIMEOUT", 0.5)
     keyring = Keyring.generate()
     server = ProxyServer(make_config(tmp_path), keyring=keyring)
     await server.start()
@@ -153,7 +153,7 @@ async def test_shutdown_sends_1001_and_does_not_wait_past_the_close_timeout(
         msg = await ws.receive(timeout=10)
         assert msg.type is aiohttp.WSMsgType.CLOSE
         assert (msg.data, msg.extra) == (1001, "proxy shutting down")
-        assert not server._relays
+        assert not server.consoles.relays
 
 
 async def test_a_relay_that_fails_to_start_still_ends_the_console(
@@ -173,7 +173,7 @@ async def test_a_relay_that_fails_to_start_still_ends_the_console(
                     await c.ws.recv()
             assert info.value.rcvd is not None
             assert (info.value.rcvd.code, info.value.rcvd.reason) == (1011, "internal error")
-        await _wait(lambda: not p.server._relays and not len(p.server.registry))
+        await _wait(lambda: not p.server.consoles.relays and not len(p.server.registry))
         assert 'consoleproxy_sessions_total{result="error"} 1.0' in p.server.metrics.render().decode()
 
 
@@ -222,7 +222,7 @@ async def test_consoles_ending_every_way_at_once_leave_nothing_behind(tmp_path: 
             await aiohttp_console(ws)
             await ws.send_bytes(b"q" if way == "vnc close" else b"k")
             consoles.append((way, ws))
-        await _wait(lambda: len(p.server._relays) == len(ways))
+        await _wait(lambda: len(p.server.consoles.relays) == len(ways))
         by_ws = {}
         for s in p.server.registry:
             by_ws[s.vm] = s.id
@@ -242,7 +242,7 @@ async def test_consoles_ending_every_way_at_once_leave_nothing_behind(tmp_path: 
                     aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.ERROR,
                 ):
                     pass
-        await _wait(lambda: not p.server._relays and not len(p.server.registry), timeout=20)
+        await _wait(lambda: not p.server.consoles.relays and not len(p.server.registry), timeout=20)
         text = p.server.metrics.render().decode()
         assert "consoleproxy_sessions_active 0.0" in text
         assert 'consoleproxy_sessions_total{result="killed"} 10.0' in text

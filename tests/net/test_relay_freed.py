@@ -26,6 +26,7 @@ from harness import SERVER_INIT, Proxy, RFBClient, connect_echo, make_config, rf
 
 from consoleproxy.net import relay
 from consoleproxy.net.browser import BrowserConnection
+from consoleproxy.net.console import Consoles
 from consoleproxy.net.relay import Relay, _Backend
 from consoleproxy.net.tlstransport import TLSTransport
 from consoleproxy.net.vncconn import VNCConnection
@@ -152,7 +153,7 @@ async def open_and_end(tmp_path: Path, way: str, record: bool = False) -> Proxy:
                 for ev in ready:
                     await ev.wait()
             if way not in ("refused", "relay fails to start"):
-                assert len(p.server._relays) == N
+                assert len(p.server.consoles.relays) == N
                 assert count_live()["Relay"] >= N  # the count sees them while they live
             sessions = list(p.server.registry)
             if way == "vnc close":
@@ -171,7 +172,7 @@ async def open_and_end(tmp_path: Path, way: str, record: bool = False) -> Proxy:
             elif way == "shutdown":
                 await p.server.close()
             go.set()
-        await _wait(lambda: not p.server._relays and not len(p.server.registry))
+        await _wait(lambda: not p.server.consoles.relays and not len(p.server.registry))
     return p
 
 
@@ -228,13 +229,13 @@ async def test_positive_control_a_link_left_in_place_is_counted(
     """Without breaking the session -> relay link (the relay's ``stop`` as the session's closer)
     every ended console stays, with its reader and, over TLS, its TLS transport: the count above
     would not be zero. A full collection then frees them: a cycle, not a leak."""
-    ended = ProxyServer._relay_ended
+    ended = Consoles._relay_ended
 
-    def keep_link(self: ProxyServer, r: Relay, result: str) -> None:
+    def keep_link(self: Consoles, r: Relay, result: str) -> None:
         ended(self, r, result)
         r.session.closer = r.stop
 
-    monkeypatch.setattr(ProxyServer, "_relay_ended", keep_link)
+    monkeypatch.setattr(Consoles, "_relay_ended", keep_link)
     with collector_off():
         base = count_live()
         p = await open_and_end(tmp_path, "admin kill")
@@ -255,10 +256,10 @@ async def test_a_browser_gone_before_the_relay_starts_ends_as_client_closed(
 ) -> None:
     """The browser's connection is lost between its ClientInit and the relay's start: the console
     ends ("client closed"), its VNC connection is closed and nothing of it stays registered."""
-    start = ProxyServer._start_relay
+    start = Consoles._start_relay
     vnc_closed = asyncio.Event()
 
-    def gone_first(self: ProxyServer, ws: Any, *args: Any, **kw: Any) -> None:
+    def gone_first(self: Consoles, ws: Any, *args: Any, **kw: Any) -> None:
         ws.connection_lost(None)  # what the loop runs when the browser's socket breaks
         start(self, ws, *args, **kw)
 
@@ -268,7 +269,7 @@ async def test_a_browser_gone_before_the_relay_starts_ends_as_client_closed(
         await r.read()  # EOF: the proxy closed the VNC connection
         vnc_closed.set()
 
-    monkeypatch.setattr(ProxyServer, "_start_relay", gone_first)
+    monkeypatch.setattr(Consoles, "_start_relay", gone_first)
     with collector_off():
         base = count_live()
         async with tcp_server(backend) as port, proxy(tmp_path, "browser close") as p:
@@ -278,7 +279,7 @@ async def test_a_browser_gone_before_the_relay_starts_ends_as_client_closed(
             async with asyncio.timeout(10):
                 await vnc_closed.wait()
             await _wait(lambda: not len(p.server.registry))
-            assert not p.server._relays
+            assert not p.server.consoles.relays
             text = p.server.metrics.render().decode()
             assert 'consoleproxy_sessions_total{result="client_closed"} 1.0' in text
             assert "consoleproxy_sessions_active 0.0" in text

@@ -107,7 +107,7 @@ async def test_relaying_consoles_keep_no_aiohttp_parser_nor_vnc_stream_protocol(
                     await ev.wait()
             try:
                 await _a_request_handler_is_seen_while_aiohttp_serves(px.port, px.client_ssl)
-                assert len(px.server._relays) == N
+                assert len(px.server.consoles.relays) == N
                 assert len(_live((Session,))) >= N
                 live = _live(_aiohttp_per_connection_types())
                 assert live == [], f"aiohttp's per-connection objects are kept per console: {live[:3]}"

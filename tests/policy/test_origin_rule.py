@@ -12,8 +12,8 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from consoleproxy.errors import Forbidden
+from consoleproxy.net.console import Consoles
 from consoleproxy.policy.origin import OriginPolicy, check_origin, host_part, normalize_origin
-from consoleproxy.server import ProxyServer
 
 PLAIN = OriginPolicy.of([], allow_missing=True, tls=False)
 TLS = OriginPolicy.of([], allow_missing=True, tls=True)
@@ -123,11 +123,12 @@ def test_refusal_names_the_origin_briefly() -> None:
 
 
 def _check(headers: dict[str, str]) -> bool:
-    """ProxyServer._check_origin on a real aiohttp request (no socket): it reads Host only."""
+    """The pipeline's origin check (Consoles._check_origin) on a real aiohttp request (no
+    socket): it reads Host only."""
     request = make_mocked_request("GET", "/websockify", headers=headers)
-    holder: Any = SimpleNamespace(origin_policy=PLAIN)
+    holder: Any = SimpleNamespace(server=SimpleNamespace(origin_policy=PLAIN))
     try:
-        ProxyServer._check_origin(holder, request)
+        Consoles._check_origin(holder, request)
     except Forbidden:
         return False
     return True
