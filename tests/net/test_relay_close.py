@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 
 from consoleproxy.errors import SessionKilled
 from consoleproxy.net import relay
+from consoleproxy.net.console import Consoles
 from consoleproxy.policy.tokens import Keyring
 from consoleproxy.protocol import wsframes
 from consoleproxy.server import ProxyServer
@@ -182,10 +183,10 @@ async def test_a_bug_in_the_rfb_handshake_closes_the_console_with_1011(
 ) -> None:
     """The console pipeline runs in our own task (no aiohttp handler to log a bug and close the
     connection): the browser gets 1011 at once, not a hang until the handshake timeout."""
-    async def broken(self: ProxyServer, *args: object, **kw: object) -> None:
+    async def broken(self: Consoles, *args: object, **kw: object) -> None:
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(ProxyServer, "_rfb_handshake", broken)
+    monkeypatch.setattr(Consoles, "_rfb_handshake", broken)
     async with running_proxy(tmp_path, limits={"handshake_timeout_seconds": 120}) as p, \
             tcp_server(echo_backend) as port:
         async with RFBClient.connect(p.url(p.token(port=port))) as c:
