@@ -38,7 +38,7 @@ CERT_RECHECK_SECONDS = 60.0
 
 
 class Pinged(Protocol):
-    """A browser connection the sweeper pings (relay.ClientReader)."""
+    """A browser connection the sweeper pings (net.browser.BrowserConnection)."""
 
     def heartbeat(self, now: float, interval: float) -> None: ...
 

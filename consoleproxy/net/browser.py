@@ -10,7 +10,7 @@ the heartbeat's decisions, the close handshake). This module only moves bytes an
 
 Two stages:
 
-- the RFB handshake (``server.py``): a small awaitable message API, ``receive()`` (the next
+- the RFB handshake (``net/console.py``): a small awaitable message API, ``receive()`` (the next
   binary message), ``send_bytes``/``send_str`` (write, then wait while the transport is over
   its high-water mark) and ``close`` (refuse with a close code). Reading pauses while more than
   ``HANDSHAKE_QUEUE`` bytes of messages wait to be received.
@@ -63,7 +63,7 @@ __all__ = [
 # The console's WebSocket (DESIGN.md 6: ``GET /websockify?token=T``).
 CONSOLE_PATHS = frozenset({"/websockify"})
 # Our console page offers this subprotocol beside "binary": the proxy may then tell it, in a text
-# message before RFB starts, that its session is recorded (server.py, docs/recording.md).
+# message before RFB starts, that its session is recorded (net/console.py, docs/recording.md).
 NOTICE_PROTOCOL = "consoleproxy.notice"
 # Bytes of whole messages (and one begun) held for ``receive()`` before reading pauses: a browser
 # sends a few dozen bytes during the RFB handshake; this bounds one that sends more.

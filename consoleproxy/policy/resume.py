@@ -21,7 +21,7 @@ the VNC server closed). Every ticket a connection
 was given shares its generation, so refreshed tickets do not add chances: a generation resumes
 once, on any instance.
 
-Delivery (the asyncio glue in ``server.py``): a page that asks with ``&resume=1`` gets each ticket
+Delivery (the asyncio glue in ``net/console.py``): a page that asks with ``&resume=1`` gets each ticket
 as a WebSocket *text* message on the console's own connection, after the RFB handshake. noVNC
 reads only binary messages (a text message is an empty byte array to it: ignored), our page
 reads the text ones. To resume, the page opens ``/websockify?resume=1&after=<close code>`` and
