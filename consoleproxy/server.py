@@ -28,10 +28,11 @@ from consoleproxy.lifecycle import Drain, kill, sweep
 from consoleproxy.metrics import Metrics
 from consoleproxy.net.console import Consoles
 from consoleproxy.net.dns import DnsServer
-from consoleproxy.net.listener import AcceptSettings, ConsoleSite, handler_args
+from consoleproxy.net.listener import ConsoleSite, handler_args
 from consoleproxy.net.memory import Trimmer, malloc_trim
 from consoleproxy.policy.acme_policy import ChallengeRecords
 from consoleproxy.policy.cloudstack import CloudStackValidator
+from consoleproxy.policy.gates import AcceptSettings
 from consoleproxy.policy.readiness import ReadinessState, not_ready_reason
 from consoleproxy.policy.tokens import Keyring, TokenValidator
 from consoleproxy.protocol.forwarded import parse_networks

@@ -22,7 +22,7 @@ from harness import Proxy, RFBClient, connect_echo, echo_backend, make_config, r
 
 from consoleproxy.config import ConfigError
 from consoleproxy.errors import Forbidden
-from consoleproxy.net.listener import HandshakeGate, HeadScanner, HeadTooLarge, RateLimiter, source_key
+from consoleproxy.policy.gates import HandshakeGate, HeadScanner, HeadTooLarge, RateLimiter, source_key
 from consoleproxy.policy.targets import TargetPolicy
 from consoleproxy.policy.tokens import Keyring
 from consoleproxy.server import ProxyServer

@@ -35,8 +35,8 @@ from test_certstore import parsers_raise_only_certificate_error
 
 from consoleproxy.errors import ConsoleError, HostnameError, ResumeRefused, TokenInvalid
 from consoleproxy.net.dns import DnsSettings, Responder
-from consoleproxy.net.listener import HeadScanner, HeadTooLarge
 from consoleproxy.policy.cloudstack import CloudStackKeys, decrypt, encrypt_cbc_hmac, encrypt_gcm, to_claims
+from consoleproxy.policy.gates import HeadScanner, HeadTooLarge
 from consoleproxy.policy.resume import TicketBody, issue_ticket, open_ticket, seal_body
 from consoleproxy.policy.tokens import Keyring, b64url_encode, decode, issue
 from consoleproxy.protocol import rfb
