@@ -154,6 +154,10 @@ class Consoles:
         return web.Response(status=400, text="the console WebSocket must be its connection's first request\n")
 
     async def handle_console(self, ws: BrowserConnection, request: ConsoleRequest) -> None:
+        """One console, in order: draining? -> client IP -> origin -> token (or resume ticket)
+        -> target -> session limits -> VNC connection -> ticket's single use -> recorded notice
+        -> RFB both sides -> relay. A refusal anywhere closes the browser with its code; the
+        outcome is counted and audited either way (``_end``, or the relay's end)."""
         lim = self.server.cfg.limits
         client_ip = self._peer_ip(request)
         session: Session | None = None
