@@ -161,12 +161,16 @@ class _Backend(asyncio.BufferedProtocol):
         buf, self._buf = self._buf, None
         assert buf is not None
         self._send(buf[:nbytes])
-        if self._relay.ws_transport.get_write_buffer_size():
-            # The browser's transport may hold a view of the shared buffer: leave it that one.
-            _read_buffers.pop(threading.get_ident(), None)
+        r = self._relay
+        if r.ws_keeps_views and r.ws_transport.get_write_buffer_size():
+            # The browser's transport may hold a view of the shared buffer: leave it that one
+            # (a recording's own buffer is the recorder's to keep or reuse).
+            key = threading.get_ident()
+            if _read_buffers.get(key) is buf:
+                del _read_buffers[key]
         if (
             self._turns and nbytes == len(buf) and not self.browser_wait
-            and not self._yielding and not self._relay.ended
+            and not self._yielding and not r.ended
         ):
             # A full read: more is waiting. Every other busy console reads once before this one
             # reads again: libuv (uvloop) reads a socket up to 32 times in one callback, and
@@ -264,6 +268,7 @@ class Relay:
         "session",
         "vnc_fd",
         "ws_fd",
+        "ws_keeps_views",
         "ws_transport",
     )
 
@@ -294,6 +299,9 @@ class Relay:
         self.client: BrowserConnection = ws
         self.ws_transport: asyncio.Transport = ws.transport
         self.ws_fd = socket_fd(self.ws_transport)
+        # A plain transport keeps what it could not send as given (a view of the shared read
+        # buffer); the TLS one (tlstransport) encrypts every write at once, so it keeps none.
+        self.ws_keeps_views = self.ws_transport.get_extra_info("ssl_object") is None
         self.vnc_fd = -1  # set when the VNC socket is attached
         self.close_code: int | None = None
         self.close_reason = ""
@@ -362,12 +370,6 @@ class Relay:
     def abort(self) -> None:
         """Cut the browser's connection now (shutdown: its close handshake took too long)."""
         self.ws_transport.abort()
-
-    def inject(self, message: bytes) -> None:
-        """Send the VNC server a message of our own (a recording's keyframe request), between
-        the browser's messages (the caller checks the filter is at a message boundary)."""
-        if not self.ended:
-            write_buffers(self._vnc, self.vnc_fd, [message])
 
     def browser_drained(self) -> None:
         """The browser's transport is below its low-water mark again: read the VNC server."""
