@@ -45,6 +45,7 @@ def _backend(browser_slow: bool = False) -> tuple[_Backend, FakeTransport, Any]:
         session=SimpleNamespace(bytes_down=0, last_activity=0.0),
         ws_transport=FakeTransport(),
         ws_fd=-1,  # no socket: frames go through the transport's write
+        ws_keeps_views=True,  # a plain transport
         client=SimpleNamespace(writing_paused=browser_slow),
         recorder=None,  # not recorded
         end=lambda why: None,
