@@ -15,11 +15,16 @@
 //   show_dot   show a dot when the remote cursor is invisible
 //   log        noVNC log level (error|warn|info|debug|none; default warn)
 
-import RFB from "/novnc/core/rfb.js";
 import { initLogging } from "/novnc/core/util/logging.js";
 import { pickLanguage, translator } from "./i18n.js";
 import { XK, ctrlAltF } from "./keys.js";
 import { LANG1, LANG2, LAYOUTS, planTyping, tap } from "./typing.js";
+
+// noVNC's core is imported, not statically: its browser checks end in a top-level await (an H.264
+// decoder probe), which would hold this whole module, the page's language included, until after
+// the page's load event. Fetched at once; the console connects when it is there.
+const novnc = import("/novnc/core/rfb.js");
+let RFB = null;
 
 // Close codes the proxy sends on purpose (DESIGN.md 8); each has its own message.
 const KNOWN_CODES = [4001, 4002, 4003, 4004, 4005, 4008, 4010, 4011, 4012, 4013, 1001, 1000, 1006];
@@ -804,12 +809,16 @@ function main() {
     setupOnScreenKeyboard();
     setupPanels();
     $("connect").addEventListener("click", () => connect());
-    if (falsy(params.get("autoconnect"))) {
-        $("connect").hidden = false;
-        setStatus("ready", "status.ready");
-    } else {
-        connect();
-    }
+    setStatus("loading", "status.loading"); // input buttons off until connected, as in every state
+    novnc.then((m) => {
+        RFB = m.default;
+        if (falsy(params.get("autoconnect"))) {
+            $("connect").hidden = false;
+            setStatus("ready", "status.ready");
+        } else {
+            connect();
+        }
+    });
 }
 
 main();

@@ -14,8 +14,13 @@
 // the start) the player decodes from the start. ``fed`` counts the bytes given to noVNC since it
 // was started, ``startOffset`` where in the bytes down it was started (tests read both).
 
-import RFB from "/recordings-novnc/core/rfb.js";
 import { pickLanguage, translator } from "./i18n.js";
+
+// noVNC's core is imported, not statically: its browser checks end in a top-level await (an H.264
+// decoder probe), which would hold this whole module, the page's language and its Load button
+// included, until after the page's load event. Fetched at once, awaited only to play.
+const novnc = import("/recordings-novnc/core/rfb.js");
+let RFB = null;
 
 const $ = (id) => document.getElementById(id);
 const MAGIC = "CPREC01\n";
@@ -538,6 +543,12 @@ async function load(key) {
         track.append(li);
     }
     $("timeline").max = String(rec.endMs);
+    try {
+        RFB = (await novnc).default;
+    } catch (e) {
+        fail(t("error.play", { reason: e.message }));
+        return;
+    }
     const player = new Player(rec);
     window.player = player;
     $("play").addEventListener("click", () => (player.playing ? player.pause() : player.play()));
@@ -550,3 +561,6 @@ $("key-form").addEventListener("submit", (e) => {
     e.preventDefault();
     load($("key").value.trim());
 });
+// Disabled in the HTML until now: a submit before this handler would reload the page without
+// its query (and so without ?language=).
+$("load").disabled = false;

@@ -11,6 +11,7 @@ import contextlib
 import socket
 import ssl
 import struct
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,17 @@ def free_port(lo: int = 5900, hi: int = 6999) -> int:
                 continue
             return port
     raise RuntimeError("no free port")
+
+
+def stop_program(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """Stop a program a test started: SIGTERM, and SIGKILL if it is still running ``timeout`` s
+    later (a hung program must not hang the run, nor outlive it)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_tool
-from harness import Proxy, RFBClient, expect_close, free_port, running_proxy
+from harness import Proxy, RFBClient, expect_close, free_port, running_proxy, stop_program
 
 pytestmark = pytest.mark.integration  # QEMU, Xvnc
 
@@ -36,12 +36,7 @@ def _process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_program(proc)
 
 
 @contextlib.asynccontextmanager

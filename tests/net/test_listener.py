@@ -12,6 +12,7 @@ import logging
 import socket
 import ssl
 import struct
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from harness import (
     expect_close,
     free_port,
     running_proxy,
+    stop_program,
     tcp_server,
 )
 from test_limits import QUIET, client_hello, refused, reset_at_once, tcp
@@ -242,12 +244,13 @@ async def haproxy_in_front(tmp_path: Path, p: Proxy) -> AsyncIterator[int]:
     path = tmp_path / "haproxy.cfg"
     path.write_text(cfg)
     log = (tmp_path / "haproxy.log").open("w")
-    proc = await asyncio.create_subprocess_exec(binary, "-db", "-f", str(path), stdout=log, stderr=log)
+    # spawning does not block; the wait to stop it goes through to_thread
+    proc = subprocess.Popen([binary, "-db", "-f", str(path)], stdout=log, stderr=log)  # noqa: ASYNC220
     try:
         row: dict[str, str] = {}
         async with asyncio.timeout(20), aiohttp.ClientSession() as http:
             while not (row.get("status") == "UP" and row.get("check_status") == "L7OK"):
-                assert proc.returncode is None, (tmp_path / "haproxy.log").read_text()
+                assert proc.poll() is None, (tmp_path / "haproxy.log").read_text()
                 await asyncio.sleep(0.1)
                 with contextlib.suppress(aiohttp.ClientError):
                     async with http.get(f"http://127.0.0.1:{stats}/stats;csv") as r:
@@ -257,13 +260,7 @@ async def haproxy_in_front(tmp_path: Path, p: Proxy) -> AsyncIterator[int]:
                     row = next((x for x in rows if x.get("svname") == "proxy1"), {})
         yield front
     finally:
-        proc.terminate()
-        try:
-            async with asyncio.timeout(10):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        await asyncio.to_thread(stop_program, proc)
         log.close()
 
 

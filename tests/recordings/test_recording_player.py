@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from conftest import require_tool
 from harness import Proxy, running_proxy
-from test_page import Browser, browser, console_url
+from test_page import Browser, at_load, browser, console_url
 
 from consoleproxy.recordings import recording_format as fmt
 from consoleproxy.recordings.recording_store import FileStore, new_id
@@ -295,10 +295,15 @@ async def test_player_in_korean_and_english(
     rec = {"store": f"file://{tmp_path / 'rec'}"}
     async with running_proxy(tmp_path, recording=rec) as p, browser(p, locale) as br:
         rid, _ = synthetic_recording(p.server.recordings.store, minutes=2)
-        await br.page.goto(f"{p.admin}/recordings/{rid}{query}")
+        # In its language by the load event (not just in time for the reads after goto: noVNC's
+        # top-level await once held the page's script back past it), its Load button usable.
+        got = await at_load(br.page, f"{p.admin}/recordings/{rid}{query}")
+        lang = "ko" if "녹화" in key else "en"
+        assert (got["lang"], got["els"]["status"]["text"]) == (lang, key)
+        assert got["els"]["load"] == {"text": load, "disabled": False}
         assert await br.page.locator("#status").inner_text() == key
         assert await br.page.locator("#load").inner_text() == load
-        assert await br.page.evaluate("document.documentElement.lang") == ("ko" if "녹화" in key else "en")
+        assert await br.page.evaluate("document.documentElement.lang") == lang
         await open_player(br, p, rid, query)
         await wait_playing(br)
         assert await br.page.locator("#status").inner_text() == playing

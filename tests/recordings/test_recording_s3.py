@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from harness import RFBClient, free_port, running_proxy
+from harness import RFBClient, free_port, running_proxy, stop_program
 
 from consoleproxy.recordings import recording_format as fmt
 from consoleproxy.tools.demo import DemoVncServer
@@ -39,12 +39,7 @@ def moto(port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_program(proc)
 
 
 async def s3_ready(port: int, proc: subprocess.Popen[bytes]) -> None:

@@ -230,6 +230,29 @@ async def browser(
             await b.close()
 
 
+# The page as its load event saw it (Playwright's goto returns after that event): its language, and
+# each element with an id, its text and whether it is disabled. Text read after goto may have been
+# put in the page's language just in time, or not yet; what the load event saw is one or the other.
+AT_LOAD = """
+window.addEventListener("load", () => {
+    const els = {};
+    for (const el of document.querySelectorAll("[id]")) {
+        els[el.id] = {text: el.textContent, disabled: Boolean(el.disabled)};
+    }
+    window.__atLoad = {lang: document.documentElement.lang, els};
+});
+"""
+
+
+async def at_load(page: Page, url: str) -> dict[str, Any]:
+    """Open ``url``; what its load event saw (AT_LOAD)."""
+    await page.add_init_script(AT_LOAD)
+    await page.goto(url)
+    handle = await page.wait_for_function("() => window.__atLoad", polling=50)
+    got: dict[str, Any] = await handle.json_value()
+    return got
+
+
 def console_url(p: Proxy, token: str, **params: str) -> str:
     query = "&".join([f"token={token}", *(f"{k}={v}" for k, v in params.items())])
     return f"{origin(p)}/console?{query}"
@@ -809,6 +832,18 @@ async def test_console_comes_back_after_a_cut_connection(tmp_path: Path) -> None
         n = len(key_events(demo.events))
         await br.page.keyboard.press("a")
         assert (await wait_keys(demo, n + 2))[n:] == press(ord("a"))
+        br.assert_clean()
+
+
+async def test_page_is_in_its_language_when_loaded(tmp_path: Path) -> None:
+    """?language=ko in an English browser: Korean by the load event, not later (noVNC's core,
+    whose module ends in a top-level await, no longer holds the page's own script back)."""
+    async with running_proxy(tmp_path) as p, browser(p, "en-US") as br:
+        got = await at_load(br.page, console_url(p, "x", autoconnect="false", language="ko"))
+        assert (got["lang"], got["els"]["status"]["text"]) == ("ko", "콘솔을 불러오는 중입니다…")
+        assert got["els"]["toggle-help"]["text"] == "도움말"
+        await br.wait_state("ready")
+        assert await br.status() == "준비되었습니다. 연결 버튼을 눌러 콘솔을 여십시오."
         br.assert_clean()
 
 
