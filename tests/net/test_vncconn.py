@@ -13,7 +13,7 @@ import contextlib
 import gc
 import ssl
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -39,6 +39,7 @@ def scripted(
     not_tls: bool = False,
     release: asyncio.Event | None = None,
     tail: Callable[[], bytes] = lambda: TAIL,
+    instead_of_tls: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] | None = None,
 ) -> Handler:
     """RFB 3.8 with None (plain) or VeNCrypt X509None (``server_tls``), then SecurityResult,
     ServerInit and TAIL (or ``tail()``, once per connection) at once. ``close``: the server
@@ -63,6 +64,9 @@ def scripted(
             assert struct.unpack(">I", await r.readexactly(4)) == (X509_NONE,)
             w.write(b"\x01")
             await w.drain()
+            if instead_of_tls is not None:
+                await instead_of_tls(r, w)
+                return
             if not_tls:
                 await r.read(1)  # the ClientHello has begun: answer it with no TLS at all
                 w.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
@@ -375,3 +379,88 @@ async def test_concurrent_vencrypt_consoles_each_get_their_own_bytes_over_tlstra
                 assert g == numbered_tail(g[0])
             assert len(client_tls_transports()) == n  # the relay's VNC sides: none is loop.start_tls's
             assert [o for o in gc.get_objects() if type(o) is VNCConnection] == []
+
+
+async def test_vencrypt_write_backpressure_is_handed_over(tmp_path: Path) -> None:
+    """As test_write_backpressure_is_handed_over, over VeNCrypt: TLSTransport passes the TCP
+    transport's pause_writing to the handshake's protocol, and its resume_writing to the relay's."""
+    release = asyncio.Event()
+    async with tls_pair(tmp_path) as (server_tls, ca):
+        async with tcp_server(scripted(server_tls, release=release)) as port:
+            conn = await handshake(port, client_context(ca))
+            try:
+                assert conn.transport is not None
+                conn.transport.set_write_buffer_limits(high=64 * 1024)
+                big = bytes(1024 * 1024)
+                async with asyncio.timeout(20):
+                    while not conn.transport.get_write_buffer_size() > 64 * 1024:
+                        conn.write(big)
+                        await asyncio.sleep(0)
+                drained = asyncio.ensure_future(conn.drain())
+                await asyncio.sleep(0)
+                assert not drained.done()
+                h = conn.detach()
+                assert h.writing_paused and type(h.transport) is TLSTransport
+                sink = Sink()
+                h.transport.set_protocol(sink)
+                h.transport.resume_reading()
+                release.set()
+                async with asyncio.timeout(20):
+                    await sink.resumed.wait()
+                drained.cancel()
+                h.transport.close()
+            finally:
+                conn.close()
+
+
+async def test_a_server_that_closes_in_the_tls_handshake_is_backend_unreachable(tmp_path: Path) -> None:
+    async def close_at_hello(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.read(1)  # the ClientHello has begun; tcp_server closes the connection
+
+    async with tls_pair(tmp_path) as (server_tls, ca):
+        async with tcp_server(scripted(server_tls, instead_of_tls=close_at_hello)) as port:
+            conn = await vncconn.connect("127.0.0.1", port, 10)
+            try:
+                with pytest.raises(BackendUnreachable, match="TLS handshake with the VNC server failed"):
+                    async with asyncio.timeout(20):
+                        await vncconn.authenticate(conn, None, client_context(ca))
+            finally:
+                conn.close()
+
+
+async def test_a_silent_tls_server_fails_the_handshake_backstop_and_the_caller_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that never answers the ClientHello: the handshake's own limit
+    (TLS_HANDSHAKE_TIMEOUT, as loop.start_tls's) is BackendUnreachable; a caller's shorter limit
+    (a console's handshake_timeout_seconds) cancels it, and either way the connection is closed."""
+    ended: list[asyncio.Event] = []
+
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ended.append(asyncio.Event())
+        while await r.read(65536):
+            pass  # the ClientHello, answered with nothing
+        ended[-1].set()  # the proxy's side closed the connection
+
+    async with tls_pair(tmp_path) as (server_tls, ca):
+        async with tcp_server(scripted(server_tls, instead_of_tls=silent)) as port:
+            monkeypatch.setattr(vncconn, "TLS_HANDSHAKE_TIMEOUT", 0.2)
+            conn = await vncconn.connect("127.0.0.1", port, 10)
+            try:
+                with pytest.raises(BackendUnreachable, match="TLS handshake timed out"):
+                    async with asyncio.timeout(20):
+                        await vncconn.authenticate(conn, None, client_context(ca))
+            finally:
+                conn.close()
+            monkeypatch.setattr(vncconn, "TLS_HANDSHAKE_TIMEOUT", 60.0)
+            conn = await vncconn.connect("127.0.0.1", port, 10)
+            try:
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await vncconn.authenticate(conn, None, client_context(ca))
+            finally:
+                conn.close()
+            async with asyncio.timeout(20):
+                for e in ended:
+                    await e.wait()
+            assert len(ended) == 2
