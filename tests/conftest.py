@@ -54,6 +54,7 @@ BOTH_LOOPS = frozenset({
     "test_console_path.py", "test_tls_proxy.py", "test_upstream.py", "test_socket_writes.py",
     "test_drain.py", "test_listener.py", "test_relay_turns.py", "test_relay_memory.py",
     "test_relay_close.py", "test_relay_freed.py", "test_vncconn.py", "test_tlstransport.py",
+    "test_vencrypt.py",
 })
 
 

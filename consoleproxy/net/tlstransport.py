@@ -92,6 +92,16 @@ class _Wire(asyncio.BufferedProtocol):
             tls.incoming.write(_thread_buffer("wire")[:nbytes])
             tls.ciphertext_received()
 
+    def data_received(self, data: bytes) -> None:
+        # Loops call it only for protocols that are not buffered. Defined because uvloop keeps a
+        # transport's last ``data_received`` until a new protocol brings one: without it, after
+        # ``start_tls`` the TCP transport would keep the protocol it replaced alive (VeNCrypt's
+        # handshake protocol, for the console's whole life).
+        tls = self.tls
+        if tls is not None:
+            tls.incoming.write(data)
+            tls.ciphertext_received()
+
     def eof_received(self) -> bool | None:
         if self.tls is not None:
             self.tls.raw_eof()

@@ -2,8 +2,9 @@
 
 ``VNCConnection`` is the socket's buffered protocol while the proxy runs the RFB handshake with the
 VNC server (``rfb.ServerHandshake``, RFC 6143 sections 7.1-7.3): awaitable reads, writes with flow
-control, and VeNCrypt's TLS through ``loop.start_tls``. When the relay starts, ``detach()`` hands it
-the transport and every byte already read past the handshake: nothing lost, nothing read twice.
+control, and VeNCrypt's TLS through our own ``tlstransport.start_tls`` (on both loops). When the
+relay starts, ``detach()`` hands it the transport (a ``TLSTransport`` after VeNCrypt) and every
+byte already read past the handshake: nothing lost, nothing read twice.
 
 * ``connect``: ``loop.create_connection`` under the connect time limit, TCP_NODELAY; failures are
   ``BackendUnreachable`` with the text the browser's close reason shows.
@@ -16,14 +17,14 @@ the transport and every byte already read past the handshake: nothing lost, noth
 Buffers: reads land in one buffer per event-loop thread (``READ_SIZE``), copied into the
 connection's own ``pending`` before ``buffer_updated`` returns, so the shared one is free again;
 ``pending`` is bounded by ``PENDING_LIMIT``: over it, reading pauses until the handshake takes the
-bytes (the server's TCP window then shrinks), as StreamReader's limit did.
+bytes (the server's TCP window then shrinks), as StreamReader's limit did. After VeNCrypt the
+same: ``TLSTransport`` decrypts into that buffer and its pausing reaches the TCP transport.
 
-VeNCrypt's TLS through the public ``loop.start_tls`` costs, measured (bench/vnc_start_tls_memory.py,
-N=500 connections, RSS per connection after ``start_tls``, CPython 3.11.7): 286 KiB per VeNCrypt
-console on asyncio's loop, almost all of it SSLProtocol's own 256 KiB receive buffer (a zeroed
-bytearray per connection, so resident), and 39 KiB on uvloop 0.23. The relay used to swap that
-buffer for a shared one through private attributes (no longer: public APIs only); a MemoryBIO
-TLS transport with one read buffer per thread would save those 256 KiB again.
+VeNCrypt's TLS is ``tlstransport`` (``ssl.SSLObject`` + ``ssl.MemoryBIO``, one read buffer per
+thread), not ``loop.start_tls``: on asyncio's loop that one's SSLProtocol zeroes a 256 KiB receive
+buffer per connection. Measured with bench/vnc_start_tls_memory.py (N=500, RSS per connection
+after ``start_tls``, CPython 3.11, uvloop 0.23): ``loop.start_tls`` 287 KiB on asyncio's loop and
+40 KiB on uvloop; ``tlstransport`` 27 KiB on either.
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ from dataclasses import dataclass
 from typing import cast
 
 from consoleproxy.errors import BackendAuthFailed, BackendUnreachable
+from consoleproxy.net import tlstransport
 from consoleproxy.protocol import rfb
 
 __all__ = [
     "PENDING_LIMIT",
     "READ_SIZE",
+    "TLS_HANDSHAKE_TIMEOUT",
     "Handover",
     "VNCConnection",
     "authenticate",
@@ -57,6 +60,10 @@ READ_SIZE = 64 * 1024
 PENDING_LIMIT = 256 * 1024
 """Bytes read but not yet taken by the handshake before reading pauses: the most a handshaking
 console buffers (a server may pipeline a framebuffer update right behind its ServerInit)."""
+
+TLS_HANDSHAKE_TIMEOUT = 60.0
+"""Seconds VeNCrypt's TLS handshake may take (``loop.start_tls``'s default, kept): a backstop for
+callers without a time limit of their own (a console's is ``[limits] handshake_timeout_seconds``)."""
 
 _shared: dict[int, memoryview] = {}
 
@@ -219,18 +226,23 @@ class VNCConnection(asyncio.BufferedProtocol):
             raise self._exc
 
     async def start_tls(self, context: ssl.SSLContext) -> None:
-        """Wrap the connection in TLS (VeNCrypt) with ``loop.start_tls``; raises as it does."""
+        """Wrap the connection in TLS (VeNCrypt) with ``tlstransport.start_tls``.
+
+        Raises ``ssl.SSLError`` (``SSLCertVerificationError`` for an untrusted certificate) or
+        ``ConnectionError`` (the server closed or reset the connection, or the handshake took
+        longer than ``TLS_HANDSHAKE_TIMEOUT``), as ``loop.start_tls`` did. Once it returns,
+        ``transport`` is the ``TLSTransport`` and this protocol reads through it.
+        """
         self._check_attached()
         assert self.transport is not None
         await self.drain()
         if self._pending:
             raise rfb.RFBError("VNC server sent data after its VeNCrypt ack, before the TLS handshake")
-        loop = asyncio.get_running_loop()
         # No SNI: hypervisor certificates name hosts, tokens carry addresses (check_hostname is off).
-        tls = await loop.start_tls(self.transport, self, context, server_hostname=None)
-        if tls is None:  # the connection went away during the handshake
-            raise ConnectionResetError("the VNC server closed the connection during the TLS handshake")
-        self.transport = tls
+        self.transport = await tlstransport.start_tls(
+            self.transport, context, self, server_side=False, server_hostname=None,
+            handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+        )
 
     def peer_certificate(self) -> bytes | None:
         """The DER certificate of the TLS peer (after ``start_tls``), if it sent one."""
@@ -242,9 +254,8 @@ class VNCConnection(asyncio.BufferedProtocol):
 
         Call it in the same callback as the relay attaches (no await in between): the transport
         still calls this protocol until its ``set_protocol``. From here the transport is the
-        caller's to close, and this object keeps nothing: uvloop's TCP transport under a
-        VeNCrypt TLS one keeps the bound methods of the protocol it had before ``start_tls``
-        (this one) for the connection's life, so nothing here may point back at the transport.
+        caller's to close, and this object keeps nothing that points back at the transport
+        (nothing should keep this object either: tests/net/test_vncconn.py checks it is freed).
         """
         self._check_attached()
         t = self.transport
@@ -297,7 +308,7 @@ async def drive(
     """Feed ``handshake`` the server's bytes and send its answers, TLS included, to its outcome.
 
     None when the server closes the connection first. Bytes past the handshake stay pending in
-    ``conn``. TLS errors are raised as ``loop.start_tls`` raises them.
+    ``conn``. TLS errors are raised as ``VNCConnection.start_tls`` raises them.
     """
     while True:
         data = await conn.read()

@@ -6,7 +6,9 @@ whatever an ended console leaves in a reference cycle stays in memory long after
 end them each way a console can end, and count the relay's objects still alive: none may be. A
 positive control leaves one link in place and shows the count then is not zero.
 
-Runs on both loops (conftest.BOTH_LOOPS), over plain WebSocket and TLS.
+Runs on both loops (conftest.BOTH_LOOPS), over plain WebSocket and TLS; a few ways also with a
+VeNCrypt VNC server (with ``loop.start_tls`` there, asyncio's TLS objects held whole consoles in a
+cycle).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import contextlib
 import gc
 import logging
 import ssl
+import struct
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import harness
 import pytest
+from certutil_helpers import make_cert
 from harness import SERVER_INIT, Proxy, RFBClient, connect_echo, make_config, rfb38_none_handshake, tcp_server
 
 from consoleproxy.net import relay
@@ -34,6 +38,7 @@ from consoleproxy.policy.sessions import Session
 from consoleproxy.policy.tokens import Keyring
 from consoleproxy.recordings.recording import Recorder
 from consoleproxy.server import ProxyServer
+from consoleproxy.tls.certsni import make_ssl_context
 
 N = 3
 WAYS = [
@@ -88,9 +93,13 @@ async def _wait(cond: Any, timeout: float = 20) -> None:
 
 
 @contextlib.asynccontextmanager
-async def proxy(tmp_path: Path, way: str, record: bool = False) -> AsyncIterator[Proxy]:
+async def proxy(
+    tmp_path: Path, way: str, record: bool = False, vnc_ca: Path | None = None
+) -> AsyncIterator[Proxy]:
     limits = {"max_sessions_per_client_ip": 0, "max_handshakes_per_ip": 0, "connections_per_ip_per_second": 0}
     sections = dict(SECTIONS.get(way, {}))
+    if vnc_ca is not None:
+        sections["targets"] = {"vnc_ca_file": str(vnc_ca)}
     if record:
         sections["recording"] = {"enabled": True, "store": f"file://{tmp_path / 'rec'}"}
     sections = {**sections, "limits": {**limits, **sections.get("limits", {})}}
@@ -106,10 +115,10 @@ async def proxy(tmp_path: Path, way: str, record: bool = False) -> AsyncIterator
             await server.close()
 
 
-async def open_and_end(tmp_path: Path, way: str, record: bool = False) -> Proxy:
-    """N consoles relay (an echo each way), then all end ``way``; returns once all are gone."""
+async def open_and_end(tmp_path: Path, way: str, record: bool = False, vencrypt: bool = False) -> Proxy:
+    """N consoles relay (an echo each way), then all end ``way``; returns once all are gone.
+    ``vencrypt``: the VNC servers ask for VeNCrypt's TLS (``vencrypt_server``)."""
     quit_vnc = asyncio.Event()
-    go = asyncio.Event()
 
     async def backend(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await rfb38_none_handshake(r, w)
@@ -120,60 +129,72 @@ async def open_and_end(tmp_path: Path, way: str, record: bool = False) -> Proxy:
                 await quit_vnc.wait()
                 return  # tcp_server closes the connection
 
-    async with tcp_server(backend) as port, proxy(tmp_path, way, record) as p:
-        ready = [asyncio.Event() for _ in range(N)]
-
-        async def console(i: int) -> None:
-            token = "not-a-token" if way == "refused" else p.token(port=port, vm=f"vm-{i}")
-            async with RFBClient.connect(p.url(token)) as c:
-                if way == "refused":
-                    assert await c.close_code() == 4001
-                    ready[i].set()
-                    return
-                await connect_echo(c)
-                if way == "relay fails to start":
-                    ready[i].set()
-                    assert await c.close_code() == 1011
-                    return
-                await c.send(b"x%d" % i)
-                assert await c.read_exact(2) == b"x%d" % i  # relaying, both ways
-                ready[i].set()
-                await go.wait()
-                if way == "browser close":
-                    return  # leaving the block closes: our close frame, the proxy's reply
-                if way == "tcp drop":
-                    c.ws.transport.abort()
-                    return
-                await c.close_code(timeout=20)  # the proxy closes; websockets answers
-
-        async with asyncio.TaskGroup() as tg:
-            for i in range(N):
-                tg.create_task(console(i))
-            async with asyncio.timeout(20):
-                for ev in ready:
-                    await ev.wait()
-            if way not in ("refused", "relay fails to start"):
-                assert len(p.server.consoles.relays) == N
-                assert count_live()["Relay"] >= N  # the count sees them while they live
-            sessions = list(p.server.registry)
-            if way == "vnc close":
-                quit_vnc.set()
-            elif way == "admin kill":
-                for s in sessions:
-                    assert p.server.kill(s.id)
-            elif way == "idle":
-                for s in sessions:
-                    s.last_activity -= 1000  # the sweeper finds them idle on its next pass
-            elif way == "lifetime":
-                for s in sessions:
-                    s.started_mono -= 1000
-            elif way == "drain":
-                p.server.start_drain()
-            elif way == "shutdown":
-                await p.server.close()
-            go.set()
-        await _wait(lambda: not p.server.consoles.relays and not len(p.server.registry))
+    servers = vencrypt_server(tmp_path, quit_vnc if way == "vnc close" else None) if vencrypt else None
+    async with contextlib.AsyncExitStack() as stack:
+        if servers is None:
+            port = await stack.enter_async_context(tcp_server(backend))
+            ca = None
+        else:
+            port, ca = await stack.enter_async_context(servers)
+        p = await stack.enter_async_context(proxy(tmp_path, way, record, vnc_ca=ca))
+        await _open_and_end(p, port, way, quit_vnc)
     return p
+
+
+async def _open_and_end(p: Proxy, port: int, way: str, quit_vnc: asyncio.Event) -> None:
+    go = asyncio.Event()
+    ready = [asyncio.Event() for _ in range(N)]
+
+    async def console(i: int) -> None:
+        token = "not-a-token" if way == "refused" else p.token(port=port, vm=f"vm-{i}")
+        async with RFBClient.connect(p.url(token)) as c:
+            if way == "refused":
+                assert await c.close_code() == 4001
+                ready[i].set()
+                return
+            await connect_echo(c)
+            if way == "relay fails to start":
+                ready[i].set()
+                assert await c.close_code() == 1011
+                return
+            await c.send(b"x%d" % i)
+            assert await c.read_exact(2) == b"x%d" % i  # relaying, both ways
+            ready[i].set()
+            await go.wait()
+            if way == "browser close":
+                return  # leaving the block closes: our close frame, the proxy's reply
+            if way == "tcp drop":
+                c.ws.transport.abort()
+                return
+            await c.close_code(timeout=20)  # the proxy closes; websockets answers
+
+    async with asyncio.TaskGroup() as tg:
+        for i in range(N):
+            tg.create_task(console(i))
+        async with asyncio.timeout(20):
+            for ev in ready:
+                await ev.wait()
+        if way not in ("refused", "relay fails to start"):
+            assert len(p.server.consoles.relays) == N
+            assert count_live()["Relay"] >= N  # the count sees them while they live
+        sessions = list(p.server.registry)
+        if way == "vnc close":
+            quit_vnc.set()
+        elif way == "admin kill":
+            for s in sessions:
+                assert p.server.kill(s.id)
+        elif way == "idle":
+            for s in sessions:
+                s.last_activity -= 1000  # the sweeper finds them idle on its next pass
+        elif way == "lifetime":
+            for s in sessions:
+                s.started_mono -= 1000
+        elif way == "drain":
+            p.server.start_drain()
+        elif way == "shutdown":
+            await p.server.close()
+        go.set()
+    await _wait(lambda: not p.server.consoles.relays and not len(p.server.registry))
 
 
 @pytest.mark.parametrize("way", WAYS)
@@ -195,8 +216,86 @@ async def test_an_ended_recorded_console_is_freed_too(
     assert list((tmp_path / "rec").glob("*.cprec")), "the consoles were recorded"
 
 
+VENCRYPT_WAYS = ["browser close", "vnc close", "admin kill"]
+
+
+@pytest.mark.parametrize("way", VENCRYPT_WAYS)
+async def test_an_ended_vencrypt_console_is_freed_too(
+    tmp_path: Path, way: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VNC side's TLS (tlstransport, client side) and the handshake's protocol it replaced
+    (uvloop kept that one's data_received) leave nothing behind either."""
+    await check_freed(tmp_path, way, monkeypatch, vencrypt=True)
+
+
+@contextlib.asynccontextmanager
+async def vencrypt_server(tmp_path: Path, quit_vnc: asyncio.Event | None) -> AsyncIterator[tuple[int, Path]]:
+    """VNC servers asking for VeNCrypt X509None, then echoing; yields the port and the CA file.
+
+    Their TLS is tlstransport's server side, freed by reference counting like the proxy's
+    (asyncio's own TLS objects would wait for a collection and be counted here). ``quit_vnc``:
+    each closes its connection after its first echo once the event is set.
+    """
+    cert = make_cert("vnc.example", sans=["vnc.example"])
+    (tmp_path / "vnc-cert.pem").write_text(cert.pem)
+    (tmp_path / "vnc-key.pem").write_text(cert.key_pem())
+    ctx = make_ssl_context(tmp_path / "vnc-cert.pem", tmp_path / "vnc-key.pem")
+    steps = [(12, b"\x01\x13"), (1, b"\x00\x02"), (2, b"\x00\x01" + struct.pack(">I", 260)), (4, b"\x01")]
+    closers: set[asyncio.Task[None]] = set()
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.t = cast(asyncio.Transport, transport)
+            self.t.write(b"\x00\x00\x00\x00" + SERVER_INIT)  # SecurityResult OK, ServerInit
+            self.client_init = True
+
+        def data_received(self, data: bytes) -> None:
+            if self.client_init:
+                self.client_init, data = False, data[1:]
+            if data:
+                self.t.write(data)
+                if quit_vnc is not None:
+                    task = asyncio.ensure_future(quit_vnc.wait())
+                    closers.add(task)
+                    task.add_done_callback(lambda task: (closers.discard(task), self.t.close()))
+
+    class VeNCrypt(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.t = cast(asyncio.Transport, transport)
+            self.buf = b""
+            self.step = 0
+            self.t.write(b"RFB 003.008\n")
+
+        def data_received(self, data: bytes) -> None:
+            self.buf += data
+            while self.step < len(steps) and len(self.buf) >= steps[self.step][0]:
+                n, reply = steps[self.step]
+                self.buf = self.buf[n:]
+                self.step += 1
+                self.t.write(reply)
+            if self.step == len(steps):
+                self.step += 1
+                # In this callback, not a task: nothing the client sends next can miss the TLS layer.
+                tls = TLSTransport(ctx, Echo(), server_side=True, handshake_timeout=20)
+                tls.incoming.write(self.buf)
+                tls.handshake.add_done_callback(lambda f: f.cancelled() or f.exception())
+                assert tls.wire is not None
+                self.t.set_protocol(tls.wire)
+                tls.wire.connection_made(self.t)
+                del self.t
+
+    server = await asyncio.get_running_loop().create_server(VeNCrypt, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], tmp_path / "vnc-cert.pem"
+    finally:
+        server.close()
+        for task in closers:
+            task.cancel()
+
+
 async def check_freed(
-    tmp_path: Path, way: str, monkeypatch: pytest.MonkeyPatch, record: bool = False
+    tmp_path: Path, way: str, monkeypatch: pytest.MonkeyPatch, record: bool = False,
+    vencrypt: bool = False,
 ) -> None:
     if way == "relay fails to start":
         def broken(self: Relay) -> None:
@@ -208,7 +307,7 @@ async def check_freed(
         monkeypatch.setattr(logging.getLogger("consoleproxy"), "propagate", False)
     with collector_off():
         base = count_live()
-        await open_and_end(tmp_path, way, record)
+        await open_and_end(tmp_path, way, record, vencrypt)
         # Sockets close in the loop's next turns (connection_lost): wait for that, bounded.
         left: dict[str, int] = {}
 

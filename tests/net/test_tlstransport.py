@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import os
 import random
 import socket
 import ssl
 import struct
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -568,3 +570,36 @@ async def test_start_tls_takes_the_bytes_the_old_protocol_already_read(
                     break
                 hello.write(await r.read(65536))
         w.close()
+
+
+async def test_start_tls_lets_go_of_the_protocol_it_replaces(
+    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    """The plain protocol before the upgrade (one with ``data_received``, as VeNCrypt's
+    handshake protocol) is freed once the application's protocol changes: on uvloop the TCP
+    transport keeps the last ``data_received`` it was given until the new protocol has one."""
+
+    class Before(asyncio.BufferedProtocol):
+        def get_buffer(self, sizehint: int) -> bytearray:
+            return bytearray(1024)
+
+        def buffer_updated(self, nbytes: int) -> None:
+            pass
+
+        def data_received(self, data: bytes) -> None:
+            pass
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.read()
+        w.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        raw, before = await asyncio.get_running_loop().create_connection(Before, "127.0.0.1", port)
+        gone = weakref.ref(before)
+        del before
+        t = await start_tls(raw, client_ctx, App(echo=False), server_hostname=HOST, handshake_timeout=20)
+        gc.collect()
+        assert gone() is None
+        t.close()

@@ -3,7 +3,7 @@
 Each scripted server sends its SecurityResult, ServerInit and half a MiB of framebuffer bytes in
 one write, before the proxy's ClientInit: all of it is in flight while the proxy handshakes, so
 the hand-over to the relay must lose none of it, read none twice and keep the order. Plain and
-VeNCrypt (X509None over TLS, ``loop.start_tls``); runs on both loops (conftest.BOTH_LOOPS).
+VeNCrypt (X509None over TLS, ``tlstransport.start_tls``); runs on both loops (conftest.BOTH_LOOPS).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import contextlib
 import gc
 import ssl
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from test_vencrypt import make_qemu_tls_dir
 
 from consoleproxy.errors import BackendAuthFailed, BackendUnreachable
 from consoleproxy.net import vncconn
+from consoleproxy.net.tlstransport import TLSTransport
 from consoleproxy.net.vncconn import PENDING_LIMIT, READ_SIZE, VNCConnection
 
 # More than PENDING_LIMIT: reading must pause during the handshake, and resume after.
@@ -37,10 +38,13 @@ def scripted(
     stop_after_version: bool = False,
     not_tls: bool = False,
     release: asyncio.Event | None = None,
+    tail: Callable[[], bytes] = lambda: TAIL,
+    instead_of_tls: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] | None = None,
 ) -> Handler:
     """RFB 3.8 with None (plain) or VeNCrypt X509None (``server_tls``), then SecurityResult,
-    ServerInit and TAIL at once. ``close``: the server closes right behind TAIL. ``release``:
-    the server reads nothing after the handshake until it is set."""
+    ServerInit and TAIL (or ``tail()``, once per connection) at once. ``close``: the server
+    closes right behind TAIL. ``release``: the server reads nothing after the handshake until
+    it is set."""
 
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(b"RFB 003.008\n")
@@ -60,13 +64,16 @@ def scripted(
             assert struct.unpack(">I", await r.readexactly(4)) == (X509_NONE,)
             w.write(b"\x01")
             await w.drain()
+            if instead_of_tls is not None:
+                await instead_of_tls(r, w)
+                return
             if not_tls:
                 await r.read(1)  # the ClientHello has begun: answer it with no TLS at all
                 w.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
                 await w.drain()
                 return
             await w.start_tls(server_tls)
-        w.write(b"\x00\x00\x00\x00" + SERVER_INIT + TAIL)
+        w.write(b"\x00\x00\x00\x00" + SERVER_INIT + tail())
         if close:
             await w.drain()
             await r.readexactly(1)  # ClientInit: closing with it unread would be a reset
@@ -312,3 +319,148 @@ async def test_the_browser_gets_the_pipelined_bytes_then_the_server_close(tmp_pa
         await c.handshake()
         assert await c.read_exact(len(TAIL), timeout=20) == TAIL
         assert await c.close_code() == 1000
+
+
+def client_tls_transports() -> list[TLSTransport]:
+    gc.collect()
+    return [
+        o for o in gc.get_objects()
+        if type(o) is TLSTransport and o.sslobj is not None and not o.sslobj.server_side
+    ]
+
+
+async def test_vencrypt_runs_on_tlstransport_on_both_loops(tmp_path: Path) -> None:
+    """Not ``loop.start_tls``: on asyncio's loop its SSLProtocol keeps a 256 KiB receive buffer
+    per console (bench/vnc_start_tls_memory.py); the relay gets our TLS transport."""
+    async with tls_pair(tmp_path) as (server_tls, ca):
+        async with tcp_server(scripted(server_tls)) as port:
+            conn = await handshake(port, client_context(ca))
+            try:
+                assert type(conn.transport) is TLSTransport
+                h = conn.detach()
+                assert type(h.transport) is TLSTransport
+                assert h.transport.get_extra_info("ssl_object").getpeercert()  # verified peer
+                h.transport.close()
+            finally:
+                conn.close()
+
+
+def numbered_tail(seed: int) -> bytes:
+    """1 MiB + 1 whose every byte depends on ``seed`` (its first byte): a console that got
+    another's bytes, or a reused buffer's stale ones, does not match."""
+    return bytes([seed]) + bytes((seed * 37 + j) % 256 for j in range(256)) * 4096
+
+
+async def test_concurrent_vencrypt_consoles_each_get_their_own_bytes_over_tlstransport(
+    tmp_path: Path,
+) -> None:
+    """Several VeNCrypt consoles stream at once through the relay, whose VNC side now decrypts
+    into the relay's shared read buffer (replaced when the browser's plain transport keeps a
+    view of it): every console gets exactly its own bytes, in order; the relay's VNC transports
+    are tlstransport's, and the handshake's protocol is not kept on either loop."""
+    seeds = iter(range(1, 256))
+    n = 3
+    async with tls_pair(tmp_path) as (server_tls, ca):
+        async with (
+            running_proxy(tmp_path, targets={"vnc_ca_file": str(ca)}) as p,
+            tcp_server(scripted(server_tls, tail=lambda: numbered_tail(next(seeds)))) as port,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            clients = [
+                await stack.enter_async_context(RFBClient.connect(p.url(p.token(port=port))))
+                for _ in range(n)
+            ]
+            for c in clients:
+                await c.handshake()
+            size = len(numbered_tail(0))
+            got = await asyncio.gather(*(c.read_exact(size, timeout=30) for c in clients))
+            assert sorted(g[0] for g in got) == [1, 2, 3]
+            for g in got:
+                assert g == numbered_tail(g[0])
+            assert len(client_tls_transports()) == n  # the relay's VNC sides: none is loop.start_tls's
+            assert [o for o in gc.get_objects() if type(o) is VNCConnection] == []
+
+
+async def test_vencrypt_write_backpressure_is_handed_over(tmp_path: Path) -> None:
+    """As test_write_backpressure_is_handed_over, over VeNCrypt: TLSTransport passes the TCP
+    transport's pause_writing to the handshake's protocol, and its resume_writing to the relay's."""
+    release = asyncio.Event()
+    async with tls_pair(tmp_path) as (server_tls, ca):
+        async with tcp_server(scripted(server_tls, release=release)) as port:
+            conn = await handshake(port, client_context(ca))
+            try:
+                assert conn.transport is not None
+                conn.transport.set_write_buffer_limits(high=64 * 1024)
+                big = bytes(1024 * 1024)
+                async with asyncio.timeout(20):
+                    while not conn.transport.get_write_buffer_size() > 64 * 1024:
+                        conn.write(big)
+                        await asyncio.sleep(0)
+                drained = asyncio.ensure_future(conn.drain())
+                await asyncio.sleep(0)
+                assert not drained.done()
+                h = conn.detach()
+                assert h.writing_paused and type(h.transport) is TLSTransport
+                sink = Sink()
+                h.transport.set_protocol(sink)
+                h.transport.resume_reading()
+                release.set()
+                async with asyncio.timeout(20):
+                    await sink.resumed.wait()
+                drained.cancel()
+                h.transport.close()
+            finally:
+                conn.close()
+
+
+async def test_a_server_that_closes_in_the_tls_handshake_is_backend_unreachable(tmp_path: Path) -> None:
+    async def close_at_hello(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.read(1)  # the ClientHello has begun; tcp_server closes the connection
+
+    async with tls_pair(tmp_path) as (server_tls, ca):
+        async with tcp_server(scripted(server_tls, instead_of_tls=close_at_hello)) as port:
+            conn = await vncconn.connect("127.0.0.1", port, 10)
+            try:
+                with pytest.raises(BackendUnreachable, match="TLS handshake with the VNC server failed"):
+                    async with asyncio.timeout(20):
+                        await vncconn.authenticate(conn, None, client_context(ca))
+            finally:
+                conn.close()
+
+
+async def test_a_silent_tls_server_fails_the_handshake_backstop_and_the_caller_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that never answers the ClientHello: the handshake's own limit
+    (TLS_HANDSHAKE_TIMEOUT, as loop.start_tls's) is BackendUnreachable; a caller's shorter limit
+    (a console's handshake_timeout_seconds) cancels it, and either way the connection is closed."""
+    ended: list[asyncio.Event] = []
+
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ended.append(asyncio.Event())
+        while await r.read(65536):
+            pass  # the ClientHello, answered with nothing
+        ended[-1].set()  # the proxy's side closed the connection
+
+    async with tls_pair(tmp_path) as (server_tls, ca):
+        async with tcp_server(scripted(server_tls, instead_of_tls=silent)) as port:
+            monkeypatch.setattr(vncconn, "TLS_HANDSHAKE_TIMEOUT", 0.2)
+            conn = await vncconn.connect("127.0.0.1", port, 10)
+            try:
+                with pytest.raises(BackendUnreachable, match="TLS handshake timed out"):
+                    async with asyncio.timeout(20):
+                        await vncconn.authenticate(conn, None, client_context(ca))
+            finally:
+                conn.close()
+            monkeypatch.setattr(vncconn, "TLS_HANDSHAKE_TIMEOUT", 60.0)
+            conn = await vncconn.connect("127.0.0.1", port, 10)
+            try:
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await vncconn.authenticate(conn, None, client_context(ca))
+            finally:
+                conn.close()
+            async with asyncio.timeout(20):
+                for e in ended:
+                    await e.wait()
+            assert len(ended) == 2
