@@ -287,11 +287,14 @@ def med(values: list[float]) -> float:
 # --- scenarios -------------------------------------------------------------------------------
 
 
-def stream(env: Env, p: Proxy, op: str, sz: Sizes) -> dict[str, Any]:
-    """Scenario 1 (down) or 2 (up): median of ``reps`` runs of MB/s and CPU s per GiB."""
+def stream(env: Env, p: Proxy, op: str, sz: Sizes, rate: float = 0.0) -> dict[str, Any]:
+    """Scenario 1 (down) or 2 (up): median of ``reps`` runs of MB/s and CPU s per GiB (down:
+    paced at ``rate`` bytes per second if given)."""
     runs = []
     for _ in range(sz.reps):
-        args = {"size": sz.down} if op == "down" else {"size": sz.up, "msg": sz.up_msg}
+        args: dict[str, Any] = {"size": sz.down} if op == "down" else {"size": sz.up, "msg": sz.up_msg}
+        if rate:
+            args["rate"] = rate
         (res,), cpu, _ = run_clients(p, env, op, [args])
         runs.append({"mb_s": res["mb_s"], "cpu_s_per_gib": cpu / (res["bytes"] / GIB) if p.proc else None,
                      "client_cpu_s_per_gib": res["client_cpu_s"] / (res["bytes"] / GIB)})

@@ -10,6 +10,8 @@ then (after its ClientInit) ServerInit. The client then sends a 9-byte command (
 both proxies relay like any client bytes, and the backend answers:
 
 - ``D size``: stream ``size`` bytes down in framebuffer-sized writes (1 MiB);
+- ``R size`` + a double: the same, paced at that many bytes per second (a console the recording
+  disk can keep up with);
 - ``U size``: read ``size`` bytes, then send one byte ``K``;
 - ``E 0``: echo every byte;
 - ``I 0``: say nothing until the client goes away (an idle console).
@@ -82,10 +84,17 @@ async def _backend_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> Non
             (start,) = struct.unpack(">d", await r.readexactly(8))
             await asyncio.sleep(max(0.0, start - time.time()))
             mode = b"D"
+        rate = 0.0
+        if mode == b"R":
+            (rate,) = struct.unpack(">d", await r.readexactly(8))
+            mode = b"D"
         if mode == b"D":
             view = memoryview(PAYLOAD)
             left = size
+            t0 = time.monotonic()
             while left:
+                if rate:  # the next chunk is due when the ones before took their share of time
+                    await asyncio.sleep(max(0.0, t0 + (size - left) / rate - time.monotonic()))
                 n = min(left, CHUNK)
                 w.write(view[:n])
                 left -= n
@@ -377,11 +386,15 @@ def client_ssl(cafile: str | None) -> ssl.SSLContext | None:
     return ssl.create_default_context(cafile=cafile)
 
 
-async def op_down(t: Target, keyring: Any, ctx: ssl.SSLContext | None, size: int) -> dict[str, Any]:
+async def op_down(
+    t: Target, keyring: Any, ctx: ssl.SSLContext | None, size: int, rate: float = 0.0
+) -> dict[str, Any]:
+    """``size`` bytes down, as fast as they go or paced at ``rate`` bytes per second."""
     c = await Console.open(t, 0, keyring, ctx)
     lean = c.go_lean()
     t0 = time.perf_counter()
-    await lean.write(lean.frame(command(b"D", size)))
+    cmd = command(b"R", size) + struct.pack(">d", rate) if rate else command(b"D", size)
+    await lean.write(lean.frame(cmd))
     await lean.wait_payload(size)
     dt = time.perf_counter() - t0
     await c.close()
