@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from consoleproxy.recordings import recording_format as fmt
 from consoleproxy.recordings.recording_policy import input_record
 from consoleproxy.recordings.recording_store import FileStore, new_id
-from consoleproxy.recordings.recording_writer import ALIGN, RecordingWriter
+from consoleproxy.recordings.recording_writer import ALIGN, RecordingWriter, page_buffer
 
 if TYPE_CHECKING:
     from consoleproxy.metrics import Metrics
@@ -42,25 +42,37 @@ if TYPE_CHECKING:
     from consoleproxy.recordings.recording_s3 import S3Store
 
 __all__ = [
-    "BUFFER_BYTES", "FLUSH_BYTES", "FLUSH_SECONDS", "MAX_BACKLOG", "BufferPool", "Recorder",
-    "RecordingWriter", "Recordings",
+    "BUFFER_BYTES", "FLUSH_BYTES", "FLUSH_SECONDS", "LARGE_BUFFER_BYTES", "MAX_BACKLOG",
+    "MEDIUM_BUFFER_BYTES", "BufferPool", "Recorder", "RecordingWriter", "Recordings",
 ]
 
 log = logging.getLogger("consoleproxy.recording")
 
-# A console's buffer is handed to the writer at this size (or sooner: the next read would not fit).
-FLUSH_BYTES = 3 * 1024 * 1024
-# Size of the pooled buffers: one of the relay's reads (1 MiB) and its record header fit.
-BUFFER_BYTES = 4 * 1024 * 1024 + 64 * 1024
-SMALL_BUFFER_BYTES = 4 * 1024
 # The relay reads straight into a console's buffer (no copy) once a read is this big: it streams.
 STREAMING_READ = 64 * 1024
 # Room lent for one such read: the relay's read size (relay.READ_SIZE).
 READ_BYTES = 1024 * 1024
-# ... or when its oldest byte is this old, so a crash loses at most about this much of a console.
+# Size of the pooled big buffers, a streaming console's: a whole number of 2 MiB pages
+# (recording_writer.page_buffer). Each chunk costs the writer thread the same, whatever its size
+# (a queue hand-off, system calls, the GIL taken back): per GiB recorded, 4 MiB chunks cost it
+# 0.08-0.10 CPU s, 8 MiB 0.05-0.06, 16 MiB 0.013-0.02 (bench/recording_bench.py's paced console).
+BUFFER_BYTES = 16 * 1024 * 1024
+# A console's buffer is handed to the writer at this size (or sooner: the next record would not
+# fit). Below it there is room for one more of the relay's reads, its record header, and the
+# offset of up to a block where a big buffer's records start (Recorder._room).
+FLUSH_BYTES = BUFFER_BYTES - READ_BYTES - 64 * 1024
+SMALL_BUFFER_BYTES = 4 * 1024
+MEDIUM_BUFFER_BYTES = 64 * 1024
+# A busy console's (more than a medium buffer in a tick): 4 KiB pages, touched only as written,
+# so a console sending 100 KB a second holds about that, not a 2 MiB page.
+LARGE_BUFFER_BYTES = 2 * 1024 * 1024
+# A buffer is also handed over when its oldest byte is this old: a crash loses at most about this
+# much of a console.
 FLUSH_SECONDS = 1.0
 # Bytes of one recording handed to the writer and not yet written; past it the recording stops.
-MAX_BACKLOG = 32 * 1024 * 1024
+# Four big chunks: a console streaming 200 MB/s rides out a 300 ms stall of the disk (a journal
+# commit); with two, 2 of 9 such recordings here ended incomplete on a disk that takes 0.4 GiB/s.
+MAX_BACKLOG = 64 * 1024 * 1024
 # Free pooled buffers not needed for this long are given back (BufferPool.trim).
 TRIM_SECONDS = 30.0
 
@@ -72,59 +84,96 @@ RECORD_HEADER = _DOWN_HEADER.size
 
 
 class BufferPool:
-    """Fixed-size buffers shared by every recorder of the proxy, reused once written.
+    """Buffers in four sizes shared by every recorder of the proxy, reused once written.
 
     A console's records go into one of these (no growing, no fresh pages per read); the writer
     hands it back when written. Fresh pages are what recording costs most: faulting in and
-    zeroing a new buffer for each 3 MiB chunk cost 0.5 CPU s per GiB here, reusing one nothing
-    (the kernel reads into it). So up to ``keep`` free big buffers are kept: as many as one
-    streaming console has in flight when the disk is behind (``MAX_BACKLOG``). Those the last
-    ``trim`` interval did not need are given back (``trim``, every ``TRIM_SECONDS``).
+    zeroing a new buffer for each chunk cost 0.5 CPU s per GiB here, reusing one nothing (the
+    kernel reads into it). So up to ``keep`` free big buffers are kept: as many as one streaming
+    console has in flight when the disk is behind (``MAX_BACKLOG``). Those the last ``trim``
+    interval did not need are given back (``trim``, every ``TRIM_SECONDS``).
+
+    The sizes follow what a console sends in a tick (Recorder._grow): small and medium
+    bytearrays for an idle console's few records; large page-aligned maps (4 KiB pages, touched
+    as written) for a busy one; big ones in 2 MiB pages (``page_buffer``) for a stream, whose
+    reads go straight into them and from there to the disk with O_DIRECT.
     """
 
     def __init__(
-        self, size: int = BUFFER_BYTES, keep: int = 0, small: int = SMALL_BUFFER_BYTES
+        self,
+        size: int = BUFFER_BYTES,
+        keep: int = 0,
+        small: int = SMALL_BUFFER_BYTES,
+        medium: int = MEDIUM_BUFFER_BYTES,
+        large: int = LARGE_BUFFER_BYTES,
     ) -> None:
         self.size = size
         self.small = small
+        self.medium = medium
+        self.large = large
         self.keep = keep or MAX_BACKLOG // FLUSH_BYTES + 2
-        self._free: list[Buffer] = []
+        self._free: list[Buffer] = []  # big
+        self._free_large: list[Buffer] = []
         self._free_small: list[Buffer] = []
-        self._unused = 0  # fewest big buffers free since the last trim: not needed in that time
+        self._free_medium: list[Buffer] = []
+        self._held: list[Buffer] = []  # maps a transport still had a view of (put)
+        self._unused = self._unused_large = 0  # fewest free since the last trim: not needed
 
     def trim(self) -> None:
-        """Give back the big buffers no console needed since the last call."""
+        """Give back the large and big buffers no console needed since the last call."""
         del self._free[: self._unused]
-        self._unused = len(self._free)
+        del self._free_large[: self._unused_large]
+        self._unused, self._unused_large = len(self._free), len(self._free_large)
+        self._held.clear()  # those still viewed are the transports' (freed with the last view)
 
     def get(self, need: int) -> Buffer:
-        """A small buffer for small records (ServerInit, input, a small update: most of an idle
-        console's), a big one for a read's worth of screen."""
+        """The smallest buffer that holds ``need`` bytes (the big one if none does)."""
         if need <= self.small:
             return self._free_small.pop() if self._free_small else bytearray(self.small)
-        # Big ones are page-aligned (mmap): the writer sends their whole blocks to the disk from
-        # where they lie (O_DIRECT, _Open.emit), and their pages are touched only when written.
-        if not self._free:
-            return mmap.mmap(-1, self.size)
-        buf = self._free.pop()
-        self._unused = min(self._unused, len(self._free))
+        if need <= self.medium:
+            return self._free_medium.pop() if self._free_medium else bytearray(self.medium)
+        # Large and big ones are page-aligned: the writer sends their whole blocks to the disk
+        # from where they lie (O_DIRECT, _Open.emit).
+        large = need <= self.large
+        free = self._free_large if large else self._free
+        if not free and self._held:
+            held, self._held = self._held, []
+            for buf in held:
+                self.put(buf)
+        if not free:
+            return page_buffer(self.large, huge=False) if large else page_buffer(self.size)
+        buf = free.pop()
+        if large:
+            self._unused_large = min(self._unused_large, len(free))
+        else:
+            self._unused = min(self._unused, len(free))
         return buf
 
     def put(self, buf: Buffer) -> None:
         try:
             # Neither grows while a view of it lives: a transport that kept unsent bytes read into
-            # it (Recorder.read_buffer) still has one. Such a buffer is not reused.
+            # it (Recorder.read_buffer) still has one. Such a buffer is not reused now.
             if isinstance(buf, mmap.mmap):
                 buf.resize(len(buf))
             else:
                 buf.append(0)
                 del buf[-1]
         except BufferError:
+            # A browser's transport still holds unsent bytes read into it: a map is tried again
+            # when one is needed (a fresh big one costs its pages: 2% of a stream's CPU).
+            if isinstance(buf, mmap.mmap) and len(self._held) < self.keep:
+                self._held.append(buf)
             return
-        if len(buf) == self.size and len(self._free) < self.keep:
-            self._free.append(buf)
-        elif len(buf) == self.small and len(self._free_small) < 64:
+        n = len(buf)
+        if isinstance(buf, mmap.mmap):
+            if n == self.size and len(self._free) < self.keep:
+                self._free.append(buf)
+            elif n == self.large and len(self._free_large) < 16:
+                self._free_large.append(buf)
+        elif n == self.small and len(self._free_small) < 64:
             self._free_small.append(buf)
+        elif n == self.medium and len(self._free_medium) < 64:
+            self._free_medium.append(buf)
 
 
 class Recorder:
@@ -132,7 +181,8 @@ class Recorder:
     records to a pooled buffer; ``flush`` hands it to the writer."""
 
     __slots__ = (
-        "_buf", "_first_ms", "_lent", "_pool", "_pos", "_start", "_writer", "backlog", "bytes",
+        "_buf", "_first_ms", "_grow", "_lent", "_pool", "_pos", "_start", "_tick_mark", "_writer",
+        "backlog", "bytes",
         "closed", "down_total", "file_pos", "filter", "height", "incomplete_reason", "keyframe_due",
         "keyframe_pending", "keyframes", "keys", "last_read", "rid", "seek_points", "t0", "width",
     )
@@ -148,6 +198,10 @@ class Recorder:
         self._buf: Buffer | None = None  # taken from the pool while records wait in it
         self._pos = 0
         self._start = 0  # where in _buf its records start (see _room)
+        # The least size of the next buffer: what the console sent down in the last tick, or one
+        # more than the last buffer when that filled before a tick flushed it.
+        self._grow = 0
+        self._tick_mark = 0  # down_total at the last tick
         self.file_pos = 0  # the file's size once everything handed to the writer is written
         self._lent = False  # read_buffer lent the relay the room behind _pos
         self.last_read = 0  # bytes of the last read down (read_buffer: does the console stream?)
@@ -171,12 +225,12 @@ class Recorder:
         """A buffer with ``need`` bytes free (None: the record does not fit any buffer)."""
         buf = self._buf
         if buf is not None and self._pos + need > len(buf):
-            self.flush()
+            self._filled()
             buf = None
         if need > self._pool.size:
             return None
         if buf is None:
-            buf = self._buf = self._pool.get(need)
+            buf = self._buf = self._pool.get(max(need, self._grow))
             # In a big (page-aligned) buffer the records start where the chunk's payload will be
             # in the file, modulo a block: its blocks can go to the disk without a copy (_Open).
             self._pos = self._start = (
@@ -189,12 +243,19 @@ class Recorder:
         """Room for the relay's next read of the VNC socket, right behind a record header in this
         console's buffer: the bytes are read where they are recorded, and ``down`` copies nothing.
 
-        Only while the console streams (its last read was big, ``STREAMING_READ``): an idle
-        console's few small reads go on being copied into small buffers (a big buffer held by
-        every console with a pending read would cost megabytes each). None: read elsewhere.
+        Only while the console streams (its last read was big, ``STREAMING_READ``, or its records
+        already fill big buffers): an idle console's few small reads go on being copied into
+        small buffers (a big buffer for every console's read would cost megabytes each). None:
+        read elsewhere.
         """
         self._lent = False
-        if self.last_read < STREAMING_READ or self.incomplete_reason is not None or self.closed:
+        if self.incomplete_reason is not None or self.closed:
+            return None
+        if (
+            self.last_read < STREAMING_READ
+            and self._grow <= self._pool.medium
+            and not isinstance(self._buf, mmap.mmap)
+        ):
             return None
         buf = self._room(RECORD_HEADER + READ_BYTES, self._ms())
         if buf is None:
@@ -215,7 +276,7 @@ class Recorder:
                 _DOWN_HEADER.pack_into(buf, self._pos, fmt.DOWN, self._ms(), n)
                 self._pos += RECORD_HEADER + n
                 if self._pos >= FLUSH_BYTES:
-                    self.flush()
+                    self._filled()
                 return
         if self.incomplete_reason is not None:
             return
@@ -224,7 +285,7 @@ class Recorder:
         self.down_total += n
         buf = self._room(RECORD_HEADER + n, ms)
         if buf is None:  # bigger than a pooled buffer (not from the relay's reads): a chunk alone
-            self.flush()
+            self._flush()
             self._hand(bytearray(fmt.record(fmt.DOWN, ms, data)), ms)
             return
         pos = self._pos
@@ -233,13 +294,13 @@ class Recorder:
         buf[pos : pos + n] = data
         self._pos = pos + n
         if self._pos >= FLUSH_BYTES:
-            self.flush()
+            self._filled()
 
     def _append(self, rec: bytes) -> None:
         ms = self._ms()
         buf = self._room(len(rec), ms)
         if buf is None:
-            self.flush()
+            self._flush()
             self._hand(bytearray(rec), ms)
             return
         buf[self._pos : self._pos + len(rec)] = rec
@@ -282,7 +343,22 @@ class Recorder:
             self.seek_points.append(point)
         return _FBUR.pack(3, 0, 0, 0, w, h)
 
+    def _filled(self) -> None:
+        """Hand over a buffer that filled before a tick: the next one is a size bigger."""
+        if self._buf is not None:
+            self._grow = max(self._grow, len(self._buf) + 1)
+        self._flush()
+
     def flush(self) -> None:
+        """Hand over what the buffer holds (the manager's tick, the end). The next buffer holds
+        what the console sent in this tick: a stream keeps its big one, an idle console goes
+        back to small ones."""
+        self._grow, self._tick_mark = self.down_total - self._tick_mark, self.down_total
+        if self._grow <= self._pool.medium:
+            self.last_read = 0  # quiet: its next read is not lent a large buffer
+        self._flush()
+
+    def _flush(self) -> None:
         buf, self._buf = self._buf, None
         if buf is None:
             return

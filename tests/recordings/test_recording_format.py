@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import struct
 
 import pytest
@@ -254,22 +256,22 @@ def test_due_keyframe_makes_the_browsers_next_request_full_at_the_bytes_so_far()
 def test_pool_keeps_a_streams_buffers_and_gives_back_the_unneeded() -> None:
     """Fresh pages per chunk cost more than anything else in recording: the pool keeps as many
     big buffers as a stream has in flight, and gives back those a trim interval did not use."""
-    pool = recording.BufferPool(size=64 * 1024, small=4096)
+    pool = recording.BufferPool(size=4 * 1024 * 1024, small=4096, medium=64 * 1024)
     assert pool.keep == recording.MAX_BACKLOG // recording.FLUSH_BYTES + 2
-    bufs = [pool.get(10_000) for _ in range(pool.keep + 3)]
+    bufs = [pool.get(3_000_000) for _ in range(pool.keep + 3)]
     for b in bufs:
         pool.put(b)
     assert len(pool._free) == pool.keep
     pool.trim()  # in this interval every buffer was in use: all are kept
     assert len(pool._free) == pool.keep
-    again = pool.get(10_000)
+    again = pool.get(3_000_000)
     assert any(again is b for b in bufs)  # reused, not fresh
     pool.put(again)
     pool.trim()  # in this one one was needed: the rest go
     assert len(pool._free) == 1
     pool.trim()
     assert pool._free == []
-    held = pool.get(10_000)
+    held = pool.get(3_000_000)
     view = memoryview(held)[:10]
     pool.put(held)  # a transport still has a view of it: not reused
     assert pool._free == []
@@ -426,3 +428,127 @@ def test_writer_sends_aligned_blocks_of_a_chunk_from_where_they_lie(tmp_path, di
         assert f.direct_bytes >= 3 * 1024 * 1024  # the big chunks' blocks were not copied
     else:
         assert f.direct_bytes == 0
+
+
+def test_each_buffer_size_is_its_own_kind_and_reused() -> None:
+    """A big buffer is in 2 MiB pages: an idle console's occasional 5 KiB update must not take
+    (and touch) one; a busy console's 100 KB takes a large one in 4 KiB pages."""
+    pool = recording.BufferPool()
+    small, medium = pool.get(100), pool.get(5000)
+    large, big = pool.get(recording.MEDIUM_BUFFER_BYTES + 1), pool.get(recording.LARGE_BUFFER_BYTES + 1)
+    assert isinstance(small, bytearray) and len(small) == recording.SMALL_BUFFER_BYTES
+    assert isinstance(medium, bytearray) and len(medium) == recording.MEDIUM_BUFFER_BYTES
+    assert isinstance(large, mmap.mmap) and len(large) == recording.LARGE_BUFFER_BYTES
+    assert isinstance(big, mmap.mmap) and len(big) == recording.BUFFER_BYTES
+    assert "hg" not in _vm_flags(large) and "hg" in _vm_flags(big)
+    for b in (small, medium, large, big):
+        pool.put(b)
+    assert pool.get(5000) is medium and pool.get(100) is small
+    assert pool.get(recording.LARGE_BUFFER_BYTES + 1) is big
+    assert pool.get(recording.MEDIUM_BUFFER_BYTES + 1) is large
+
+
+def test_a_buffer_a_transport_still_views_is_reused_once_it_is_let_go() -> None:
+    """The browser's transport may keep unsent bytes read into a big buffer: once it has sent
+    them, the buffer is reused rather than a fresh one faulted in."""
+    pool = recording.BufferPool()
+    big = pool.get(recording.BUFFER_BYTES)
+    view = memoryview(big)[:10]
+    pool.put(big)  # still viewed: held aside
+    assert pool._free == []
+    view.release()
+    assert pool.get(recording.BUFFER_BYTES) is big
+
+
+class _ListWriter:
+    """Collects what a recorder hands over, (buffer size, bytes), and writes it at once."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[int, int]] = []
+
+    def append(
+        self, rec: recording.Recorder, buf: recording.Buffer, n: int, first_ms: int, start: int = 0
+    ) -> None:
+        self.chunks.append((len(buf), n))
+        rec.backlog -= n
+
+    def incomplete(self, rec: object, reason: str) -> None:
+        pass
+
+
+def test_a_consoles_buffers_follow_what_it_sent_in_a_tick() -> None:
+    """Small buffers while idle, a large one for a busy tick's 100 KB, big ones for a stream
+    (read straight into them), and small again once it goes quiet."""
+    writer = _ListWriter()
+    rec = recording.Recorder("r", writer, "redact", 0.0, recording.BufferPool())  # type: ignore[arg-type]
+    rec.down(b"x" * 100)
+    rec.flush()  # a tick
+    for _ in range(25):
+        rec.down(b"y" * 4000)  # 100 KB in this tick: each buffer it fills, the next is bigger
+    rec.flush()
+    small, medium = recording.SMALL_BUFFER_BYTES, recording.MEDIUM_BUFFER_BYTES
+    large = recording.LARGE_BUFFER_BYTES
+    assert writer.chunks == [(small, 109), (small, 4009), (medium, 16 * 4009), (large, 8 * 4009)]
+    writer.chunks.clear()
+    assert rec.read_buffer() is not None  # busy: its reads go straight into its (large) buffer
+    rec._lent = False
+    rec.down(b"z" * 4000)
+    rec.flush()
+    assert writer.chunks == [(large, 4009)]
+    writer.chunks.clear()
+    lent = []
+    for _ in range(40):  # a stream after a quiet tick: 40 MiB read as the relay reads
+        room = rec.read_buffer()
+        lent.append(room is not None)
+        if room is None:
+            rec.down(bytes(recording.READ_BYTES))  # read into the relay's buffer, then copied
+        else:
+            assert len(room) == recording.READ_BYTES
+            room[:] = bytes(len(room))
+            rec.down(room)
+    assert lent == [False] + [True] * 39
+    assert [size for size, _ in writer.chunks] == [large] + [recording.BUFFER_BYTES] * 2
+    rec.flush()
+    rec.flush()  # a quiet tick
+    writer.chunks.clear()
+    assert rec.read_buffer() is None  # idle again: its few bytes are copied into small buffers
+    rec.down(b"k" * 10)
+    rec.flush()
+    assert writer.chunks == [(recording.SMALL_BUFFER_BYTES, 19)]
+
+
+def _vm_flags(buf: mmap.mmap) -> list[str]:
+    entry = _mapping_of(buf)
+    return next(line for line in entry if line.startswith("VmFlags:")).split()[1:]
+
+
+def _mapping_of(buf: mmap.mmap) -> list[str]:
+    """The /proc/self/smaps entry of the map holding ``buf``: its header line and fields."""
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    entry: list[str] = []
+    found = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                if found:
+                    break
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                found = lo <= addr < hi
+                entry = [line]
+            elif found:
+                entry.append(line)
+    assert found, "the buffer's map is not in /proc/self/smaps"
+    return entry
+
+
+def test_write_buffers_are_private_maps_advised_for_huge_pages() -> None:
+    """O_DIRECT pins every page a write covers: 2 MiB pages cost a quarter of 4 KiB ones
+    (bench/recording_writes.py). Python's default map is shared memory, never huge here."""
+    buf = recording_writer.page_buffer(recording.BUFFER_BYTES)
+    entry = _mapping_of(buf)
+    perms = entry[0].split()[1]
+    assert perms.endswith("p"), f"a shared map: {entry[0]}"
+    flags = _vm_flags(buf)
+    assert "hg" in flags, f"not advised for huge pages: {flags}"
+    assert recording.BUFFER_BYTES % (2 * 1024 * 1024) == 0  # so Linux aligns it to 2 MiB
