@@ -172,10 +172,9 @@ def page_buffer(size: int, *, huge: bool = True) -> mmap.mmap:
     boundary, so callers use such sizes).
 
     Why: each O_DIRECT write pins every page it covers. Writing 1 GiB from 4 KiB pages cost this
-    machine's kernel 0.054-0.097 CPU s (262,144 pages pinned), from 2 MiB pages 0.016-0.021
-    (``/tmp/wbench4.py``-style loop: 3 MiB writes from four such buffers, fsync every 64 MiB,
-    three runs each). Python's default map is shared (shmem), slower to fault in and never in
-    huge pages here.
+    machine's kernel 0.066-0.115 CPU s (262,144 pages pinned), from 2 MiB pages 0.019-0.023, and
+    the disk took 0.48-0.58 GiB/s instead of 0.25-0.42 (``bench/recording_writes.py``, three
+    runs). Python's default map is shared (shmem), slower to fault in and not in huge pages.
     """
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     # Without huge: 4 KiB pages even where THP is "always" (a byte touched costs 4 KiB, not 2 MiB).
