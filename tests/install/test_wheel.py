@@ -64,6 +64,24 @@ def test_wheel_and_sdist_carry_the_page_and_the_locked_novnc(dist: tuple[Path, P
             "package-lock.json", "novnc_static/console.html"} <= snames
 
 
+def test_wheel_and_sdist_carry_the_licence_and_its_spdx_expression(dist: tuple[Path, Path]) -> None:
+    """Apache-2.0 asks that its text go with every copy: the wheel's metadata names it (PEP 639)
+    and both carry the text."""
+    sdist, wheel = dist
+    licence = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in licence and "Version 2.0" in licence
+    with zipfile.ZipFile(wheel) as zf:
+        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        headers = zf.read(meta).decode().split("\n\n", 1)[0].splitlines()
+        assert "License-Expression: Apache-2.0" in headers
+        assert "License-File: LICENSE" in headers
+        assert zf.read(meta.replace("METADATA", "licenses/LICENSE")).decode() == licence
+    with tarfile.open(sdist) as tar:
+        member = next(m for m in tar.getmembers() if m.name.count("/") == 1 and m.name.endswith("/LICENSE"))
+        got = tar.extractfile(member)
+        assert got is not None and got.read().decode() == licence
+
+
 def test_wheel_builds_from_the_sdist_without_npm(dist: tuple[Path, Path], tmp_path: Path) -> None:
     sdist, _ = dist
     # Only our interpreter's directory on PATH: no npm, no node (pip builds in isolation).
