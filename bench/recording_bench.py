@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="runs per configuration and round (3)")
     ap.add_argument("--rounds", type=int, default=2, help="off/on rounds, alternating (2)")
     ap.add_argument("--idle", type=int, default=1000, help="idle consoles (1000)")
+    ap.add_argument("--out", default=str(HERE / "results"), help="directory for recording.json")
     ap.add_argument("--store-root", help="directory for the recordings (default: the run's temporary "
                     "directory; /dev/shm measures the proxy's CPU without the disk)")
     args = ap.parse_args(argv)
@@ -123,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     r["store_root"] = args.store_root or tempfile.gettempdir()
     r["seconds"] = time.monotonic() - t0
     r["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
+    results = Path(args.out)
+    results.mkdir(parents=True, exist_ok=True)
     (results / "recording.json").write_text(json.dumps(r, indent=1))
     streamed = args.rounds * args.reps * args.down_mib
     for scenario, what in (("paced", f"paced at {args.rate_mib:g} MiB/s (goal <= 1.15)"),

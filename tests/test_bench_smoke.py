@@ -1,5 +1,5 @@
-"""Small runs of the benchmarks (bench/relay_bench.py and bench/churn.py with --quick,
-bench/resume_storm.py with 20 consoles) so their code cannot rot.
+"""Small runs of the benchmarks (bench/relay_bench.py, bench/churn.py and bench/recording_bench.py
+with --quick, bench/resume_storm.py with 20 consoles) so their code cannot rot.
 
 Tiny sizes, every scenario, both proxies and raw TCP; checks that it completes and writes the
 JSON, the table and the chart with every section filled. No timing is asserted.
@@ -73,6 +73,18 @@ def test_churn_bench_quick_run_reports_waves_and_the_collection_pause(tmp_path: 
         assert isinstance(r[key]["rss_growth_kib_per_ended_console"], float)
     assert r["gc_pause"]["consoles"] == 10 and r["gc_pause"]["seconds"] > 0
     assert "| TLS | 2 x 5 |" in proc.stdout and "One full collection with 10 idle" in proc.stdout
+
+
+def test_recording_bench_quick_run_records_the_paced_and_the_unpaced_console(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    run_quick("recording_bench.py", out)
+    r = json.loads((out / "recording.json").read_text())
+    for scenario in ("paced", "full"):
+        assert r[f"{scenario}_off"]["cpu_s_per_gib"] > 0 and r[f"{scenario}_on"]["cpu_s_per_gib"] > 0
+        rec = r[f"{scenario}_recorded"]
+        assert rec["files"] == 1 and rec["bytes"] > r["down_bytes"], rec  # the stream and its framing
+    assert r["paced_recorded"]["incomplete"] == 0  # 4 MiB paced: well inside the backlog
+    assert r["pss_per_recorded_console_kib"] is not None and r["cpu_ratio"] is not None
 
 
 def test_resume_storm_small_run_writes_results(tmp_path: Path) -> None:
