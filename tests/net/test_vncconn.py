@@ -255,12 +255,17 @@ async def test_a_server_that_does_not_speak_tls_is_backend_unreachable(tmp_path:
                 conn.close()
 
 
-async def test_write_backpressure_is_handed_over() -> None:
+@pytest.mark.parametrize("vencrypt", [False, True], ids=["plain", "vencrypt"])
+async def test_write_backpressure_is_handed_over(tmp_path: Path, vencrypt: bool) -> None:
     """The transport paused writing during the handshake: the relay's protocol gets its
-    resume_writing, so the relay knows to wait for it (Relay._attach pauses the browser)."""
+    resume_writing, so the relay knows to wait for it (Relay._attach pauses the browser). Over
+    VeNCrypt, TLSTransport passes the TCP transport's pause to the handshake's protocol and its
+    resume to the relay's."""
     release = asyncio.Event()
-    async with tcp_server(scripted(release=release)) as port:
-        conn = await handshake(port, client_context(None))
+    async with contextlib.AsyncExitStack() as stack:
+        server_tls, ca = await stack.enter_async_context(tls_pair(tmp_path)) if vencrypt else (None, None)
+        port = await stack.enter_async_context(tcp_server(scripted(server_tls, release=release)))
+        conn = await handshake(port, client_context(ca))
         try:
             assert conn.transport is not None
             conn.transport.set_write_buffer_limits(high=64 * 1024)
@@ -274,6 +279,7 @@ async def test_write_backpressure_is_handed_over() -> None:
             assert not drained.done()  # drain waits while the transport is over its mark
             h = conn.detach()
             assert h.writing_paused
+            assert (type(h.transport) is TLSTransport) == vencrypt
             sink = Sink()
             h.transport.set_protocol(sink)
             h.transport.resume_reading()
@@ -375,38 +381,6 @@ async def test_concurrent_vencrypt_consoles_each_get_their_own_bytes_over_tlstra
                 assert g == numbered_tail(g[0])
             assert len(client_tls_transports()) == n  # the relay's VNC sides: none is loop.start_tls's
             assert [o for o in gc.get_objects() if type(o) is VNCConnection] == []
-
-
-async def test_vencrypt_write_backpressure_is_handed_over(tmp_path: Path) -> None:
-    """As test_write_backpressure_is_handed_over, over VeNCrypt: TLSTransport passes the TCP
-    transport's pause_writing to the handshake's protocol, and its resume_writing to the relay's."""
-    release = asyncio.Event()
-    async with tls_pair(tmp_path) as (server_tls, ca):
-        async with tcp_server(scripted(server_tls, release=release)) as port:
-            conn = await handshake(port, client_context(ca))
-            try:
-                assert conn.transport is not None
-                conn.transport.set_write_buffer_limits(high=64 * 1024)
-                big = bytes(1024 * 1024)
-                async with asyncio.timeout(20):
-                    while not conn.transport.get_write_buffer_size() > 64 * 1024:
-                        conn.write(big)
-                        await asyncio.sleep(0)
-                drained = asyncio.ensure_future(conn.drain())
-                await asyncio.sleep(0)
-                assert not drained.done()
-                h = conn.detach()
-                assert h.writing_paused and type(h.transport) is TLSTransport
-                sink = Sink()
-                h.transport.set_protocol(sink)
-                h.transport.resume_reading()
-                release.set()
-                async with asyncio.timeout(20):
-                    await sink.resumed.wait()
-                drained.cancel()
-                h.transport.close()
-            finally:
-                conn.close()
 
 
 async def test_a_server_that_closes_in_the_tls_handshake_is_backend_unreachable(tmp_path: Path) -> None:
