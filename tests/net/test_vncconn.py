@@ -15,6 +15,7 @@ import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import SERVER_INIT, Handler, RFBClient, running_proxy, tcp_server
@@ -243,9 +244,17 @@ async def test_untrusted_certificate_is_auth_failed_with_openssl_reason(tmp_path
     assert str(info.value).startswith(prefix) and "issuer" in str(info.value), info.value
 
 
-async def test_a_server_that_does_not_speak_tls_is_backend_unreachable(tmp_path: Path) -> None:
+async def _close_at_hello(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    await r.read(1)  # the ClientHello has begun; tcp_server closes the connection
+
+
+@pytest.mark.parametrize(
+    "server", [{"not_tls": True}, {"instead_of_tls": _close_at_hello}], ids=["not-tls", "closes-at-hello"]
+)
+async def test_a_failed_tls_handshake_is_backend_unreachable(tmp_path: Path, server: dict[str, Any]) -> None:
+    """A server that answers VeNCrypt's TLS with something else, or closes in its handshake."""
     async with tls_pair(tmp_path) as (server_tls, ca):
-        async with tcp_server(scripted(server_tls, not_tls=True)) as port:
+        async with tcp_server(scripted(server_tls, **server)) as port:
             conn = await vncconn.connect("127.0.0.1", port, 10)
             try:
                 with pytest.raises(BackendUnreachable, match="TLS handshake with the VNC server failed"):
@@ -381,21 +390,6 @@ async def test_concurrent_vencrypt_consoles_each_get_their_own_bytes_over_tlstra
                 assert g == numbered_tail(g[0])
             assert len(client_tls_transports()) == n  # the relay's VNC sides: none is loop.start_tls's
             assert [o for o in gc.get_objects() if type(o) is VNCConnection] == []
-
-
-async def test_a_server_that_closes_in_the_tls_handshake_is_backend_unreachable(tmp_path: Path) -> None:
-    async def close_at_hello(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await r.read(1)  # the ClientHello has begun; tcp_server closes the connection
-
-    async with tls_pair(tmp_path) as (server_tls, ca):
-        async with tcp_server(scripted(server_tls, instead_of_tls=close_at_hello)) as port:
-            conn = await vncconn.connect("127.0.0.1", port, 10)
-            try:
-                with pytest.raises(BackendUnreachable, match="TLS handshake with the VNC server failed"):
-                    async with asyncio.timeout(20):
-                        await vncconn.authenticate(conn, None, client_context(ca))
-            finally:
-                conn.close()
 
 
 async def test_a_silent_tls_server_fails_the_handshake_backstop_and_the_caller_limit(
