@@ -54,7 +54,7 @@ from consoleproxy.policy.resume import (
 from consoleproxy.policy.sessions import Session
 from consoleproxy.policy.targets import check_hostname_syntax, is_ip_address
 from consoleproxy.policy.tokens import Claims, Keyring
-from consoleproxy.protocol import rfb
+from consoleproxy.protocol import rfb, rfb_messages
 from consoleproxy.protocol.forwarded import client_address
 from consoleproxy.protocol.query import raw_query_param
 from consoleproxy.protocol.wsframes import CLOSE_TIMEOUT
@@ -463,7 +463,7 @@ class Consoles:
             recorder = self.server.recordings.begin(session)
         if session.view_only or drop_lang_release or recorder is not None:
             # What a client pipelined behind its ClientInit goes through the same filter.
-            filt = rfb.ClientMessageFilter(
+            filt = rfb_messages.ClientMessageFilter(
                 view_only=session.view_only,
                 drop_lang_release=drop_lang_release,
                 expect_client_init=False,

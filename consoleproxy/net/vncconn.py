@@ -39,7 +39,7 @@ from typing import cast
 
 from consoleproxy.errors import BackendAuthFailed, BackendUnreachable
 from consoleproxy.net import tlstransport
-from consoleproxy.protocol import rfb
+from consoleproxy.protocol import rfb, rfb_messages
 
 __all__ = [
     "PENDING_LIMIT",
@@ -354,10 +354,10 @@ async def authenticate(conn: VNCConnection, password: str | None, tls: ssl.SSLCo
 
 async def read_server_init(conn: VNCConnection) -> bytes:
     """The server's ServerInit (RFC 6143 7.3.2), its desktop name checked before it is read."""
-    fixed = await conn.read_exactly(rfb.SERVER_INIT_FIXED)
+    fixed = await conn.read_exactly(rfb_messages.SERVER_INIT_FIXED)
     name = None
     if fixed is not None:
-        name = await conn.read_exactly(rfb.server_init_name_length(fixed))
+        name = await conn.read_exactly(rfb_messages.server_init_name_length(fixed))
     if fixed is None or name is None:
         raise BackendUnreachable("the VNC server closed the connection before its ServerInit")
     return fixed + name

@@ -39,7 +39,7 @@ from consoleproxy.policy.cloudstack import CloudStackKeys, decrypt, encrypt_cbc_
 from consoleproxy.policy.gates import HeadScanner, HeadTooLarge
 from consoleproxy.policy.resume import TicketBody, issue_ticket, open_ticket, seal_body
 from consoleproxy.policy.tokens import Keyring, b64url_encode, decode, issue
-from consoleproxy.protocol import rfb
+from consoleproxy.protocol import rfb, rfb_messages
 from consoleproxy.protocol.forwarded import BadForwardedFor, client_address, parse_networks
 from consoleproxy.protocol.hostnames import hostname_for_ip, ip_for_hostname, normalize_suffix
 from consoleproxy.protocol.proxyproto import V2_SIGNATURE, ProxyProtocolError
@@ -311,7 +311,7 @@ def test_rfb_client_side_random(prefix: bytes, chunks: list[bytes], accept: bool
         pass
 
 
-def _filtered(f: rfb.ClientMessageFilter, chunks: list[bytes]) -> bytes | type[Exception]:
+def _filtered(f: rfb_messages.ClientMessageFilter, chunks: list[bytes]) -> bytes | type[Exception]:
     try:
         return b"".join(f.feed(c) for c in chunks)
     except rfb.RFBError as exc:  # LimitExceeded is one
@@ -325,8 +325,8 @@ def test_client_filter_lang_release_random(data: bytes, cuts: list[int]) -> None
     does (the same named error, or none), and drops only whole 12- or 8-byte key messages."""
     bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
     chunks = [data[i:j] for i, j in itertools.pairwise(bounds)]
-    plain = rfb.ClientMessageFilter(view_only=False, expect_client_init=False)
-    lang = rfb.ClientMessageFilter(view_only=False, drop_lang_release=True, expect_client_init=False)
+    plain = rfb_messages.ClientMessageFilter(view_only=False, expect_client_init=False)
+    lang = rfb_messages.ClientMessageFilter(view_only=False, drop_lang_release=True, expect_client_init=False)
     a, b = _filtered(plain, chunks), _filtered(lang, chunks)
     if isinstance(a, bytes) and isinstance(b, bytes):
         assert lang.dropped == lang.lang_releases_dropped
