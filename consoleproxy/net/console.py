@@ -54,7 +54,7 @@ from consoleproxy.policy.resume import (
 from consoleproxy.policy.sessions import Session
 from consoleproxy.policy.targets import check_hostname_syntax, is_ip_address
 from consoleproxy.policy.tokens import Claims, Keyring
-from consoleproxy.protocol import rfb, rfb_messages
+from consoleproxy.protocol import rfb, rfb_client, rfb_messages
 from consoleproxy.protocol.forwarded import client_address
 from consoleproxy.protocol.query import raw_query_param
 from consoleproxy.protocol.wsframes import CLOSE_TIMEOUT
@@ -414,7 +414,7 @@ class Consoles:
         Returns the browser's bytes that followed its security choice (the relay forwards them)
         and the ServerInit the browser got (a recording starts with it).
         """
-        browser = rfb.ClientHandshake()
+        browser = rfb_client.ClientHandshake()
         # Send our version to the browser first so its reply overlaps the backend handshake.
         await ws.send_bytes(browser.data_to_send())
 

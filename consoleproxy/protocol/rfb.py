@@ -60,10 +60,9 @@ __all__ = [
     "AuthFailed",
     "Authenticated",
     "ClientEvent",
-    "ClientHandshake",
-    "ClientHandshakeState",
     "ClientReady",
     "Event",
+    "HandshakeOutputs",
     "LimitExceeded",
     "Probed",
     "RFBError",
@@ -76,6 +75,7 @@ __all__ = [
     "StartTLS",
     "VeNCryptSubtype",
     "VersionError",
+    "check_version_prefix",
     "decode_reason",
     "format_version",
     "parse_version",
@@ -210,7 +210,7 @@ def format_version(version: tuple[int, int]) -> bytes:
     return b"RFB %03d.%03d\n" % version
 
 
-def _check_version_prefix(buf: bytes | bytearray) -> None:
+def check_version_prefix(buf: bytes | bytearray) -> None:
     """Fail early on a peer that does not speak RFB at all (an HTTP or SSH server, say)."""
     head = bytes(buf[:4])
     if not b"RFB ".startswith(head):
@@ -291,7 +291,7 @@ def decode_reason(raw: bytes, default: str) -> str:
 # -- towards the VNC server --------------------------------------------------------------------
 
 
-class _Outputs:
+class HandshakeOutputs:
     """What both handshakes hand the glue: bytes to write, events, and bytes past the handshake.
 
     Each getter drains, so the glue can call it after every ``receive_data``.
@@ -338,7 +338,7 @@ class ServerHandshakeState(Enum):
     PROBED = auto()  # probe mode: Probed emitted; the glue closes the connection
 
 
-class ServerHandshake(_Outputs):
+class ServerHandshake(HandshakeOutputs):
     """Client side of the RFB handshake towards the hypervisor's VNC server.
 
     ``password`` is the VNC password from the token (None or "" when it has none). With
@@ -448,7 +448,7 @@ class ServerHandshake(_Outputs):
         S = ServerHandshakeState
         st, buf = self.state, self._buf
         if st is S.VERSION:
-            _check_version_prefix(buf.data)
+            check_version_prefix(buf.data)
             raw = buf.take(VERSION_LENGTH)
             if raw is None:
                 return False
@@ -625,111 +625,3 @@ class ServerHandshake(_Outputs):
         self._out += struct.pack(">I", usable[0])
         self.state = ServerHandshakeState.VENCRYPT_SUBTYPE_ACK
         return True
-
-
-# -- towards the browser -----------------------------------------------------------------------
-
-
-class ClientHandshakeState(Enum):
-    """What the handshake with the browser waits for next."""
-
-    VERSION = auto()  # the browser's ProtocolVersion
-    SECURITY_CHOICE = auto()  # 3.7+: the browser's U8 security type
-    READY = auto()  # ClientReady emitted; waiting for accept() or reject()
-    ACCEPTED = auto()  # done; further bytes (ClientInit first) belong to the relay
-    REJECTED = auto()  # failure queued; the glue closes the connection
-
-
-class ClientHandshake(_Outputs):
-    """Server side of the RFB handshake towards the browser: version 3.8, security None only.
-
-    The outcome of the backend handshake is only known later, so the result is deferred:
-
-    * 3.8: types [None]; after the browser's choice, ``ClientReady``; ``accept()`` queues
-      SecurityResult 0, ``reject(reason)`` SecurityResult 1 with the reason.
-    * 3.7: types [None]; after the choice, ``ClientReady``. None has no SecurityResult in 3.7, so
-      ``accept()`` queues nothing and ``reject()`` cannot tell the client anything in-band (the
-      WebSocket close reason carries it).
-    * 3.3: the server names the type, and 0 (failure + reason) is allowed, so ``ClientReady`` comes
-      right after the version; ``accept()`` queues type None (1), ``reject(reason)`` type 0 with
-      the reason.
-    """
-
-    def __init__(self) -> None:
-        self.state = ClientHandshakeState.VERSION
-        self.version: tuple[int, int] | None = None
-        self._buf = RecvBuffer()
-        super().__init__(format_version((3, 8)))
-
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes received from the browser."""
-        C = ClientHandshakeState
-        if self.state in (C.READY, C.ACCEPTED):
-            # 3.7 clients send ClientInit right after their choice: it is the relay's.
-            self._leftover += data
-            return
-        if self.state is C.REJECTED:
-            return
-        self._buf.data += data
-        if self.state is C.VERSION:
-            _check_version_prefix(self._buf.data)
-            raw = self._buf.take(VERSION_LENGTH)
-            if raw is None:
-                return
-            self._on_version(parse_version(raw))
-        if self.state is C.SECURITY_CHOICE:
-            raw = self._buf.take(1)
-            if raw is None:
-                return
-            if raw[0] != SecurityType.NONE:
-                raise RFBError(f"client chose security type {raw[0]}, but only None (1) was offered")
-            self._ready()
-        self._leftover += self._buf.drain()
-
-    def _on_version(self, version: tuple[int, int]) -> None:
-        major, minor = version
-        if major != 3 or not 3 <= minor <= 8:
-            raise VersionError(
-                f"client asked for RFB {major}.{minor}; a client may not ask for more than 3.8 offered"
-            )
-        if minor == 8:
-            self.version = (3, 8)
-        elif minor == 7:
-            self.version = (3, 7)
-        else:
-            self.version = (3, 3)  # 3.5 and friends mean 3.3 (RFC 6143 7.1.1)
-        if self.version == (3, 3):
-            self._ready()
-        else:
-            self._out += b"\x01" + bytes([SecurityType.NONE])
-            self.state = ClientHandshakeState.SECURITY_CHOICE
-
-    def _ready(self) -> None:
-        assert self.version is not None
-        self.state = ClientHandshakeState.READY
-        self._events.append(ClientReady(self.version))
-
-    def accept(self) -> None:
-        """The VNC server accepted us: let the browser proceed to ClientInit."""
-        self._check_ready("accept")
-        if self.version == (3, 3):
-            self._out += struct.pack(">I", SecurityType.NONE)
-        elif self.version == (3, 8):
-            self._out += struct.pack(">I", 0)
-        # 3.7 + None: no SecurityResult.
-        self.state = ClientHandshakeState.ACCEPTED
-
-    def reject(self, reason: str) -> None:
-        """The backend handshake failed: queue the in-band failure the client's version allows."""
-        self._check_ready("reject")
-        raw = reason.encode("utf-8")[:MAX_REASON_LENGTH]
-        if self.version == (3, 3):
-            self._out += struct.pack(">II", SecurityType.INVALID, len(raw)) + raw
-        elif self.version == (3, 8):
-            self._out += struct.pack(">II", 1, len(raw)) + raw
-        self.state = ClientHandshakeState.REJECTED
-        self._leftover.clear()
-
-    def _check_ready(self, what: str) -> None:
-        if self.state is not ClientHandshakeState.READY:
-            raise RFBStateError(f"{what}() called in state {self.state.name}, not READY")

@@ -39,7 +39,7 @@ from consoleproxy.policy.cloudstack import CloudStackKeys, decrypt, encrypt_cbc_
 from consoleproxy.policy.gates import HeadScanner, HeadTooLarge
 from consoleproxy.policy.resume import TicketBody, issue_ticket, open_ticket, seal_body
 from consoleproxy.policy.tokens import Keyring, b64url_encode, decode, issue
-from consoleproxy.protocol import rfb, rfb_messages
+from consoleproxy.protocol import rfb, rfb_client, rfb_messages
 from consoleproxy.protocol.forwarded import BadForwardedFor, client_address, parse_networks
 from consoleproxy.protocol.hostnames import hostname_for_ip, ip_for_hostname, normalize_suffix
 from consoleproxy.protocol.proxyproto import V2_SIGNATURE, ProxyProtocolError
@@ -299,7 +299,7 @@ def test_rfb_server_side_random(prefix: bytes, chunks: list[bytes], password: st
        chunks=st.lists(st.binary(max_size=64), max_size=8), accept=st.booleans(),
        reason=st.text(max_size=5000))
 def test_rfb_client_side_random(prefix: bytes, chunks: list[bytes], accept: bool, reason: str) -> None:
-    hs = rfb.ClientHandshake()
+    hs = rfb_client.ClientHandshake()
     try:
         for chunk in [prefix, *chunks]:
             hs.receive_data(chunk)

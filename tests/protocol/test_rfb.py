@@ -1,4 +1,4 @@
-"""The sans-I/O RFB handshakes and the client message filter, driven with byte strings (no sockets)."""
+"""The sans-I/O RFB handshakes (protocol.rfb, rfb_server, rfb_client), fed byte strings (no sockets)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from consoleproxy.protocol import rfb
 from consoleproxy.protocol.rfb import (
     Authenticated,
     AuthFailed,
-    ClientHandshake,
     ClientReady,
     LimitExceeded,
     Probed,
@@ -26,6 +25,7 @@ from consoleproxy.protocol.rfb import (
     VersionError,
     vnc_auth_response,
 )
+from consoleproxy.protocol.rfb_client import ClientHandshake
 
 V33, V37, V38 = b"RFB 003.003\n", b"RFB 003.007\n", b"RFB 003.008\n"
 CHALLENGE = bytes(range(16))
