@@ -19,13 +19,12 @@ from consoleproxy.protocol.rfb import (
     Probed,
     RFBError,
     RFBStateError,
-    ServerHandshake,
-    ServerHandshakeState,
     StartTLS,
     VersionError,
     vnc_auth_response,
 )
 from consoleproxy.protocol.rfb_client import ClientHandshake
+from consoleproxy.protocol.rfb_server import ServerHandshake, ServerHandshakeState
 
 V33, V37, V38 = b"RFB 003.003\n", b"RFB 003.007\n", b"RFB 003.008\n"
 CHALLENGE = bytes(range(16))
