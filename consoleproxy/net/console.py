@@ -4,9 +4,9 @@
 ``listener.ConsoleSite``) and runs the opening handshake (``browser``); ``handle_console`` then
 goes origin (``policy.origin``) -> token (``policy.tokens`` or ``policy.cloudstack``, or a resume
 ticket: ``policy.resume``) -> target (``policy.targets``) -> session limits (``policy.sessions``)
--> VNC connection and its RFB handshake (``net.vncconn``, ``protocol.rfb``) -> the browser's RFB
-handshake -> ``relay``. Every refusal is a WebSocket close code (DESIGN.md 8) with its reason;
-its outcome is counted and audited (``bookkeeping``).
+-> VNC connection and its RFB handshake (``net.vncconn``, ``protocol.rfb_server``) -> the browser's
+RFB handshake (``protocol.rfb_client``) -> ``relay``. Every refusal is a WebSocket close code
+(DESIGN.md 8) with its reason; its outcome is counted and audited (``bookkeeping``).
 
 It reads the server's current policy objects (``ProxyServer``: configuration, validators,
 target policy, origin policy, VNC TLS context, registry, recordings), which a reload swaps, and
