@@ -266,7 +266,7 @@ def decode_reason(raw: bytes, default: str) -> str:
     return text or default
 
 
-# -- what both handshakes hand the glue ----------------------------------------------------------
+# -- what both handshakes hand the glue --------------------------------------------------------
 
 
 class HandshakeOutputs:
