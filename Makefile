@@ -18,6 +18,7 @@ LOWEST := .venv-lowest
 # (psutil), DNS (dnspython), metrics (prometheus-client), reload, ACME orders against Pebble (acme).
 LOWEST_TESTS := tests/test_console_path.py tests/tls/test_tls_proxy.py tests/net/test_vencrypt.py \
 	tests/net/test_relay_close.py tests/net/test_listener.py tests/test_drain.py tests/protocol/test_rfb.py \
+	tests/protocol/test_rfb_messages.py \
 	tests/protocol/test_wsframes.py tests/protocol/test_wsconnection.py tests/policy/test_tokens.py tests/policy/test_cloudstack.py tests/policy/test_replay_stores.py \
 	tests/web/test_health.py tests/net/test_dns.py tests/test_reload.py tests/tls/test_acme.py tests/policy/test_acme_policy.py
 

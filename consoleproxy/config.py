@@ -273,7 +273,7 @@ class Recording:
     # The proxy asks the VNC server for a whole screen this often: a player seeks to these.
     keyframe_interval_seconds: float = field(default=60, metadata=_opt(_range(1, 86400)))
     # The browser's SetEncodings is cut to encodings without state carried from update to update
-    # (Raw, CopyRect, RRE, Hextile and pseudo-encodings: rfb.seekable_encodings), so a player can
+    # (Raw, CopyRect, RRE, Hextile and pseudo-encodings: rfb_messages.seekable_encodings), so a player can
     # start decoding at any keyframe. Costs bandwidth: no Tight or ZRLE compression (a busy 1080p
     # screen in Hextile is several times the bytes of Tight). false: smaller, seeking replays
     # from the start.

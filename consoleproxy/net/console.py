@@ -4,9 +4,9 @@
 ``listener.ConsoleSite``) and runs the opening handshake (``browser``); ``handle_console`` then
 goes origin (``policy.origin``) -> token (``policy.tokens`` or ``policy.cloudstack``, or a resume
 ticket: ``policy.resume``) -> target (``policy.targets``) -> session limits (``policy.sessions``)
--> VNC connection and its RFB handshake (``net.vncconn``, ``protocol.rfb``) -> the browser's RFB
-handshake -> ``relay``. Every refusal is a WebSocket close code (DESIGN.md 8) with its reason;
-its outcome is counted and audited (``bookkeeping``).
+-> VNC connection and its RFB handshake (``net.vncconn``, ``protocol.rfb_server``) -> the browser's
+RFB handshake (``protocol.rfb_client``) -> ``relay``. Every refusal is a WebSocket close code
+(DESIGN.md 8) with its reason; its outcome is counted and audited (``bookkeeping``).
 
 It reads the server's current policy objects (``ProxyServer``: configuration, validators,
 target policy, origin policy, VNC TLS context, registry, recordings), which a reload swaps, and
@@ -54,7 +54,7 @@ from consoleproxy.policy.resume import (
 from consoleproxy.policy.sessions import Session
 from consoleproxy.policy.targets import check_hostname_syntax, is_ip_address
 from consoleproxy.policy.tokens import Claims, Keyring
-from consoleproxy.protocol import rfb
+from consoleproxy.protocol import rfb, rfb_client, rfb_messages
 from consoleproxy.protocol.forwarded import client_address
 from consoleproxy.protocol.query import raw_query_param
 from consoleproxy.protocol.wsframes import CLOSE_TIMEOUT
@@ -414,7 +414,7 @@ class Consoles:
         Returns the browser's bytes that followed its security choice (the relay forwards them)
         and the ServerInit the browser got (a recording starts with it).
         """
-        browser = rfb.ClientHandshake()
+        browser = rfb_client.ClientHandshake()
         # Send our version to the browser first so its reply overlaps the backend handshake.
         await ws.send_bytes(browser.data_to_send())
 
@@ -463,7 +463,7 @@ class Consoles:
             recorder = self.server.recordings.begin(session)
         if session.view_only or drop_lang_release or recorder is not None:
             # What a client pipelined behind its ClientInit goes through the same filter.
-            filt = rfb.ClientMessageFilter(
+            filt = rfb_messages.ClientMessageFilter(
                 view_only=session.view_only,
                 drop_lang_release=drop_lang_release,
                 expect_client_init=False,

@@ -1,14 +1,14 @@
 """The connection to a hypervisor's VNC server, from the connect to the relay, on public asyncio APIs.
 
 ``VNCConnection`` is the socket's buffered protocol while the proxy runs the RFB handshake with the
-VNC server (``rfb.ServerHandshake``, RFC 6143 sections 7.1-7.3): awaitable reads, writes with flow
+VNC server (``rfb_server.ServerHandshake``, RFC 6143 sections 7.1-7.3): awaitable reads, writes with flow
 control, and VeNCrypt's TLS through our own ``tlstransport.start_tls`` (on both loops). When the
 relay starts, ``detach()`` hands it the transport (a ``TLSTransport`` after VeNCrypt) and every
 byte already read past the handshake: nothing lost, nothing read twice.
 
 * ``connect``: ``loop.create_connection`` under the connect time limit, TCP_NODELAY; failures are
   ``BackendUnreachable`` with the text the browser's close reason shows.
-* ``authenticate``: drives ``rfb.ServerHandshake`` to its outcome. An untrusted VNC certificate is
+* ``authenticate``: drives ``rfb_server.ServerHandshake`` to its outcome. An untrusted VNC certificate is
   ``BackendAuthFailed`` (with OpenSSL's verify message), other TLS failures and an EOF are
   ``BackendUnreachable``, a refusal is ``BackendAuthFailed``.
 * ``read_server_init``: ServerInit (7.3.2), its desktop name bounded before it is read.
@@ -39,7 +39,7 @@ from typing import cast
 
 from consoleproxy.errors import BackendAuthFailed, BackendUnreachable
 from consoleproxy.net import tlstransport
-from consoleproxy.protocol import rfb
+from consoleproxy.protocol import rfb, rfb_messages, rfb_server
 
 __all__ = [
     "PENDING_LIMIT",
@@ -303,7 +303,7 @@ async def connect(host: str, port: int, limit_seconds: float) -> VNCConnection:
 
 
 async def drive(
-    conn: VNCConnection, handshake: rfb.ServerHandshake, tls: ssl.SSLContext
+    conn: VNCConnection, handshake: rfb_server.ServerHandshake, tls: ssl.SSLContext
 ) -> rfb.Authenticated | rfb.AuthFailed | rfb.Probed | None:
     """Feed ``handshake`` the server's bytes and send its answers, TLS included, to its outcome.
 
@@ -336,14 +336,14 @@ async def drive(
 
 async def authenticate(conn: VNCConnection, password: str | None, tls: ssl.SSLContext) -> None:
     """Authenticate to the VNC server (RFC 6143 7.1-7.2, VeNCrypt); errors as the console's close."""
-    handshake = rfb.ServerHandshake(password, allow_tls=True)
+    handshake = rfb_server.ServerHandshake(password, allow_tls=True)
     try:
         outcome = await drive(conn, handshake, tls)
     except ssl.SSLCertVerificationError as exc:
         why = exc.verify_message
         raise BackendAuthFailed(f"VNC server's TLS certificate is not trusted: {why}") from None
     except OSError as exc:
-        if handshake.state is not rfb.ServerHandshakeState.TLS_HANDSHAKE:
+        if handshake.state is not rfb_server.ServerHandshakeState.TLS_HANDSHAKE:
             raise  # a reset outside TLS: as a StreamReader raised it
         raise BackendUnreachable(f"TLS handshake with the VNC server failed: {exc}") from None
     if outcome is None:
@@ -354,10 +354,10 @@ async def authenticate(conn: VNCConnection, password: str | None, tls: ssl.SSLCo
 
 async def read_server_init(conn: VNCConnection) -> bytes:
     """The server's ServerInit (RFC 6143 7.3.2), its desktop name checked before it is read."""
-    fixed = await conn.read_exactly(rfb.SERVER_INIT_FIXED)
+    fixed = await conn.read_exactly(rfb_messages.SERVER_INIT_FIXED)
     name = None
     if fixed is not None:
-        name = await conn.read_exactly(rfb.server_init_name_length(fixed))
+        name = await conn.read_exactly(rfb_messages.server_init_name_length(fixed))
     if fixed is None or name is None:
         raise BackendUnreachable("the VNC server closed the connection before its ServerInit")
     return fixed + name

@@ -1,31 +1,25 @@
-"""The RFB handshake of RFC 6143 (section 7.1 handshaking messages, 7.2 security types) as sans-I/O code.
+"""What both RFB handshakes of RFC 6143 (section 7.1 handshaking messages, 7.2 security types) share.
 
 The proxy sits between two RFB connections and drives each one only as far as the end of the
 security handshake (the SecurityResult of section 7.1.3); the initialisation messages of section 7.3
-(ClientInit, ServerInit) and everything after them are relayed unchanged.
+(ClientInit, ServerInit) and everything after them are relayed unchanged. The protocol package
+holds RFB in four modules, one concern each:
 
-* ``ServerHandshake``: we are the RFB *client* of the hypervisor's VNC server. It negotiates the
-  version (3.3, 3.7 or 3.8), picks a security type (None, VNC authentication, or VeNCrypt with TLS,
-  RFC 6143 sections 7.2.1 and 7.2.2 and the VeNCrypt extension of the community RFB specification)
-  and ends with ``Authenticated`` or ``AuthFailed``.
-* ``ClientHandshake``: we are the RFB *server* of the browser (noVNC). It offers version 3.8 and the
-  single security type None: the VNC password never reaches the browser.
-* ``ClientMessageFilter``: parses the browser's client-to-server messages (section 7.5 and the
-  common extensions) so that a view-only console can drop input without losing message framing,
-  and so that the release of the Korean Lang1 (한/영) and Lang2 (한자) keys can be dropped for
-  guests whose hypervisor turns that release into a second press (``[input] lang_key_release``).
-* ``vnc_auth_response``: the DES challenge response of section 7.2.2.
-
-``ServerHandshake(..., probe=True)`` is the probe of ``consoleproxy diagnose``: it never
-authenticates. It stops (``Probed``) after the security types, unless VeNCrypt is offered: then it
-negotiates VeNCrypt 0.2 to read the subtypes and, when an X.509 subtype is offered, asks for TLS
-(``StartTLS``) so the glue can read the certificate, and stops once ``tls_started()`` is called.
+* ``rfb`` (this module): the vocabulary both handshakes speak: limits, security types, the errors
+  (``RFBError`` and its subclasses), the events, ProtocolVersion parsing, VNC authentication's DES
+  response (``vnc_auth_response``, section 7.2.2), the receive buffer and ``HandshakeOutputs``.
+* ``rfb_server``: ``ServerHandshake``, our handshake with the hypervisor's VNC server (we are its
+  RFB client), with VNC authentication, VeNCrypt and the probe mode of ``consoleproxy diagnose``.
+* ``rfb_client``: ``ClientHandshake``, our handshake with the browser (we are its RFB server):
+  version 3.8 and the single security type None, so the VNC password never reaches the browser.
+* ``rfb_messages``: the messages after the handshake that the proxy reads: the browser's
+  client-to-server messages (``ClientMessageFilter``) and ServerInit's name length.
 
 Like the handshakes of python-websockets and h11, the state machines never touch a socket: the
 glue feeds bytes with ``receive_data()``, writes what ``data_to_send()`` returns and acts on
 ``events()``. A protocol violation raises ``RFBError`` (or a subclass) naming the rule broken.
 
-Version differences handled here (RFC 6143 sections 7.1.2, 7.1.3, 7.2.1 and Appendix A):
+Version differences the handshakes handle (RFC 6143 sections 7.1.2, 7.1.3, 7.2.1 and Appendix A):
 
 * 3.3: the server picks the security type and sends it as a U32; 0 means failure and a reason
   string follows. With None there is no SecurityResult; a failed SecurityResult has no reason.
@@ -44,9 +38,8 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum, IntEnum, auto
+from enum import IntEnum
 
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
@@ -54,25 +47,17 @@ from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from consoleproxy.errors import ConsoleProxyError
 
 __all__ = [
-    "DEFAULT_MAX_CUT_TEXT",
-    "LANG1_KEYCODE",
-    "LANG1_KEYSYM",
-    "LANG2_KEYCODE",
-    "LANG2_KEYSYM",
-    "MAX_NAME_LENGTH",
     "MAX_REASON_LENGTH",
     "MAX_SECURITY_TYPES",
     "MAX_VENCRYPT_SUBTYPES",
-    "STATELESS_ENCODINGS",
-    "X509_SUBTYPES",
+    "VERSION_LENGTH",
+    "VNC_CHALLENGE_LENGTH",
     "AuthFailed",
     "Authenticated",
     "ClientEvent",
-    "ClientHandshake",
-    "ClientHandshakeState",
-    "ClientMessageFilter",
     "ClientReady",
     "Event",
+    "HandshakeOutputs",
     "LimitExceeded",
     "Probed",
     "RFBError",
@@ -80,24 +65,19 @@ __all__ = [
     "RecvBuffer",
     "SecurityType",
     "ServerEvent",
-    "ServerHandshake",
-    "ServerHandshakeState",
     "StartTLS",
     "VeNCryptSubtype",
     "VersionError",
+    "check_version_prefix",
     "decode_reason",
     "format_version",
     "parse_version",
-    "seekable_encodings",
     "vnc_auth_response",
 ]
 
 # -- limits ------------------------------------------------------------------------------------
 
 MAX_REASON_LENGTH = 4096
-# A desktop name longer than this is not a name; the page shows it as the tab's title.
-MAX_NAME_LENGTH = 4096
-SERVER_INIT_FIXED = 24  # width, height, pixel format, name length
 """Longest failure reason string accepted from a VNC server (bytes). A real server's reason is one
 line; a longer one is treated as a protocol violation instead of being buffered."""
 
@@ -108,22 +88,9 @@ server offers more than a handful, so a longer list is treated as garbage."""
 MAX_VENCRYPT_SUBTYPES = 64
 """Most VeNCrypt subtypes a server may offer (each 4 bytes, so at most 256 bytes buffered)."""
 
-DEFAULT_MAX_CUT_TEXT = 1024 * 1024
-"""Default bound of one ClientCutText message from the browser (bytes). The filter streams cut
-text without buffering it, so this bounds what the VNC server is asked to buffer, not us."""
-
-LANG1_KEYCODE = 0x72
-"""QEMU key code (XT scan code, as in QEMU's and noVNC's keycode tables) of Lang1, the Korean
-한/영 key (Linux KEY_HANGEUL, browser ``code`` "Lang1"). A Korean PS/2 keyboard sends only its make
-code (set 2: 0xF2) and never a release."""
-LANG2_KEYCODE = 0x71
-"""QEMU key code of Lang2, the Korean 한자 key (Linux KEY_HANJA, set 2 make code 0xF1, no release)."""
-LANG1_KEYSYM = 0xFF31  # XK_Hangul: what a keysym-only client sends for 한/영
-LANG2_KEYSYM = 0xFF34  # XK_Hangul_Hanja: the same for 한자
-
 VERSION_LENGTH = 12  # "RFB xxx.yyy\n"
 _VERSION_RE = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
-_VNC_AUTH_CHALLENGE = 16
+VNC_CHALLENGE_LENGTH = 16  # VNC authentication's challenge and response
 
 
 class SecurityType(IntEnum):
@@ -146,21 +113,6 @@ class VeNCryptSubtype(IntEnum):
     X509_VNC = 261
     X509_PLAIN = 262
 
-
-# In preference order: certificate-checked TLS first, VNC authentication inside TLS only with a
-# password (see ``ServerHandshake._choose_vencrypt``).
-_VENCRYPT_PREFERENCE = (
-    VeNCryptSubtype.X509_VNC,
-    VeNCryptSubtype.X509_NONE,
-    VeNCryptSubtype.TLS_VNC,
-    VeNCryptSubtype.TLS_NONE,
-)
-_VENCRYPT_WITH_VNC_AUTH = frozenset({VeNCryptSubtype.X509_VNC, VeNCryptSubtype.TLS_VNC})
-
-X509_SUBTYPES = (260, 261, 262, 264)
-"""VeNCrypt subtypes with a server certificate, in the probe's order (X509None, X509Vnc, X509Plain,
-X509SASL): the TLS* ones are anonymous Diffie-Hellman, and None first so that a probe never has to
-answer a VNC challenge."""
 
 # -- errors ------------------------------------------------------------------------------------
 
@@ -236,7 +188,7 @@ def format_version(version: tuple[int, int]) -> bytes:
     return b"RFB %03d.%03d\n" % version
 
 
-def _check_version_prefix(buf: bytes | bytearray) -> None:
+def check_version_prefix(buf: bytes | bytearray) -> None:
     """Fail early on a peer that does not speak RFB at all (an HTTP or SSH server, say)."""
     head = bytes(buf[:4])
     if not b"RFB ".startswith(head):
@@ -254,7 +206,7 @@ def vnc_auth_response(password: str, challenge: bytes) -> bytes:
     generate), NUL-padded, with the bits of each byte reversed (VNC's historical DES quirk). Each
     8-byte half of the challenge is encrypted on its own (ECB).
     """
-    if len(challenge) != _VNC_AUTH_CHALLENGE:
+    if len(challenge) != VNC_CHALLENGE_LENGTH:
         raise ValueError(f"VNC challenge must be 16 bytes, not {len(challenge)}")
     key = bytes(_reverse_bits(b) for b in password.encode("utf-8")[:8].ljust(8, b"\x00"))
     # Triple DES with K1 = K2 = K3 is single DES.
@@ -314,10 +266,10 @@ def decode_reason(raw: bytes, default: str) -> str:
     return text or default
 
 
-# -- towards the VNC server --------------------------------------------------------------------
+# -- what both handshakes hand the glue --------------------------------------------------------
 
 
-class _Outputs:
+class HandshakeOutputs:
     """What both handshakes hand the glue: bytes to write, events, and bytes past the handshake.
 
     Each getter drains, so the glue can call it after every ``receive_data``.
@@ -344,760 +296,3 @@ class _Outputs:
         out = bytes(self._leftover)
         self._leftover.clear()
         return out
-
-
-class ServerHandshakeState(Enum):
-    """What the handshake with the VNC server waits for next."""
-
-    VERSION = auto()  # the server's ProtocolVersion
-    SECURITY_TYPE_33 = auto()  # 3.3: the server's U32 security type
-    SECURITY_TYPES = auto()  # 3.7+: U8 count and the list of security types
-    VNC_CHALLENGE = auto()  # 16-byte VNC authentication challenge
-    VENCRYPT_VERSION = auto()  # VeNCrypt: the server's version (2 bytes)
-    VENCRYPT_VERSION_ACK = auto()  # VeNCrypt: U8 0 = our version accepted
-    VENCRYPT_SUBTYPES = auto()  # VeNCrypt: U8 count and U32 subtypes
-    VENCRYPT_SUBTYPE_ACK = auto()  # VeNCrypt: U8 1 = our subtype accepted
-    TLS_HANDSHAKE = auto()  # StartTLS emitted; waiting for tls_started()
-    SECURITY_RESULT = auto()  # U32 status (3.8 failure: reason string follows)
-    AUTHENTICATED = auto()  # done; further bytes belong to the relay
-    FAILED = auto()  # AuthFailed emitted; the glue closes the connection
-    PROBED = auto()  # probe mode: Probed emitted; the glue closes the connection
-
-
-class ServerHandshake(_Outputs):
-    """Client side of the RFB handshake towards the hypervisor's VNC server.
-
-    ``password`` is the VNC password from the token (None or "" when it has none). With
-    ``allow_tls`` the VeNCrypt TLS subtypes may be chosen; the glue then performs the TLS
-    handshake on ``StartTLS`` and calls ``tls_started()``.
-
-    Security type preference: None when offered (nothing to authenticate, so a stale password in
-    a token does not matter), else VNC authentication when we have a password, else VeNCrypt.
-
-    With ``probe`` (see the module docstring) it never authenticates and ends with ``Probed``, or
-    ``AuthFailed`` when the server refuses the connection (``refused`` holds its reason);
-    ``probe_tls=False`` stops before TLS even when an X.509 subtype is offered.
-
-    Memory: at most one partial handshake message is buffered, bounded by ``MAX_REASON_LENGTH``.
-    """
-
-    def __init__(
-        self, password: str | None, *, allow_tls: bool = True, probe: bool = False, probe_tls: bool = True
-    ) -> None:
-        self.state = ServerHandshakeState.VERSION
-        self._password = None if probe else password or None
-        self._allow_tls = allow_tls
-        self._probe = probe
-        self._probe_tls = probe_tls
-        self._buf = RecvBuffer()
-        super().__init__()
-        #: The version the server announced, as sent (e.g. (3, 889) for Apple).
-        self.server_version: tuple[int, int] | None = None
-        #: The version in use: (3, 3), (3, 7) or (3, 8).
-        self.version: tuple[int, int] | None = None
-        #: Security types the server offered (3.3: the one it chose).
-        self.security_types: tuple[int, ...] = ()
-        #: The security type in use, and the VeNCrypt subtype when it is VeNCrypt.
-        self.security_type: int | None = None
-        self.vencrypt_subtype: int | None = None
-        #: The VeNCrypt version the server announced, and the subtypes it offered.
-        self.vencrypt_version: tuple[int, int] | None = None
-        self.vencrypt_subtypes: tuple[int, ...] = ()
-        #: The server's own reason when it refused the connection (security type 0 / count 0).
-        self.refused: str | None = None
-        #: Probe mode: why the probe stopped early (None when it read all it could).
-        self.probe_note: str | None = None
-
-    # public interface
-
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes received from the VNC server (plaintext, after TLS when TLS is on)."""
-        st = self.state
-        if st is ServerHandshakeState.AUTHENTICATED:
-            self._leftover += data
-            return
-        if st in (ServerHandshakeState.FAILED, ServerHandshakeState.PROBED) or not data:
-            return
-        if st is ServerHandshakeState.TLS_HANDSHAKE:
-            raise RFBError("VNC server sent RFB data before the VeNCrypt TLS handshake")
-        self._buf.data += data
-        while self._step():
-            pass
-        if self.state is ServerHandshakeState.AUTHENTICATED:
-            self._leftover += self._buf.drain()
-        elif self.state in (ServerHandshakeState.FAILED, ServerHandshakeState.PROBED):
-            self._buf.drain()
-        elif self.state is ServerHandshakeState.TLS_HANDSHAKE and len(self._buf):
-            raise RFBError("VNC server sent data after its VeNCrypt ack, before the TLS handshake")
-
-    def tls_started(self) -> None:
-        """The glue finished the TLS handshake; continue with VeNCrypt's inner authentication."""
-        if self.state is not ServerHandshakeState.TLS_HANDSHAKE:
-            raise RFBStateError(f"tls_started() called in state {self.state.name}, not TLS_HANDSHAKE")
-        if self._probe:
-            self._probed()  # the glue has the certificate now; nothing is authenticated
-        elif self.vencrypt_subtype in _VENCRYPT_WITH_VNC_AUTH:
-            self.state = ServerHandshakeState.VNC_CHALLENGE
-        else:
-            self.state = ServerHandshakeState.SECURITY_RESULT
-
-    # internals
-
-    def _fail(self, reason: str) -> bool:
-        self.state = ServerHandshakeState.FAILED
-        self._events.append(AuthFailed(reason))
-        return False
-
-    def _refuse(self, raw: bytes) -> bool:
-        """The server refused the connection with a reason string (security type 0 / count 0)."""
-        self.refused = decode_reason(raw, "VNC server refused the connection")
-        return self._fail(self.refused)
-
-    def _probed(self, note: str | None = None) -> bool:
-        self.state = ServerHandshakeState.PROBED
-        self.probe_note = note
-        self._events.append(Probed(note))
-        return False
-
-    def _vencrypt_stop(self, reason: str) -> bool:
-        """VeNCrypt cannot go on: a failure, or in probe mode the end of what can be read."""
-        return self._probed(reason) if self._probe else self._fail(reason)
-
-    def _succeed(self) -> bool:
-        assert self.version is not None
-        self.state = ServerHandshakeState.AUTHENTICATED
-        self._events.append(Authenticated(self.version))
-        return False
-
-    def _step(self) -> bool:
-        """Parse one message if it is complete; return whether to try the next one."""
-        S = ServerHandshakeState
-        st, buf = self.state, self._buf
-        if st is S.VERSION:
-            _check_version_prefix(buf.data)
-            raw = buf.take(VERSION_LENGTH)
-            if raw is None:
-                return False
-            return self._on_version(parse_version(raw))
-        if st is S.SECURITY_TYPE_33:
-            if len(buf) < 4:
-                return False
-            (stype,) = struct.unpack_from(">I", buf.data)
-            if stype == SecurityType.INVALID:
-                reason = buf.take_string(4, MAX_REASON_LENGTH, "connection failure reason")
-                if reason is None:
-                    return False
-                return self._refuse(reason)
-            buf.take(4)
-            self.security_types = (stype,)
-            if self._probe:
-                return self._probed()
-            if stype == SecurityType.NONE:
-                self.security_type = stype
-                return self._succeed()  # 3.3 + None: no SecurityResult
-            if stype == SecurityType.VNC_AUTH:
-                if self._password is None:
-                    return self._fail("VNC server requires a password but the token has none")
-                self.security_type = stype
-                self.state = S.VNC_CHALLENGE
-                return True
-            raise RFBError(f"RFB 3.3 security type must be 0, 1 or 2, got {stype}")
-        if st is S.SECURITY_TYPES:
-            if len(buf) < 1:
-                return False
-            count = buf.data[0]
-            if count == 0:
-                reason = buf.take_string(1, MAX_REASON_LENGTH, "connection failure reason")
-                if reason is None:
-                    return False
-                return self._refuse(reason)
-            if count > MAX_SECURITY_TYPES:
-                raise LimitExceeded(
-                    f"VNC server offers {count} security types; at most {MAX_SECURITY_TYPES} are accepted"
-                )
-            raw = buf.take(1 + count)
-            if raw is None:
-                return False
-            self.security_types = tuple(raw[1:])
-            return self._choose_security()
-        if st is S.VNC_CHALLENGE:
-            challenge = buf.take(_VNC_AUTH_CHALLENGE)
-            if challenge is None:
-                return False
-            assert self._password is not None
-            self._out += vnc_auth_response(self._password, challenge)
-            self.state = S.SECURITY_RESULT
-            return True
-        if st is S.VENCRYPT_VERSION:
-            raw = buf.take(2)
-            if raw is None:
-                return False
-            self.vencrypt_version = (raw[0], raw[1])
-            if self.vencrypt_version < (0, 2):
-                return self._vencrypt_stop(f"VNC server speaks VeNCrypt {raw[0]}.{raw[1]}; 0.2 is required")
-            self._out += b"\x00\x02"
-            self.state = S.VENCRYPT_VERSION_ACK
-            return True
-        if st is S.VENCRYPT_VERSION_ACK:
-            raw = buf.take(1)
-            if raw is None:
-                return False
-            if raw[0] != 0:
-                return self._vencrypt_stop("VNC server refused VeNCrypt version 0.2")
-            self.state = S.VENCRYPT_SUBTYPES
-            return True
-        if st is S.VENCRYPT_SUBTYPES:
-            subtypes = buf.take_vencrypt_subtypes()
-            if subtypes is None:
-                return False
-            self.vencrypt_subtypes = subtypes
-            return self._probe_vencrypt(subtypes) if self._probe else self._choose_vencrypt(subtypes)
-        if st is S.VENCRYPT_SUBTYPE_ACK:
-            raw = buf.take(1)
-            if raw is None:
-                return False
-            if raw[0] != 1:
-                return self._vencrypt_stop(f"VNC server refused VeNCrypt subtype {self.vencrypt_subtype}")
-            self.state = S.TLS_HANDSHAKE
-            self._events.append(StartTLS())
-            return False
-        if st is S.SECURITY_RESULT:
-            if len(buf) < 4:
-                return False
-            (status,) = struct.unpack_from(">I", buf.data)
-            if status == 0:
-                buf.take(4)
-                return self._succeed()
-            if self.version == (3, 8):
-                reason = buf.take_string(4, MAX_REASON_LENGTH, "SecurityResult failure reason")
-                if reason is None:
-                    return False
-                return self._fail(decode_reason(reason, "authentication failed"))
-            buf.take(4)  # 3.3 and 3.7: no reason string; the server closes
-            if status == 2:
-                return self._fail("authentication failed: too many attempts")
-            return self._fail("authentication failed")
-        return False  # AUTHENTICATED, FAILED, TLS_HANDSHAKE: nothing to parse
-
-    def _on_version(self, announced: tuple[int, int]) -> bool:
-        major, minor = announced
-        self.server_version = announced
-        if major < 3:
-            raise VersionError(f"VNC server announced RFB {major}.{minor}; 3.3 or later is required")
-        if major > 3 or minor >= 8:
-            version = (3, 8)  # newer (e.g. Apple's 3.889, RealVNC's 4.x) speak 3.8 to 3.8 clients
-        elif minor == 7:
-            version = (3, 7)
-        else:
-            version = (3, 3)  # 3.5 and other odd minors must be read as 3.3 (RFC 6143 7.1.1)
-        self.version = version
-        self._out += format_version(version)
-        self.state = (
-            ServerHandshakeState.SECURITY_TYPE_33
-            if version == (3, 3)
-            else ServerHandshakeState.SECURITY_TYPES
-        )
-        return True
-
-    def _choose_security(self) -> bool:
-        offered = self.security_types
-        if self._probe:
-            if SecurityType.VENCRYPT not in offered:
-                return self._probed()  # nothing more to read without authenticating
-            choice = SecurityType.VENCRYPT
-        elif SecurityType.NONE in offered:
-            choice = SecurityType.NONE
-        elif SecurityType.VNC_AUTH in offered and self._password is not None:
-            choice = SecurityType.VNC_AUTH
-        elif SecurityType.VENCRYPT in offered and self._allow_tls:
-            choice = SecurityType.VENCRYPT
-        elif SecurityType.VNC_AUTH in offered:
-            return self._fail("VNC server requires a password but the token has none")
-        elif SecurityType.VENCRYPT in offered:
-            return self._fail("VNC server requires TLS (VeNCrypt), which is disabled for VNC servers")
-        else:
-            return self._fail(f"VNC server offers no supported security type (offered: {list(offered)})")
-        self.security_type = choice
-        self._out.append(choice)
-        S = ServerHandshakeState
-        if choice == SecurityType.NONE:
-            if self.version == (3, 8):
-                self.state = S.SECURITY_RESULT
-                return True
-            return self._succeed()  # 3.7 + None: straight to initialisation, no SecurityResult
-        self.state = S.VNC_CHALLENGE if choice == SecurityType.VNC_AUTH else S.VENCRYPT_VERSION
-        return True
-
-    def _probe_vencrypt(self, offered: tuple[int, ...]) -> bool:
-        usable = [s for s in X509_SUBTYPES if s in offered]
-        if not usable or not self._probe_tls:
-            return self._probed(None if usable else "no X.509 subtype: no certificate to show")
-        self.vencrypt_subtype = usable[0]
-        self._out += struct.pack(">I", usable[0])
-        self.state = ServerHandshakeState.VENCRYPT_SUBTYPE_ACK
-        return True
-
-    def _choose_vencrypt(self, offered: tuple[int, ...]) -> bool:
-        usable = [
-            s
-            for s in _VENCRYPT_PREFERENCE
-            if s in offered and (self._password is not None or s not in _VENCRYPT_WITH_VNC_AUTH)
-        ]
-        if not usable:
-            if any(s in offered for s in _VENCRYPT_WITH_VNC_AUTH):
-                return self._fail("VNC server requires a password but the token has none")
-            return self._fail(f"VNC server offers no supported VeNCrypt subtype (offered: {list(offered)})")
-        self.vencrypt_subtype = usable[0]
-        self._out += struct.pack(">I", usable[0])
-        self.state = ServerHandshakeState.VENCRYPT_SUBTYPE_ACK
-        return True
-
-
-# -- towards the browser -----------------------------------------------------------------------
-
-
-class ClientHandshakeState(Enum):
-    """What the handshake with the browser waits for next."""
-
-    VERSION = auto()  # the browser's ProtocolVersion
-    SECURITY_CHOICE = auto()  # 3.7+: the browser's U8 security type
-    READY = auto()  # ClientReady emitted; waiting for accept() or reject()
-    ACCEPTED = auto()  # done; further bytes (ClientInit first) belong to the relay
-    REJECTED = auto()  # failure queued; the glue closes the connection
-
-
-class ClientHandshake(_Outputs):
-    """Server side of the RFB handshake towards the browser: version 3.8, security None only.
-
-    The outcome of the backend handshake is only known later, so the result is deferred:
-
-    * 3.8: types [None]; after the browser's choice, ``ClientReady``; ``accept()`` queues
-      SecurityResult 0, ``reject(reason)`` SecurityResult 1 with the reason.
-    * 3.7: types [None]; after the choice, ``ClientReady``. None has no SecurityResult in 3.7, so
-      ``accept()`` queues nothing and ``reject()`` cannot tell the client anything in-band (the
-      WebSocket close reason carries it).
-    * 3.3: the server names the type, and 0 (failure + reason) is allowed, so ``ClientReady`` comes
-      right after the version; ``accept()`` queues type None (1), ``reject(reason)`` type 0 with
-      the reason.
-    """
-
-    def __init__(self) -> None:
-        self.state = ClientHandshakeState.VERSION
-        self.version: tuple[int, int] | None = None
-        self._buf = RecvBuffer()
-        super().__init__(format_version((3, 8)))
-
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes received from the browser."""
-        C = ClientHandshakeState
-        if self.state in (C.READY, C.ACCEPTED):
-            # 3.7 clients send ClientInit right after their choice: it is the relay's.
-            self._leftover += data
-            return
-        if self.state is C.REJECTED:
-            return
-        self._buf.data += data
-        if self.state is C.VERSION:
-            _check_version_prefix(self._buf.data)
-            raw = self._buf.take(VERSION_LENGTH)
-            if raw is None:
-                return
-            self._on_version(parse_version(raw))
-        if self.state is C.SECURITY_CHOICE:
-            raw = self._buf.take(1)
-            if raw is None:
-                return
-            if raw[0] != SecurityType.NONE:
-                raise RFBError(f"client chose security type {raw[0]}, but only None (1) was offered")
-            self._ready()
-        self._leftover += self._buf.drain()
-
-    def _on_version(self, version: tuple[int, int]) -> None:
-        major, minor = version
-        if major != 3 or not 3 <= minor <= 8:
-            raise VersionError(
-                f"client asked for RFB {major}.{minor}; a client may not ask for more than 3.8 offered"
-            )
-        if minor == 8:
-            self.version = (3, 8)
-        elif minor == 7:
-            self.version = (3, 7)
-        else:
-            self.version = (3, 3)  # 3.5 and friends mean 3.3 (RFC 6143 7.1.1)
-        if self.version == (3, 3):
-            self._ready()
-        else:
-            self._out += b"\x01" + bytes([SecurityType.NONE])
-            self.state = ClientHandshakeState.SECURITY_CHOICE
-
-    def _ready(self) -> None:
-        assert self.version is not None
-        self.state = ClientHandshakeState.READY
-        self._events.append(ClientReady(self.version))
-
-    def accept(self) -> None:
-        """The VNC server accepted us: let the browser proceed to ClientInit."""
-        self._check_ready("accept")
-        if self.version == (3, 3):
-            self._out += struct.pack(">I", SecurityType.NONE)
-        elif self.version == (3, 8):
-            self._out += struct.pack(">I", 0)
-        # 3.7 + None: no SecurityResult.
-        self.state = ClientHandshakeState.ACCEPTED
-
-    def reject(self, reason: str) -> None:
-        """The backend handshake failed: queue the in-band failure the client's version allows."""
-        self._check_ready("reject")
-        raw = reason.encode("utf-8")[:MAX_REASON_LENGTH]
-        if self.version == (3, 3):
-            self._out += struct.pack(">II", SecurityType.INVALID, len(raw)) + raw
-        elif self.version == (3, 8):
-            self._out += struct.pack(">II", 1, len(raw)) + raw
-        self.state = ClientHandshakeState.REJECTED
-        self._leftover.clear()
-
-    def _check_ready(self, what: str) -> None:
-        if self.state is not ClientHandshakeState.READY:
-            raise RFBStateError(f"{what}() called in state {self.state.name}, not READY")
-
-
-# -- client-to-server messages after the handshake ---------------------------------------------
-
-_KEY_EVENT = 4
-_POINTER_EVENT = 5
-_CLIENT_CUT_TEXT = 6
-_SET_ENCODINGS = 2
-_SET_PIXEL_FORMAT = 0
-_FB_UPDATE_REQUEST = 3
-_QEMU = 255
-_XVP = 250
-_SET_DESKTOP_SIZE = 251
-_GII = 253
-_EXTENDED_MOUSE_BUTTONS = -316
-_OBSERVED = frozenset((_KEY_EVENT, _POINTER_EVENT, _CLIENT_CUT_TEXT))  # and QEMU key (checked)
-_HEADER_PEEK = 20  # the longest prefix any message needs to know its length (a whole SetPixelFormat)
-
-# Encodings whose rectangles decode on their own, whatever came before (RFC 6143 7.7; TRLE 7.7.5):
-# Raw, CopyRect, RRE, CoRRE, Hextile, TRLE. Left out: zlib (6), Tight (7), ZlibHex (8), ZRLE (16)
-# and ZYWRLE (17) keep zlib streams from rectangle to rectangle; JPEG (21) may leave out its tables
-# and reuse earlier ones; H.264 (50) needs its earlier frames.
-STATELESS_ENCODINGS = frozenset((0, 1, 2, 4, 5, 15))
-# Pseudo-encodings (negative) carry no pixel data and pass, but TightPNG (-260): Tight's decoder.
-_STATEFUL_PSEUDO = frozenset((-260,))
-MAX_SET_ENCODINGS = 4 + 4 * 0xFFFF
-
-
-def seekable_encodings(message: bytes) -> bytes:
-    """A whole SetEncodings with only the encodings a player can start decoding anywhere in
-    (``STATELESS_ENCODINGS`` and the pseudo-encodings but TightPNG), in the client's order."""
-    if len(message) < 4 or message[0] != _SET_ENCODINGS:
-        raise RFBError("not a SetEncodings message")
-    (count,) = struct.unpack_from(">H", message, 2)
-    if len(message) != 4 + 4 * count:
-        raise RFBError(f"SetEncodings of {count} encodings is {len(message)} bytes, not {4 + 4 * count}")
-    encodings = struct.unpack_from(f">{count}i", message, 4)
-    kept = [e for e in encodings if (e in STATELESS_ENCODINGS if e >= 0 else e not in _STATEFUL_PSEUDO)]
-    return struct.pack(f">BxH{len(kept)}i", _SET_ENCODINGS, len(kept), *kept)
-
-# Fixed-length messages: type -> total length.
-_FIXED = {
-    0: 20,  # SetPixelFormat
-    3: 10,  # FramebufferUpdateRequest
-    _KEY_EVENT: 8,
-    150: 10,  # EnableContinuousUpdates
-    _XVP: 4,
-}
-
-
-def _is_lang_release(h: bytes) -> bool:
-    """Whether the whole message at the start of ``h`` releases Lang1 (한/영) or Lang2 (한자)."""
-    if h[0] == _KEY_EVENT:
-        (keysym,) = struct.unpack_from(">I", h, 4)
-        return h[1] == 0 and keysym in (LANG1_KEYSYM, LANG2_KEYSYM)
-    if h[0] == _QEMU and h[1] == 0:
-        down, _keysym, keycode = struct.unpack_from(">HII", h, 2)
-        return down == 0 and keycode in (LANG1_KEYCODE, LANG2_KEYCODE)
-    return False
-
-
-def server_init_name_length(fixed: bytes) -> int:
-    """The name length from ServerInit's fixed part (RFC 6143 7.3.2), checked against our bound.
-
-    A VNC server that announces a huge name would make the browser buffer it; the proxy refuses
-    it before relaying anything.
-    """
-    if len(fixed) != SERVER_INIT_FIXED:
-        raise RFBError(f"ServerInit's fixed part is {SERVER_INIT_FIXED} bytes, got {len(fixed)}")
-    (length,) = struct.unpack_from(">I", fixed, 20)
-    if length > MAX_NAME_LENGTH:
-        raise LimitExceeded(f"ServerInit desktop name is {length} bytes (at most {MAX_NAME_LENGTH})")
-    return int(length)
-
-
-class ClientMessageFilter:
-    """Frames the browser's client-to-server messages (RFC 6143 7.3.1, 7.5 and extensions).
-
-    ``feed(data)`` returns the bytes to forward to the VNC server. With ``view_only`` the input
-    messages are dropped: KeyEvent, PointerEvent, ClientCutText, QEMU extended key events, and
-    the ones that change the VM rather than the view: xvp (shutdown/reboot/reset), SetDesktopSize
-    and gii (injected input devices). Everything else passes byte for byte, and without
-    ``view_only`` everything does.
-
-    An unknown message type raises ``RFBError``: its length cannot be known, so framing would be
-    lost. Message bodies are streamed, never buffered: memory per console is a header of at most
-    16 bytes. ``max_cut_text`` bounds one ClientCutText (either sign of the extended-clipboard
-    length); a longer one raises ``LimitExceeded``.
-
-    PointerEvent is 6 bytes, or 7 with bit 7 of the button mask set once the client has asked for
-    the ExtendedMouseButtons pseudo-encoding (-316) in SetEncodings: noVNC masks bit 7 until the
-    server confirms the extension, and sets it on every extended event after that.
-
-    With ``drop_lang_release`` the release of Lang1 (한/영) and Lang2 (한자) is dropped, and nothing
-    else: a QEMU extended key event (255, subtype 0) whose down-flag is 0 and whose key code is
-    ``LANG1_KEYCODE`` or ``LANG2_KEYCODE``, and a plain KeyEvent (4) whose down-flag is 0 and whose
-    keysym is ``LANG1_KEYSYM`` or ``LANG2_KEYSYM`` (QEMU maps those keysyms to the same keys). A real
-    Korean keyboard has no release for these keys; QEMU before its 2023 fix ("ps2: Don't send key
-    release event for Lang1, Lang2 keys") sent one anyway, which Windows reads as a second press.
-    Deciding needs the whole 12-byte extended key event (8-byte KeyEvent), so at most that much is
-    held between feeds.
-
-    ``observer`` (the recorder, recording.py) is called with every whole input message the filter
-    forwards: KeyEvent, QEMU extended key event, PointerEvent, and ClientCutText with its text
-    (bounded by ``max_cut_text``). To hand over whole messages it holds a split key or pointer
-    message (at most 12 bytes) between feeds, as ``drop_lang_release`` does.
-
-    ``lenient`` (a recorded console that neither drops input nor Lang releases): a message that
-    cannot be framed does not end the console; from there on every byte passes unframed, and
-    nothing more is observed (recording must never break a console).
-
-    ``on_request`` (the recorder) gets each whole FramebufferUpdateRequest and returns the bytes
-    to forward in its place (a keyframe turns the browser's incremental request into a full one).
-    The last SetPixelFormat is kept in ``pixel_format`` (its 16-byte format), for the recorder.
-    With ``seekable`` each SetEncodings is forwarded as ``seekable_encodings`` makes it: the VNC
-    server then sends nothing a player could not start decoding at a keyframe. That message is
-    held whole (at most ``MAX_SET_ENCODINGS`` bytes, about 20 in practice) to rewrite its count.
-    """
-
-    def __init__(
-        self,
-        *,
-        view_only: bool = True,
-        max_cut_text: int = DEFAULT_MAX_CUT_TEXT,
-        expect_client_init: bool = True,
-        drop_lang_release: bool = False,
-        observer: Callable[[bytes], None] | None = None,
-        lenient: bool = False,
-        on_request: Callable[[bytes], bytes] | None = None,
-        seekable: bool = False,
-    ) -> None:
-        self.view_only = view_only
-        self.on_request = on_request
-        self.seekable = seekable
-        self.pixel_format: bytes | None = None
-        self._encodings: bytearray | None = None  # a SetEncodings being collected (seekable)
-        self.lenient = lenient
-        self.unframed = False  # lenient, after a message that could not be framed
-        self.observer = observer
-        self._cut: bytearray | None = None  # a ClientCutText being collected for the observer
-        self.drop_lang_release = drop_lang_release
-        self.max_cut_text = max_cut_text
-        self.dropped = 0  # messages dropped so far (input of a view-only console, Lang releases)
-        self.lang_releases_dropped = 0
-        self._client_init = expect_client_init
-        self._header = bytearray()  # start of a message whose length is not known yet
-        self._remaining = 0  # bytes of the current message still to pass or drop
-        self._dropping = False
-        self._scan_encodings = False  # the current message is SetEncodings
-        self._enc_partial = bytearray()
-        self._enc_skip = 0
-        self._extended_mouse = False
-
-    def feed(self, data: bytes) -> bytes:
-        if self.unframed:
-            return bytes(data)
-        out = bytearray()
-        i, n = 0, len(data)
-        while i < n:
-            if self._remaining:
-                k = min(self._remaining, n - i)
-                if self._encodings is not None:
-                    self._encodings += data[i : i + k]
-                    i += k
-                    self._remaining -= k
-                    if not self._remaining:
-                        message, self._encodings = seekable_encodings(bytes(self._encodings)), None
-                        self._scan_encodings, self._enc_skip = True, 4
-                        self._enc_partial.clear()
-                        self._scan(message)
-                        self._scan_encodings = False
-                        out += message
-                    continue
-                if not self._dropping:
-                    chunk = data[i : i + k]
-                    out += chunk
-                    if self._scan_encodings:
-                        self._scan(chunk)
-                    if self._cut is not None:
-                        self._cut += chunk
-                i += k
-                self._remaining -= k
-                if not self._remaining and self._cut is not None:
-                    cut, self._cut = self._cut, None
-                    self._observe(bytes(cut))
-                continue
-            if self._client_init:
-                out += data[i : i + 1]  # ClientInit: the shared flag
-                self._client_init = False
-                i += 1
-                continue
-            held = bytes(self._header)
-            peek = held + data[i : i + _HEADER_PEEK]
-            try:
-                total = self._message_length(peek)
-            except RFBError:
-                if not self.lenient:
-                    raise
-                self.unframed = True
-                self.observer = None
-                self._header.clear()
-                out += held
-                out += data[i:]
-                break
-            if total is None:
-                self._header += data[i:]
-                break
-            self._header.clear()
-            mtype = peek[0]
-            drop = self.view_only and self._is_input(peek)
-            if not drop and self.drop_lang_release and _is_lang_release(peek):
-                drop = True
-                self.lang_releases_dropped += 1
-            self._dropping = drop
-            if drop:
-                self.dropped += 1
-            elif mtype == _FB_UPDATE_REQUEST and self.on_request is not None:
-                out += self.on_request(bytes(peek[:total]))  # whole: _message_length waited
-                i += total - len(held)
-                continue
-            elif mtype == _SET_PIXEL_FORMAT and self.on_request is not None:
-                self.pixel_format = bytes(peek[4:total])
-                out += peek[:total]
-                i += total - len(held)
-                continue
-            elif mtype == _SET_ENCODINGS and self.seekable:
-                self._encodings = bytearray(held)
-                self._remaining = total - len(held)
-                continue
-            else:
-                out += held
-            self._remaining = total - len(held)
-            if not drop and self.observer is not None and (
-                mtype in _OBSERVED or (mtype == _QEMU and peek[1] == 0)
-            ):
-                whole = peek[:total]
-                if len(whole) == total:
-                    self._remaining = 0
-                    self._scan_encodings = False
-                    out += data[i : i + total - len(held)]
-                    i += total - len(held)
-                    self._observe(whole)
-                    continue
-                self._cut = bytearray(held)  # a long ClientCutText: the rest follows
-            self._scan_encodings = mtype == _SET_ENCODINGS and not drop
-            if self._scan_encodings:
-                self._enc_partial.clear()
-                self._enc_skip = 4  # type, padding, count
-                self._scan(held)
-        return bytes(out)
-
-    @property
-    def at_message_boundary(self) -> bool:
-        """Whether the next byte starts a client message: one may be inserted here."""
-        return not (self._remaining or self._header or self._client_init or self.unframed)
-
-    def _observe(self, message: bytes) -> None:
-        assert self.observer is not None
-        self.observer(message)
-
-    def _scan(self, chunk: bytes) -> None:
-        """Watch SetEncodings for ExtendedMouseButtons (it changes the PointerEvent length)."""
-        if self._enc_skip:
-            k = min(self._enc_skip, len(chunk))
-            chunk = chunk[k:]
-            self._enc_skip -= k
-        self._enc_partial += chunk
-        whole = len(self._enc_partial) // 4 * 4
-        for (enc,) in struct.iter_unpack(">i", self._enc_partial[:whole]):
-            if enc == _EXTENDED_MOUSE_BUTTONS:
-                self._extended_mouse = True
-        del self._enc_partial[:whole]
-
-    @staticmethod
-    def _is_input(h: bytes) -> bool:
-        t = h[0]
-        if t in (_KEY_EVENT, _POINTER_EVENT, _CLIENT_CUT_TEXT, _XVP, _SET_DESKTOP_SIZE, _GII):
-            return True
-        return t == _QEMU and h[1] == 0
-
-    def _message_length(self, h: bytes) -> int | None:
-        """Total length of the message starting at ``h``; None when more bytes are needed."""
-        t = h[0]
-        fixed = _FIXED.get(t)
-        if fixed is not None:
-            if self.on_request is not None and t in (_SET_PIXEL_FORMAT, _FB_UPDATE_REQUEST):
-                return None if len(h) < fixed else fixed  # handed over, or kept, whole
-            if t == _KEY_EVENT and (self.drop_lang_release or self.observer) and len(h) < fixed:
-                return None  # the keysym decides whether it is a Lang release; the observer sees it
-            return fixed
-        if t == _POINTER_EVENT:
-            if len(h) < 2:
-                return None
-            n = 7 if self._extended_mouse and h[1] & 0x80 else 6
-            return None if self.observer is not None and len(h) < n else n
-        if t == _SET_ENCODINGS:
-            if len(h) < 4:
-                return None
-            (count,) = struct.unpack_from(">H", h, 2)
-            return 4 + 4 * int(count)
-        if t == _CLIENT_CUT_TEXT:
-            if len(h) < 8:
-                return None
-            (length,) = struct.unpack_from(">i", h, 4)
-            size = abs(int(length))  # negative: extended clipboard, abs() bytes follow
-            if size > self.max_cut_text:
-                raise LimitExceeded(
-                    f"ClientCutText of {size} bytes exceeds the limit of {self.max_cut_text} bytes"
-                )
-            return 8 + size
-        if t == _QEMU:
-            if len(h) < 2:
-                return None
-            if h[1] == 0:
-                if (self.drop_lang_release or self.observer) and len(h) < 12:
-                    return None  # the key code decides whether it is a Lang release
-                return 12  # extended key event
-            if h[1] == 1:
-                if len(h) < 4:
-                    return None
-                (op,) = struct.unpack_from(">H", h, 2)
-                if op in (0, 1):
-                    return 4  # audio enable / disable
-                if op == 2:
-                    return 10  # audio set format
-                raise RFBError(f"unknown QEMU audio operation {op}")
-            raise RFBError(f"unknown QEMU client message subtype {h[1]}")
-        if t == 248:  # ClientFence
-            if len(h) < 9:
-                return None
-            return 9 + h[8]
-        if t == _SET_DESKTOP_SIZE:
-            if len(h) < 7:
-                return None
-            return 8 + 16 * h[6]
-        if t == _GII:
-            if len(h) < 4:
-                return None
-            fmt = ">H" if h[1] & 0x80 else "<H"  # bit 7 of endian-and-sub-type: big endian
-            (length,) = struct.unpack_from(fmt, h, 2)
-            return 4 + int(length)
-        raise RFBError(f"unknown client message type {t}: cannot frame it")

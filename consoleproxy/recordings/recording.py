@@ -11,7 +11,7 @@ Nothing on the event loop waits for the disk: when a recording's bytes not yet w
 and its console goes on unrecorded.
 
 Memory per recorded console: the ``Recorder`` (slots), an empty buffer while idle, and its input
-observer, the client-message filter (rfb.ClientMessageFilter). No task, no timer, no open file
+observer, the client-message filter (rfb_messages.ClientMessageFilter). No task, no timer, no open file
 object: the writer thread keeps each recording's file descriptor.
 
 No reference cycle with the relay or the session: the relay holds its recorder; the recorder holds
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from consoleproxy.metrics import Metrics
     from consoleproxy.net.relay import Relay
     from consoleproxy.policy.sessions import Session
-    from consoleproxy.protocol.rfb import ClientMessageFilter
+    from consoleproxy.protocol.rfb_messages import ClientMessageFilter
     from consoleproxy.recordings.recording_s3 import S3Store
 
 __all__ = [
@@ -313,7 +313,7 @@ class Recorder:
         self.down(init)
 
     def input(self, message: bytes) -> None:
-        """A whole input message from the browser (rfb.ClientMessageFilter's observer)."""
+        """A whole input message from the browser (rfb_messages.ClientMessageFilter's observer)."""
         if self.incomplete_reason is not None:
             return
         rec = input_record(self.keys, self._ms(), message)

@@ -35,7 +35,7 @@ Record kinds and their data:
   starts a fresh decoder there, with a ServerInit of ``width`` x ``height`` (the size the browser
   asked for) and the pixel format the browser set (all zero: none set, the server's). A header
   field ``seekable`` true says the browser's encodings were cut down to ones without state carried
-  from update to update (rfb.seekable_encodings), so decoding can start at ``offset``; without it
+  from update to update (rfb_messages.seekable_encodings), so decoding can start at ``offset``; without it
   a player decodes from the start. Format 1 writers before seeking wrote KEYFRAME empty.
 """
 

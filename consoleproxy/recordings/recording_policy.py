@@ -33,7 +33,7 @@ def should_record(enabled: bool, claim: bool | None, vm: str, vms: list[str] | t
 def input_record(policy: str, ms: int, message: bytes) -> bytes | None:
     """The record (recording_format) for one whole client input message, or None to keep nothing.
 
-    ``message`` is what rfb.ClientMessageFilter hands its observer: a KeyEvent, QEMU extended key
+    ``message`` is what rfb_messages.ClientMessageFilter hands its observer: a KeyEvent, QEMU extended key
     event, PointerEvent or ClientCutText, whole.
     """
     if policy == "none" or not message:

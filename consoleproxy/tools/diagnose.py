@@ -10,7 +10,7 @@ diagnostics do.
   name of ``[A-Za-z0-9.-]`` (no leading ``-``, at most 253 characters); anything else raises
   ``BadDiagnosticTarget`` before any socket or process exists. Tools run with
   ``create_subprocess_exec`` (an argument vector, never a shell).
-* ``RFBProbe``: ``rfb.ServerHandshake`` in its probe mode (sans-I/O, it never authenticates). After
+* ``RFBProbe``: ``rfb_server.ServerHandshake`` in its probe mode (sans-I/O, it never authenticates). After
   the security types it stops, unless VeNCrypt is offered: then it negotiates VeNCrypt 0.2 to read
   the subtypes and, when an X.509 subtype is offered, asks for TLS so the glue can read the
   certificate.
@@ -37,7 +37,8 @@ from cryptography.hazmat.primitives import hashes
 
 from consoleproxy.errors import ConsoleProxyError
 from consoleproxy.net.vncconn import drive, open_connection
-from consoleproxy.protocol.rfb import RFBError, ServerHandshake, ServerHandshakeState
+from consoleproxy.protocol.rfb import RFBError
+from consoleproxy.protocol.rfb_server import ServerHandshake, ServerHandshakeState
 
 __all__ = [
     "BadDiagnosticTarget",
@@ -139,7 +140,7 @@ def validate_port(value: object) -> int:
 
 
 class RFBProbe(ServerHandshake):
-    """Read what a VNC server offers without authenticating: ``rfb.ServerHandshake`` in probe mode.
+    """Read what a VNC server offers without authenticating: ``rfb_server.ServerHandshake`` in probe mode.
 
     ``done`` once it has read all it can (or the server refused: ``refused``); ``wants_tls`` when
     the glue should run the TLS handshake to read the certificate. Protocol violations raise

@@ -39,7 +39,7 @@ from consoleproxy.policy.cloudstack import CloudStackKeys, decrypt, encrypt_cbc_
 from consoleproxy.policy.gates import HeadScanner, HeadTooLarge
 from consoleproxy.policy.resume import TicketBody, issue_ticket, open_ticket, seal_body
 from consoleproxy.policy.tokens import Keyring, b64url_encode, decode, issue
-from consoleproxy.protocol import rfb
+from consoleproxy.protocol import rfb, rfb_client, rfb_messages, rfb_server
 from consoleproxy.protocol.forwarded import BadForwardedFor, client_address, parse_networks
 from consoleproxy.protocol.hostnames import hostname_for_ip, ip_for_hostname, normalize_suffix
 from consoleproxy.protocol.proxyproto import V2_SIGNATURE, ProxyProtocolError
@@ -275,7 +275,7 @@ server_prefixes = st.sampled_from([
 ])
 
 
-def _feed_server(hs: rfb.ServerHandshake, chunks: list[bytes]) -> None:
+def _feed_server(hs: rfb_server.ServerHandshake, chunks: list[bytes]) -> None:
     for chunk in chunks:
         hs.receive_data(chunk)
         assert isinstance(hs.data_to_send(), bytes)
@@ -288,7 +288,7 @@ def _feed_server(hs: rfb.ServerHandshake, chunks: list[bytes]) -> None:
 @given(prefix=server_prefixes, chunks=st.lists(st.binary(max_size=64), max_size=8),
        password=st.sampled_from([None, "pw", "longer password"]), tls=st.booleans())
 def test_rfb_server_side_random(prefix: bytes, chunks: list[bytes], password: str | None, tls: bool) -> None:
-    hs = rfb.ServerHandshake(password, allow_tls=tls)
+    hs = rfb_server.ServerHandshake(password, allow_tls=tls)
     try:
         _feed_server(hs, [prefix, *chunks])
     except rfb.RFBError:
@@ -299,7 +299,7 @@ def test_rfb_server_side_random(prefix: bytes, chunks: list[bytes], password: st
        chunks=st.lists(st.binary(max_size=64), max_size=8), accept=st.booleans(),
        reason=st.text(max_size=5000))
 def test_rfb_client_side_random(prefix: bytes, chunks: list[bytes], accept: bool, reason: str) -> None:
-    hs = rfb.ClientHandshake()
+    hs = rfb_client.ClientHandshake()
     try:
         for chunk in [prefix, *chunks]:
             hs.receive_data(chunk)
@@ -311,7 +311,7 @@ def test_rfb_client_side_random(prefix: bytes, chunks: list[bytes], accept: bool
         pass
 
 
-def _filtered(f: rfb.ClientMessageFilter, chunks: list[bytes]) -> bytes | type[Exception]:
+def _filtered(f: rfb_messages.ClientMessageFilter, chunks: list[bytes]) -> bytes | type[Exception]:
     try:
         return b"".join(f.feed(c) for c in chunks)
     except rfb.RFBError as exc:  # LimitExceeded is one
@@ -325,8 +325,8 @@ def test_client_filter_lang_release_random(data: bytes, cuts: list[int]) -> None
     does (the same named error, or none), and drops only whole 12- or 8-byte key messages."""
     bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
     chunks = [data[i:j] for i, j in itertools.pairwise(bounds)]
-    plain = rfb.ClientMessageFilter(view_only=False, expect_client_init=False)
-    lang = rfb.ClientMessageFilter(view_only=False, drop_lang_release=True, expect_client_init=False)
+    plain = rfb_messages.ClientMessageFilter(view_only=False, expect_client_init=False)
+    lang = rfb_messages.ClientMessageFilter(view_only=False, drop_lang_release=True, expect_client_init=False)
     a, b = _filtered(plain, chunks), _filtered(lang, chunks)
     if isinstance(a, bytes) and isinstance(b, bytes):
         assert lang.dropped == lang.lang_releases_dropped
@@ -344,7 +344,7 @@ def test_client_filter_lang_release_random(data: bytes, cuts: list[int]) -> None
 def test_rfb_reason_length_capped(length: int, where: str) -> None:
     """A server announcing a huge reason string is refused at once, never buffered."""
     data = {"33": V[3] + b"\x00\x00\x00\x00", "37": V[7] + b"\x00", "38": V[8] + b"\x00"}[where]
-    hs = rfb.ServerHandshake(None)
+    hs = rfb_server.ServerHandshake(None)
     with pytest.raises(rfb.LimitExceeded):
         _feed_server(hs, [data + struct.pack(">I", length) + b"x" * 100])
 

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consoleproxy.protocol.rfb import ClientMessageFilter, RFBError, seekable_encodings
+from consoleproxy.protocol.rfb import RFBError
+from consoleproxy.protocol.rfb_messages import ClientMessageFilter, seekable_encodings
 from consoleproxy.recordings import recording, recording_writer
 from consoleproxy.recordings import recording_format as fmt
 from consoleproxy.recordings.recording_policy import input_record, should_record

@@ -1,4 +1,4 @@
-"""The embedded demo VNC server, reached with asyncio streams and ``rfb.ServerHandshake`` glued by hand."""
+"""The embedded demo VNC server, reached with asyncio streams and ``rfb_server.ServerHandshake`` by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from consoleproxy.protocol import rfb
+from consoleproxy.protocol import rfb, rfb_server
 from consoleproxy.tools.demo import CutText, DemoVncServer, ExtendedKeyEvent, KeyEvent, PointerEvent
 
 TIMEOUT = 10.0
@@ -28,7 +28,7 @@ async def vnc() -> AsyncIterator[DemoVncServer]:
 async def authenticate(port: int, password: str | None) -> tuple[Stream, rfb.Authenticated | rfb.AuthFailed]:
     """The proxy's glue in miniature: read, feed, write until the handshake ends."""
     r, w = await asyncio.open_connection("127.0.0.1", port)
-    hs = rfb.ServerHandshake(password)
+    hs = rfb_server.ServerHandshake(password)
     async with asyncio.timeout(TIMEOUT):
         while True:
             data = await r.read(4096)

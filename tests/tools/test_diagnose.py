@@ -23,7 +23,8 @@ from test_vencrypt import qemu_tls
 
 import consoleproxy.tools.diagnose as diagnose_mod
 from consoleproxy.net import vncconn
-from consoleproxy.protocol.rfb import LimitExceeded, ServerHandshakeState, VersionError
+from consoleproxy.protocol.rfb import LimitExceeded, VersionError
+from consoleproxy.protocol.rfb_server import ServerHandshakeState
 from consoleproxy.tools import cli
 from consoleproxy.tools.diagnose import (
     BadDiagnosticTarget,
