@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from sentinel_helpers import running_group
 
-from consoleproxy.policy.replay import SentinelReplayStore, parse_store_url
+from consoleproxy.policy.replay_redis import SentinelReplayStore
+from consoleproxy.policy.replay_url import parse_store_url
 
 
 async def measure(url: str, replicas: int, n: int) -> str:

@@ -30,7 +30,7 @@ from consoleproxy.policy.acme_policy import (
     directory_url,
     order_names,
 )
-from consoleproxy.policy.replay import BadStoreURL, parse_store_url, redact_url
+from consoleproxy.policy.replay_url import BadStoreURL, parse_store_url, redact_url
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_port_range"]
 

@@ -17,13 +17,9 @@ from consoleproxy.metrics import Metrics
 from consoleproxy.net.dns import DnsSettings
 from consoleproxy.policy.cloudstack import CloudStackKeyError, CloudStackKeys, CloudStackValidator
 from consoleproxy.policy.origin import OriginPolicy
-from consoleproxy.policy.replay import (
-    BadStoreURL,
-    GuardedReplayStore,
-    ReplayStoreUnavailable,
-    open_replay_store,
-    redact_url,
-)
+from consoleproxy.policy.replay import GuardedReplayStore, ReplayStoreUnavailable
+from consoleproxy.policy.replay_open import open_replay_store
+from consoleproxy.policy.replay_url import BadStoreURL, redact_url
 from consoleproxy.policy.sessions import Registry
 from consoleproxy.policy.targets import TargetPolicy, local_addresses
 from consoleproxy.policy.tokens import Keyring, KeyringError, TokenValidator

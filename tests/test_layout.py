@@ -26,10 +26,6 @@ KNOWN: dict[str, str] = {
         "command group is the next step"
     ),
     "config.py": "the whole configuration schema, one dataclass a section",
-    "policy/replay.py": (
-        "the replay stores (memory, SQLite, Redis, Sentinel) and their guard behind one interface; "
-        "one module a store is the next step"
-    ),
 }
 
 

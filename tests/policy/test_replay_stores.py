@@ -33,20 +33,16 @@ from consoleproxy.config import ConfigError, load_config, replace
 from consoleproxy.errors import ConsoleError, TokenAlreadyUsed
 from consoleproxy.policy.cloudstack import CloudStackKeys, CloudStackValidator, encrypt_gcm
 from consoleproxy.policy.replay import (
-    BadStoreURL,
     GuardedReplayStore,
     MemoryReplayStore,
-    RedisReplayStore,
     ReplayStore,
     ReplayStoreFull,
     ReplayStoreUnavailable,
-    SentinelReplayStore,
-    SqliteReplayStore,
-    StoreURL,
-    open_replay_store,
-    parse_store_url,
-    redact_url,
 )
+from consoleproxy.policy.replay_open import open_replay_store
+from consoleproxy.policy.replay_redis import RedisReplayStore, SentinelReplayStore
+from consoleproxy.policy.replay_sqlite import SqliteReplayStore
+from consoleproxy.policy.replay_url import BadStoreURL, StoreURL, parse_store_url, redact_url
 from consoleproxy.policy.tokens import Keyring
 from consoleproxy.server import ProxyServer
 
@@ -189,7 +185,7 @@ def test_sqlite_file_that_cannot_be_created_fails_at_start(tmp_path: Path) -> No
 
 _WORKER = r"""
 import asyncio, json, os, random, sys, time
-from consoleproxy.policy.replay import SqliteReplayStore
+from consoleproxy.policy.replay_sqlite import SqliteReplayStore
 
 async def main(db, go, n):
     store = SqliteReplayStore(db, timeout=5)
