@@ -31,6 +31,20 @@ import relay_bench as rb  # noqa: E402
 MIB = rb.MIB
 
 
+def _other_threads_cpu(pid: int) -> float:
+    """CPU seconds of the proxy's threads other than its main one (the recordings' writer)."""
+    total = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        if int(tid) == pid:
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue  # a thread that ended
+        total += (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def _recorded(rec_dir: Path) -> dict[str, Any]:
     files = list(rec_dir.glob("*.cprec"))
     states = [json.loads(m.read_text()).get("state") for m in rec_dir.glob("*.json")]
@@ -78,7 +92,11 @@ def run(
                                 if scenario == "idle":
                                     res = rb.idle(env, p, idle_n)
                                 else:
+                                    before = _other_threads_cpu(p.pid)
                                     res = rb.stream(env, p, "down", sizes, rate=pace)
+                                    streamed = down * reps / rb.GIB
+                                    res["other_threads_cpu_s_per_gib"] = (
+                                        _other_threads_cpu(p.pid) - before) / streamed
                         finally:
                             rb.consoleproxy_config = plain_config
                         if record:
@@ -92,6 +110,8 @@ def run(
                 "cpu_s_per_gib": rb.med([r["cpu_s_per_gib"] for r in every]),
                 "mb_s": rb.med([r["mb_s"] for r in every]),
                 "cpu_s_per_gib_runs": [round(r["cpu_s_per_gib"], 3) for r in every],
+                "writer_cpu_s_per_gib": rb.med(
+                    [res["other_threads_cpu_s_per_gib"] for res in runs[f"{scenario}_{label}"]]),
             }
         rec = [res["recorded"] for res in runs[f"{scenario}_on"]]
         out[f"{scenario}_recorded"] = {k: sum(r[k] for r in rec) for k in ("files", "bytes", "incomplete")}
@@ -133,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         off, on, rec = r[f"{scenario}_off"], r[f"{scenario}_on"], r[f"{scenario}_recorded"]
         print(f"CPU s/GiB down, {what}: off {off['cpu_s_per_gib']:.3f} {off['cpu_s_per_gib_runs']}, "
               f"on {on['cpu_s_per_gib']:.3f} {on['cpu_s_per_gib_runs']} (x{r[f'{scenario}_cpu_ratio']:.2f}); "
+              f"of which the writer thread {on['writer_cpu_s_per_gib']:.3f}; "
               f"MB/s off {off['mb_s']:.0f}, on {on['mb_s']:.0f}; recorded {rec['bytes'] / MIB:.0f} of "
               f"{streamed} MiB, {rec['incomplete']} of {rec['files']} incomplete")
     print(f"PSS per idle console: plain {r['pss_per_plain_console_kib']:.1f} KiB, "

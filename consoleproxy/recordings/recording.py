@@ -55,7 +55,8 @@ READ_BYTES = 1024 * 1024
 # Size of the pooled big buffers, a streaming console's: a whole number of 2 MiB pages
 # (recording_writer.page_buffer). Each chunk costs the writer thread the same, whatever its size
 # (a queue hand-off, system calls, the GIL taken back): per GiB recorded, 4 MiB chunks cost it
-# 0.08-0.10 CPU s, 8 MiB 0.05-0.06, 16 MiB 0.013-0.02 (bench/recording_bench.py's paced console).
+# 0.08-0.10 CPU s, 8 MiB 0.05-0.06, 16 MiB 0.013-0.03 (a console paced at 200 MiB/s, as in
+# bench/recording_bench.py, the writer thread's CPU from /proc).
 BUFFER_BYTES = 16 * 1024 * 1024
 # A console's buffer is handed to the writer at this size (or sooner: the next record would not
 # fit). Below it there is room for one more of the relay's reads, its record header, and the
