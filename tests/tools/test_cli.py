@@ -14,7 +14,8 @@ from conftest import starts_program
 from consoleproxy.errors import TokenAlreadyUsed, TokenExpired, TokenInvalid
 from consoleproxy.policy.replay import MemoryReplayStore
 from consoleproxy.policy.tokens import Keyring, TokenValidator
-from consoleproxy.tools.cli import console_url, main
+from consoleproxy.tools.cli import main
+from consoleproxy.tools.cli_tokens import console_url
 
 CLI = [sys.executable, "-m", "consoleproxy"]
 
