@@ -810,15 +810,20 @@ function main() {
     setupPanels();
     $("connect").addEventListener("click", () => connect());
     setStatus("loading", "status.loading"); // input buttons off until connected, as in every state
-    novnc.then((m) => {
-        RFB = m.default;
-        if (falsy(params.get("autoconnect"))) {
-            $("connect").hidden = false;
-            setStatus("ready", "status.ready");
-        } else {
-            connect();
-        }
-    });
+    novnc.then(
+        (m) => {
+            RFB = m.default;
+            if (falsy(params.get("autoconnect"))) {
+                $("connect").hidden = false;
+                setStatus("ready", "status.ready");
+            } else {
+                connect();
+            }
+        },
+        // The viewer's code did not load (a proxy restarted mid-load, a network error): say so,
+        // rather than "Loading…" for ever.
+        (e) => setStatus("error", "status.noviewer", null, e.message),
+    );
 }
 
 main();

@@ -21,6 +21,7 @@ export const STRINGS = {
         "status.notoken": "This console link has no token. Open the console again from the management portal.",
         "status.badport": "The console link has an invalid port number.",
         "status.nowebsocket": "The browser could not open a connection to the console proxy.",
+        "status.noviewer": "The console viewer could not be loaded. Reload the page to try again.",
         "status.security": "The console server rejected the connection.",
         "status.reason": "Details from the server: {reason}",
 
@@ -155,6 +156,7 @@ export const STRINGS = {
         "status.notoken": "이 콘솔 링크에는 토큰이 없습니다. 관리 화면에서 콘솔을 다시 여십시오.",
         "status.badport": "콘솔 링크의 포트 번호가 올바르지 않습니다.",
         "status.nowebsocket": "브라우저가 콘솔 프록시에 연결을 열지 못했습니다.",
+        "status.noviewer": "콘솔 화면 프로그램을 불러오지 못했습니다. 페이지를 새로 고쳐 다시 시도하십시오.",
         "status.security": "콘솔 서버가 연결을 거부했습니다.",
         "status.reason": "서버가 보낸 상세 내용: {reason}",
 

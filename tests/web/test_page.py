@@ -847,6 +847,23 @@ async def test_page_is_in_its_language_when_loaded(tmp_path: Path) -> None:
         br.assert_clean()
 
 
+@pytest.mark.parametrize(("language", "text"), [
+    ("en", "The console viewer could not be loaded. Reload the page to try again."),
+    ("ko", "콘솔 화면 프로그램을 불러오지 못했습니다. 페이지를 새로 고쳐 다시 시도하십시오."),
+])
+async def test_a_viewer_that_fails_to_load_is_a_clear_error(tmp_path: Path, language: str, text: str) -> None:
+    """noVNC's core is imported after the page's own script: if that fails (the proxy went away
+    mid-load), the page says so instead of showing "Loading…" for ever."""
+    async with running_proxy(tmp_path) as p, browser(p, "en-US") as br:
+        await br.page.route("**/novnc/core/rfb.js", lambda route: route.abort())
+        await br.page.goto(console_url(p, "x", language=language))
+        await br.wait_state("error")
+        assert await br.status() == text
+        assert await br.page.locator("#connect").is_hidden()
+        # The aborted fetch is the browser's own console error (logged twice); nothing else.
+        assert br.errors and set(br.errors) == {"console: Failed to load resource: net::ERR_FAILED"}
+
+
 async def test_reconnecting_text_in_korean_and_english(tmp_path: Path) -> None:
     async with running_proxy(tmp_path) as p, browser(p) as br:
         await br.page.goto(console_url(p, "x", autoconnect="false", language="ko"))
