@@ -41,11 +41,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from consoleproxy.net.threadbuffers import let_go, thread_buffer
 from consoleproxy.policy.sessions import Session
 from consoleproxy.protocol.rfb import RFBError
 from consoleproxy.protocol.wsframes import Close, Event, close_reason, frame_header
@@ -116,19 +116,10 @@ def write_buffers(transport: asyncio.WriteTransport, fd: int, bufs: list[Any]) -
         transport.write(b)
 
 
-# The down direction reads into one buffer per event-loop thread, shared by every console: reads
-# and frame writes happen in one callback, so the buffer is free again before the next read unless
-# a transport kept a reference to unsent bytes (then it is left to that transport and a new one is
-# made). No per-read allocation, no page faults for fresh memory, nothing per idle console.
-_read_buffers: dict[int, memoryview] = {}
-
-
 def read_buffer() -> memoryview:
-    key = threading.get_ident()
-    view = _read_buffers.get(key)
-    if view is None:
-        view = _read_buffers[key] = memoryview(bytearray(READ_SIZE))
-    return view
+    """The thread's relay read buffer (threadbuffers): reads and frame writes happen in one
+    callback, so it is free again before the next read unless a transport kept unsent bytes."""
+    return thread_buffer("relay", READ_SIZE)
 
 
 class _Backend(asyncio.BufferedProtocol):
@@ -153,7 +144,7 @@ class _Backend(asyncio.BufferedProtocol):
         # A recorded console that streams reads into its recording's buffer: nothing is copied.
         buf = rec.read_buffer() if rec is not None else None
         if buf is None:
-            buf = read_buffer()
+            buf = thread_buffer("relay", READ_SIZE)
         self._buf = buf
         return buf
 
@@ -165,9 +156,7 @@ class _Backend(asyncio.BufferedProtocol):
         if r.ws_keeps_views and r.ws_transport.get_write_buffer_size():
             # The browser's transport may hold a view of the shared buffer: leave it that one
             # (a recording's own buffer is the recorder's to keep or reuse).
-            key = threading.get_ident()
-            if _read_buffers.get(key) is buf:
-                del _read_buffers[key]
+            let_go("relay", buf)
         if (
             self._turns and nbytes == len(buf) and not self.browser_wait
             and not self._yielding and not r.ended

@@ -46,9 +46,10 @@ import asyncio
 import collections
 import contextlib
 import ssl
-import threading
 from collections.abc import Iterable
 from typing import Any, cast
+
+from consoleproxy.net.threadbuffers import thread_buffer
 
 __all__ = ["SHUTDOWN_TIMEOUT", "TLSTransport", "accept_tls", "start_tls"]
 
@@ -58,16 +59,6 @@ READ_SIZE = 256 * 1024
 SHUTDOWN_TIMEOUT = 10.0
 
 _HANDSHAKE, _OPEN, _SHUTDOWN, _CLOSED = range(4)
-_buffers: dict[tuple[int, str], memoryview] = {}
-
-
-def _thread_buffer(kind: str) -> memoryview:
-    """One buffer per thread (and kind): reused by every connection; see the module docstring."""
-    key = (threading.get_ident(), kind)
-    view = _buffers.get(key)
-    if view is None:
-        view = _buffers[key] = memoryview(bytearray(READ_SIZE))
-    return view
 
 
 class _Wire(asyncio.BufferedProtocol):
@@ -83,13 +74,13 @@ class _Wire(asyncio.BufferedProtocol):
             self.tls.raw_connected(transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _thread_buffer("wire")
+        return thread_buffer("wire", READ_SIZE)
 
     def buffer_updated(self, nbytes: int) -> None:
         tls = self.tls
         if tls is not None:
             # The copy into the BIO happens first, before any callback could read into the buffer.
-            tls.incoming.write(_thread_buffer("wire")[:nbytes])
+            tls.incoming.write(thread_buffer("wire", READ_SIZE)[:nbytes])
             tls.ciphertext_received()
 
     def data_received(self, data: bytes) -> None:
@@ -286,7 +277,7 @@ class TLSTransport(asyncio.Transport):
                 buf = app.get_buffer(-1)  # type: ignore[union-attr]
                 buf = buf if isinstance(buf, memoryview) else memoryview(buf)
             else:
-                buf = _thread_buffer("plain")
+                buf = thread_buffer("plain", READ_SIZE)
             wants = len(buf)
             if not wants:
                 raise RuntimeError("get_buffer() returned an empty buffer")

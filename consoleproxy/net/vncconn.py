@@ -33,12 +33,12 @@ import asyncio
 import contextlib
 import socket
 import ssl
-import threading
 from dataclasses import dataclass
 from typing import cast
 
 from consoleproxy.errors import BackendAuthFailed, BackendUnreachable
 from consoleproxy.net import tlstransport
+from consoleproxy.net.threadbuffers import thread_buffer
 from consoleproxy.protocol import rfb, rfb_messages, rfb_server
 
 __all__ = [
@@ -64,17 +64,6 @@ console buffers (a server may pipeline a framebuffer update right behind its Ser
 TLS_HANDSHAKE_TIMEOUT = 60.0
 """Seconds VeNCrypt's TLS handshake may take (``loop.start_tls``'s default, kept): a backstop for
 callers without a time limit of their own (a console's is ``[limits] handshake_timeout_seconds``)."""
-
-_shared: dict[int, memoryview] = {}
-
-
-def _read_buffer() -> memoryview:
-    key = threading.get_ident()
-    view = _shared.get(key)
-    if view is None:
-        view = _shared[key] = memoryview(bytearray(READ_SIZE))
-    return view
-
 
 @dataclass(frozen=True)
 class Handover:
@@ -119,7 +108,7 @@ class VNCConnection(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        self._view = view = _read_buffer()
+        self._view = view = thread_buffer("vnc", READ_SIZE)
         return view
 
     def buffer_updated(self, nbytes: int) -> None:
